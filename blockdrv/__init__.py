@@ -1,0 +1,23 @@
+"""blockdrv: QEMU's block layer in Python, with a VHDX driver.
+
+Public API::
+
+    import blockdrv
+    img = blockdrv.create_image("disk.vhdx", "vhdx", "1G")
+    img.write(0, b"data"); img.flush(); img.close()
+    with blockdrv.open_image("disk.vhdx") as img:
+        img.read(0, 4)
+"""
+
+from .api import Image, create_image, open_image
+from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
+                     InvalidArgumentError, ReadOnlyError, UnsupportedError)
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Image", "open_image", "create_image", "hookimpl",
+    "BlockDriverError", "BlockIOError", "CorruptImageError",
+    "InvalidArgumentError", "ReadOnlyError", "UnsupportedError",
+]

@@ -1,0 +1,101 @@
+"""The public Python API: images you can read and write without asyncio."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import block
+from .errors import InvalidArgumentError
+from .node import O_RDWR, BlockDriverState, BlockStatus, CheckResult, DriverInfo
+from .options import parse_size
+
+
+class Image:
+    """An open image.  Offsets and lengths are bytes; any alignment works.
+
+    >>> with blockdrv.open_image("disk.vhdx", readonly=False) as img:
+    ...     img.write(0, b"hello")
+    ...     img.read(0, 5)
+    """
+
+    def __init__(self, bs: BlockDriverState) -> None:
+        self.bs = bs
+
+    @property
+    def size(self) -> int:
+        return self.bs.total_size
+
+    @property
+    def format(self) -> str:
+        return self.bs.format_name
+
+    @property
+    def filename(self) -> str | None:
+        return self.bs.filename
+
+    @property
+    def readonly(self) -> bool:
+        return self.bs.read_only
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        return bytes(self.bs.pread(offset, nbytes))
+
+    def readinto(self, offset: int, buf) -> None:
+        from .iov import IOVector
+        self.bs.preadv(offset, IOVector.from_buffer(buf))
+
+    def write(self, offset: int, data) -> None:
+        self.bs.pwrite(offset, data)
+
+    def write_zeroes(self, offset: int, nbytes: int, unmap: bool = False) -> None:
+        from .node import WRITE_UNMAP
+        self.bs.pwrite_zeroes(offset, nbytes, WRITE_UNMAP if unmap else 0)
+
+    def discard(self, offset: int, nbytes: int) -> None:
+        self.bs.pdiscard(offset, nbytes)
+
+    def flush(self) -> None:
+        self.bs.flush()
+
+    def resize(self, size: int | str) -> None:
+        self.bs.truncate(parse_size(size))
+
+    def block_status(self, offset: int, nbytes: int) -> BlockStatus:
+        return self.bs.block_status(offset, nbytes)
+
+    def info(self) -> DriverInfo:
+        return self.bs.get_info()
+
+    def check(self, fix: int = 0) -> CheckResult:
+        return self.bs.check(fix)
+
+    def close(self) -> None:
+        self.bs.close()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Image {self.format} {self.filename!r} size={self.size}>"
+
+
+def open_image(path: str | os.PathLike, fmt: str | None = None, readonly: bool = True,
+               **options: Any) -> Image:
+    """Open an image; ``fmt=None`` probes the format."""
+    flags = 0 if readonly else O_RDWR
+    return Image(block.open_node(os.fspath(path), fmt, flags, options))
+
+
+def create_image(path: str | os.PathLike, fmt: str, size: int | str,
+                 readonly: bool = False, **options: Any) -> Image:
+    """Create an image (options as qemu-img ``-o``) and return it opened."""
+    if size is None:
+        raise InvalidArgumentError("Image creation needs a size parameter")
+    opts = {"size": parse_size(size)}
+    opts.update({k: v for k, v in options.items()})
+    block.create(os.fspath(path), fmt, opts)
+    return open_image(path, fmt, readonly=readonly)

@@ -1,0 +1,119 @@
+"""Opening and creating images: protocol selection, probing, the node chain.
+
+``open_node("disk.vhdx")`` builds ``vhdx --file--> file``; ``fmt`` skips the
+probe.  Filenames may name a protocol as ``proto:rest`` (``memory:scratch``);
+anything else is a POSIX path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import BlockDriverError, InvalidArgumentError
+from .node import O_PROTOCOL, O_RDWR, BlockDriverState
+from .options import CreateOption, parse_create_options
+from .plugins import BoundDriver, get_registry
+
+PROBE_BUF_SIZE = 2048
+
+
+def split_protocol(filename: str) -> tuple[str, str]:
+    """``("memory", "x")`` for ``memory:x``; ``("file", path)`` otherwise."""
+    reg = get_registry()
+    head, sep, rest = filename.partition(":")
+    if sep and head in reg.protocols and "/" not in head:
+        return head, rest
+    return "file", filename
+
+
+def open_protocol(filename: str, flags: int = 0, options: dict[str, Any] | None = None,
+                  protocol: str | None = None) -> BlockDriverState:
+    reg = get_registry()
+    if protocol is None:
+        protocol, _ = split_protocol(filename)
+    drv = reg.protocol(protocol)
+    bs = BlockDriverState(drv, filename, flags | O_PROTOCOL, options)
+    try:
+        drv.bdrv_open(bs, bs.options, bs.open_flags)
+    except BlockDriverError as exc:
+        raise exc.with_filename(filename)
+    return bs
+
+
+def open_node(filename: str, fmt: str | None = None, flags: int = 0,
+              options: dict[str, Any] | None = None) -> BlockDriverState:
+    """Open ``filename`` as a format node over a protocol node."""
+    reg = get_registry()
+    options = dict(options or {})
+    if fmt is not None:
+        drv = reg.format(fmt)
+        if drv.protocol_name and not drv.format_name:
+            return open_protocol(filename, flags, options, protocol=fmt)
+    file_bs = open_protocol(filename, flags, options.pop("file", None))
+    try:
+        probed_raw = False
+        if fmt is None:
+            buf = file_bs.pread(0, min(PROBE_BUF_SIZE, file_bs.total_size))
+            drv, score = reg.probe(bytes(buf), filename)
+            if drv is None:
+                raise InvalidArgumentError("Could not determine the image format",
+                                           filename=filename)
+            probed_raw = drv.format_name == "raw"
+        file_bs.growable = True
+        bs = BlockDriverState(drv, filename, flags, options)
+        bs.file = file_bs
+        bs.probed_raw = probed_raw
+        drv.bdrv_open(bs, options, flags)
+    except BlockDriverError as exc:
+        file_bs.close()
+        raise exc.with_filename(filename)
+    except BaseException:
+        file_bs.close()
+        raise
+    return bs
+
+
+def create_opts(fmt: str) -> list[CreateOption]:
+    drv = get_registry().format(fmt)
+    if drv.bdrv_create is None:
+        raise InvalidArgumentError(f"Format driver '{fmt}' does not support image creation")
+    return drv.create_opts()
+
+
+def create(filename: str, fmt: str, options: dict[str, Any]) -> None:
+    """Create an image; on failure remove the file if this call created it.
+
+    ``options`` are raw ``-o`` values (strings) or already typed values; they
+    are checked against the driver's create options first.
+    """
+    drv: BoundDriver = get_registry().format(fmt)
+    if drv.bdrv_create is None:
+        raise InvalidArgumentError(f"Format driver '{fmt}' does not support image creation")
+    parsed = parse_create_options(options, drv.create_opts())
+    protocol, path = split_protocol(filename)
+    existed = protocol != "file" or os.path.lexists(path)
+    try:
+        drv.bdrv_create(filename, parsed)
+    except BaseException as exc:
+        if not existed:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if isinstance(exc, BlockDriverError):
+            raise exc.with_filename(filename)
+        raise
+
+
+def create_file(filename: str, size: int = 0) -> BlockDriverState:
+    """For drivers' ``bdrv_create``: a fresh, empty, writable protocol node
+    (truncated to ``size``)."""
+    bs = open_protocol(filename, O_RDWR, {"create": True})
+    try:
+        bs.truncate(size)
+    except BaseException:
+        bs.close()
+        raise
+    bs.growable = True
+    return bs

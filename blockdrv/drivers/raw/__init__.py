@@ -1,0 +1,85 @@
+"""The ``raw`` format: guest bytes are file bytes.
+
+Probes with score 1, so it is only chosen when no other format claims an
+image (and the CLI then warns that it guessed).
+"""
+
+from __future__ import annotations
+
+from ...block import create_file
+from ...errors import InvalidArgumentError
+from ...hookspecs import hookimpl
+from ...node import BLOCK_RAW, BlockStatus, DriverInfo
+from ...options import CreateOption
+
+PREALLOC_MODES = ("off", "falloc", "full")
+
+
+class RawFormat:
+    format_name = "raw"
+    protocol_name = None
+
+    create_opts = [
+        CreateOption("size", "size", "Virtual disk size"),
+        CreateOption("preallocation", "string",
+                     "Preallocation mode (allowed values: off, falloc, full)", "off"),
+    ]
+
+    @hookimpl
+    def bdrv_probe(self, buf, filename) -> int:
+        return 1
+
+    @hookimpl
+    def bdrv_open(self, bs, options, flags) -> None:
+        bs.total_size = bs.file.total_size
+        bs.request_alignment = bs.file.request_alignment
+
+    @hookimpl
+    async def bdrv_co_readv(self, bs, offset, nbytes, qiov) -> None:
+        await bs.file.co_preadv(offset, nbytes, qiov)
+
+    @hookimpl
+    async def bdrv_co_writev(self, bs, offset, nbytes, qiov, flags) -> None:
+        await bs.file.co_pwritev(offset, nbytes, qiov, flags)
+
+    @hookimpl
+    async def bdrv_co_pwrite_zeroes(self, bs, offset, nbytes, flags) -> None:
+        await bs.file.co_pwrite_zeroes(offset, nbytes, flags)
+
+    @hookimpl
+    async def bdrv_co_pdiscard(self, bs, offset, nbytes) -> None:
+        await bs.file.co_pdiscard(offset, nbytes)
+
+    @hookimpl
+    async def bdrv_co_block_status(self, bs, want_zero, offset, nbytes) -> BlockStatus:
+        st = await bs.file.co_block_status(offset, nbytes, want_zero)
+        return BlockStatus(st.flags | BLOCK_RAW, st.pnum, offset, bs.file)
+
+    @hookimpl
+    async def bdrv_co_truncate(self, bs, offset, exact, prealloc) -> None:
+        await bs.file.co_truncate(offset, exact, prealloc)
+        bs.total_size = offset
+
+    @hookimpl
+    def bdrv_get_info(self, bs) -> DriverInfo:
+        return DriverInfo()
+
+    @hookimpl
+    def bdrv_has_zero_init(self, bs) -> bool:
+        return bs.file.has_zero_init()
+
+    @hookimpl
+    def bdrv_create(self, filename, options) -> None:
+        size = options.get("size", 0)
+        prealloc = options.get("preallocation", "off")
+        if prealloc not in PREALLOC_MODES:
+            raise InvalidArgumentError(f"Invalid parameter '{prealloc}'")
+        file_bs = create_file(filename)
+        try:
+            file_bs.truncate(size, prealloc=prealloc)
+            file_bs.flush()
+        finally:
+            file_bs.close()
+
+
+driver = RawFormat()

@@ -1,0 +1,176 @@
+"""The driver contract: one pluggy hookspec per QEMU ``BlockDriver`` callback.
+
+A driver is a plugin object with identity fields and implementations of the
+hooks below.  Identity fields, read by :mod:`blockdrv.plugins`:
+
+``format_name``
+    for format drivers (``"raw"``, ``"vhdx"``); ``None`` for protocols.
+``protocol_name``
+    for protocol drivers (``"file"``, ``"memory"``); ``None`` for formats.
+``create_opts``
+    optional: a list of :class:`blockdrv.options.CreateOption` (the static
+    form of :func:`bdrv_create_opts`).
+
+Hooks marked *bound* are never broadcast: each node binds, at open time, the
+implementation of its own driver (see :class:`blockdrv.plugins.BoundDriver`),
+so one request reaches one driver.  ``bdrv_probe`` is the one broadcast hook.
+
+Offsets and lengths are bytes.  ``bdrv_co_*`` hooks are coroutines; the
+generic layer (:mod:`blockdrv.node`) has already checked bounds, alignment to
+``bs.request_alignment`` and read-only state before calling them.  Drivers
+raise :class:`blockdrv.errors.BlockDriverError` subclasses, nothing else.
+
+Capabilities derive from presence: a driver without ``bdrv_co_pdiscard``
+does not discard, one without ``bdrv_co_truncate`` cannot be resized.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .iov import IOVector
+    from .node import BlockDriverState, BlockStatus, DriverInfo, CheckResult
+    from .options import CreateOption
+
+PROJECT = "blockdrv"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def bdrv_probe(buf: bytes, filename: str | None) -> int | None:
+    """Score 0..100 how surely ``buf`` (the image's first bytes) is this format.
+
+    Broadcast to every format driver; the highest score wins.  ``raw`` answers
+    1 so that it is chosen only when nothing else claims the image.  Return
+    ``None`` or 0 for "not mine".  Must not raise on any input.
+    """
+
+
+@hookspec(firstresult=True)
+def bdrv_open(bs: "BlockDriverState", options: dict[str, Any], flags: int) -> None:
+    """Bound.  Open ``bs``: validate the image and fill ``bs.opaque``,
+    ``bs.total_size`` and ``bs.request_alignment``.
+
+    Format drivers read through ``bs.file`` (already open); protocol drivers
+    open ``bs.filename``.  ``flags`` holds ``O_RDWR`` and friends.  A format
+    driver must not write to an image it has not fully validated.
+    """
+
+
+@hookspec(firstresult=True)
+def bdrv_close(bs: "BlockDriverState") -> None:
+    """Bound.  Make the image consistent on disk and release resources.
+
+    Called once; the generic layer closes ``bs.file`` afterwards.
+    """
+
+
+@hookspec(firstresult=True)
+def bdrv_reopen_prepare(bs: "BlockDriverState", flags: int) -> None:
+    """Bound.  Check that ``bs`` can switch to ``flags`` (read-only <-> read-write).
+
+    Raise to refuse; nothing may change until commit.
+    """
+
+
+@hookspec(firstresult=True)
+def bdrv_reopen_commit(bs: "BlockDriverState", flags: int) -> None:
+    """Bound.  Apply the switch prepared by :func:`bdrv_reopen_prepare`; must not fail."""
+
+
+@hookspec(firstresult=True)
+def bdrv_reopen_abort(bs: "BlockDriverState", flags: int) -> None:
+    """Bound.  Undo whatever :func:`bdrv_reopen_prepare` did."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_co_readv(bs: "BlockDriverState", offset: int, nbytes: int,
+                        qiov: "IOVector") -> None:
+    """Bound, coroutine.  Fill ``qiov`` (exactly ``nbytes`` long) with guest data
+    from ``offset``.  The range is in bounds and aligned."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_co_writev(bs: "BlockDriverState", offset: int, nbytes: int,
+                         qiov: "IOVector", flags: int) -> None:
+    """Bound, coroutine.  Write ``qiov`` at ``offset``.  In bounds, aligned,
+    and the node is writable.  ``flags`` may carry ``WRITE_FUA``."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_co_flush(bs: "BlockDriverState") -> None:
+    """Bound, coroutine.  Make every completed write of this node durable at
+    this level; the generic layer then flushes ``bs.file``."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_co_pwrite_zeroes(bs: "BlockDriverState", offset: int, nbytes: int,
+                                flags: int) -> None:
+    """Bound, coroutine.  Make ``[offset, offset+nbytes)`` read as zeros, cheaper
+    than writing a zero buffer.  ``flags`` may carry ``WRITE_UNMAP`` (the
+    range may be deallocated).  Raise ``UnsupportedError`` to make the generic
+    layer fall back to writing zeros."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_co_pdiscard(bs: "BlockDriverState", offset: int, nbytes: int) -> None:
+    """Bound, coroutine.  Hint that the range is no longer needed; its content
+    is afterwards undefined (zeros or old data).  Absent: discard is a no-op."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_co_block_status(bs: "BlockDriverState", want_zero: bool, offset: int,
+                               nbytes: int) -> "BlockStatus":
+    """Bound, coroutine.  Describe the allocation of the range starting at
+    ``offset``: a :class:`blockdrv.node.BlockStatus` whose ``pnum`` (> 0,
+    <= nbytes) says how far the answer holds."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_co_truncate(bs: "BlockDriverState", offset: int, exact: bool,
+                           prealloc: str) -> None:
+    """Bound, coroutine.  Resize the node to ``offset`` bytes (grow or shrink)
+    and update ``bs.total_size``."""
+
+
+@hookspec(firstresult=True)
+def bdrv_create(filename: str, options: dict[str, Any]) -> None:
+    """Called on one driver, by format name: create a new image at ``filename``.
+
+    ``options`` are the parsed ``-o`` options (``size`` included) checked
+    against :func:`bdrv_create_opts`.  Validate everything before the first
+    write; on failure the generic layer removes the file it created.
+    """
+
+
+@hookspec(firstresult=True)
+def bdrv_create_opts() -> list["CreateOption"]:
+    """Called on one driver: the options ``create`` accepts, in ``-o help`` order."""
+
+
+@hookspec(firstresult=True)
+def bdrv_get_info(bs: "BlockDriverState") -> "DriverInfo":
+    """Bound.  Cluster size, dirty flag and the format-specific section of
+    ``info``."""
+
+
+@hookspec(firstresult=True)
+def bdrv_check(bs: "BlockDriverState", fix: int) -> "CheckResult":
+    """Bound.  Count corruptions and leaks; repair them when ``fix`` has
+    ``FIX_LEAKS``/``FIX_ERRORS``.  Must not write when ``fix`` is 0."""
+
+
+@hookspec(firstresult=True)
+def bdrv_has_zero_init(bs: "BlockDriverState") -> bool:
+    """Bound.  True when a freshly created image of this driver reads as zeros
+    (convert then skips writing zero ranges)."""
+
+
+@hookspec(firstresult=True)
+def bdrv_get_allocated_file_size(bs: "BlockDriverState") -> int:
+    """Bound.  Bytes of host storage used (``actual-size``).  Absent: the sum
+    over the node's children."""

@@ -1,0 +1,385 @@
+"""``BlockDriverState``: a node of the block graph and the generic I/O layer.
+
+Drivers stay small because this layer owns what every driver would otherwise
+repeat (QEMU's block/io.c): bounds, zero-length requests, alignment to
+``request_alignment`` with read-modify-write for unaligned writers, read-only
+enforcement, fall-backs for missing callbacks and flushing down the chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from .coroutine import run_sync
+from .errors import (BlockDriverError, BlockIOError, InvalidArgumentError,
+                     ReadOnlyError, UnsupportedError)
+from .iov import IOVector
+from .plugins import BoundDriver
+
+# Open flags (QEMU's BDRV_O_*).
+O_RDWR = 0x0002
+O_NOCACHE = 0x0020
+O_CHECK = 0x1000      # opened by `check`: the driver may defer repairs to bdrv_check
+O_UNMAP = 0x4000
+O_PROTOCOL = 0x8000   # the node is a protocol node under a format node
+
+# Write flags.
+WRITE_FUA = 0x1
+WRITE_UNMAP = 0x4
+WRITE_NO_FALLBACK = 0x10
+
+# Block status bits (QEMU's BDRV_BLOCK_*).
+BLOCK_DATA = 0x01
+BLOCK_ZERO = 0x02
+BLOCK_OFFSET_VALID = 0x04
+BLOCK_RAW = 0x08
+BLOCK_ALLOCATED = 0x10
+BLOCK_EOF = 0x20
+
+# check fix flags.
+FIX_LEAKS = 1
+FIX_ERRORS = 2
+
+_ZERO_CHUNK = 1 << 20
+
+
+class BlockStatus(NamedTuple):
+    """Answer of ``bdrv_co_block_status`` for ``[offset, offset + pnum)``."""
+
+    flags: int
+    pnum: int
+    map: int = 0                        # host offset in ``file`` when OFFSET_VALID
+    file: "BlockDriverState | None" = None
+
+
+@dataclass
+class DriverInfo:
+    """What ``bdrv_get_info`` reports (QEMU's BlockDriverInfo + ImageInfoSpecific)."""
+
+    cluster_size: int = 0
+    is_dirty: bool = False
+    format_specific: dict[str, Any] | None = None
+
+
+@dataclass
+class CheckResult:
+    """qemu-img check's counters; JSON keys are the dashed field names."""
+
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int | None = None
+    total_clusters: int | None = None
+    allocated_clusters: int | None = None
+    fragmented_clusters: int | None = None
+    compressed_clusters: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+class BlockDriverState:
+    """One node: a driver, its private state and (for formats) a ``file`` child."""
+
+    def __init__(self, drv: BoundDriver, filename: str | None, flags: int = 0,
+                 options: dict[str, Any] | None = None) -> None:
+        self.drv = drv
+        self.filename = filename
+        self.open_flags = flags
+        self.options = dict(options or {})
+        self.opaque: Any = None
+        self.file: BlockDriverState | None = None
+        self.total_size = 0
+        self.request_alignment = 1
+        self.growable = False         # protocol child of a format: may grow on write
+        self.probed_raw = False       # format guessed as raw (the CLI warns)
+        self.closed = False
+        self._rmw_lock: asyncio.Lock | None = None
+        # Bind the hot hooks once; attribute lookups on the node are cheap.
+        self._readv = drv.bdrv_co_readv
+        self._writev = drv.bdrv_co_writev
+
+    # -- identity ------------------------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        return not self.open_flags & O_RDWR
+
+    @property
+    def format_name(self) -> str:
+        return self.drv.name
+
+    def __repr__(self) -> str:
+        return f"<BlockDriverState {self.drv.name} {self.filename!r} size={self.total_size}>"
+
+    def _error(self, exc: BlockDriverError) -> BlockDriverError:
+        return exc.with_filename(self.filename)
+
+    def _check_request(self, offset: int, nbytes: int) -> None:
+        if self.closed:
+            raise self._error(InvalidArgumentError("I/O on a closed node"))
+        if offset < 0 or nbytes < 0:
+            raise self._error(InvalidArgumentError(
+                f"Invalid request: offset {offset}, length {nbytes}", errno=errno.EIO))
+        if offset + nbytes > self.total_size and not self.growable:
+            raise self._error(InvalidArgumentError(
+                f"Request {offset}+{nbytes} is beyond the end of the image "
+                f"({self.total_size} bytes)", errno=errno.EIO))
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise self._error(ReadOnlyError("Block node is read-only", errno=errno.EPERM))
+
+    # -- reads ---------------------------------------------------------------
+
+    async def co_preadv(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        """Read ``nbytes`` at ``offset`` into ``qiov`` (QEMU's bdrv_co_preadv)."""
+        self._check_request(offset, nbytes)
+        if nbytes == 0:
+            return
+        if self.growable and offset + nbytes > self.total_size:
+            # Past the end of a growable protocol node reads as zeros.
+            inside = max(0, self.total_size - offset)
+            qiov.memset(inside, nbytes - inside)
+            if inside == 0:
+                return
+            nbytes, qiov = inside, qiov.slice(0, inside)
+        align = self.request_alignment
+        if align == 1 or (offset % align == 0 and nbytes % align == 0):
+            await self._readv(self, offset, nbytes, qiov)
+            return
+        # Unaligned: widen to the alignment with bounce buffers for head/tail.
+        start = offset - offset % align
+        end = -(-(offset + nbytes) // align) * align
+        head = bytearray(offset - start)
+        tail = bytearray(end - offset - nbytes)
+        vec = IOVector([head, *qiov.iov, tail])
+        await self._readv(self, start, end - start, vec)
+
+    async def co_pread(self, offset: int, nbytes: int) -> bytearray:
+        buf = bytearray(nbytes)
+        await self.co_preadv(offset, nbytes, IOVector.from_buffer(buf))
+        return buf
+
+    # -- writes --------------------------------------------------------------
+
+    async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVector,
+                         flags: int = 0) -> None:
+        """Write ``qiov`` at ``offset`` (QEMU's bdrv_co_pwritev)."""
+        self._check_writable()
+        self._check_request(offset, nbytes)
+        if nbytes == 0:
+            return
+        align = self.request_alignment
+        if align == 1 or (offset % align == 0 and nbytes % align == 0):
+            await self._writev(self, offset, nbytes, qiov, flags)
+        else:
+            await self._rmw_write(offset, nbytes, qiov, flags)
+        if self.growable and offset + nbytes > self.total_size:
+            self.total_size = offset + nbytes
+
+    async def _rmw_write(self, offset: int, nbytes: int, qiov: IOVector, flags: int) -> None:
+        # Serialise read-modify-write cycles so two unaligned writers sharing
+        # a sector cannot lose each other's bytes.
+        if self._rmw_lock is None:
+            self._rmw_lock = asyncio.Lock()
+        align = self.request_alignment
+        start = offset - offset % align
+        end = -(-(offset + nbytes) // align) * align
+        async with self._rmw_lock:
+            head = bytearray(offset - start)
+            tail = bytearray(end - offset - nbytes)
+            if head:
+                block = await self.co_pread(start, align)
+                head[:] = block[:len(head)]
+            if tail:
+                tail_start = end - align
+                block = await self.co_pread(tail_start, align)
+                tail[:] = block[align - len(tail):]
+            vec = IOVector([head, *qiov.iov, tail])
+            await self._writev(self, start, end - start, vec, flags)
+
+    async def co_pwrite(self, offset: int, data, flags: int = 0) -> None:
+        vec = IOVector.from_buffer(data)
+        await self.co_pwritev(offset, vec.size, vec, flags)
+
+    async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int = 0) -> None:
+        self._check_writable()
+        self._check_request(offset, nbytes)
+        if nbytes == 0:
+            return
+        align = self.request_alignment
+        fn = self.drv.bdrv_co_pwrite_zeroes
+        if fn is not None and offset % align == 0 and nbytes % align == 0:
+            try:
+                await fn(self, offset, nbytes, flags)
+                if self.growable and offset + nbytes > self.total_size:
+                    self.total_size = offset + nbytes
+                return
+            except UnsupportedError:
+                if flags & WRITE_NO_FALLBACK:
+                    raise
+        elif flags & WRITE_NO_FALLBACK:
+            raise self._error(UnsupportedError("write-zeroes not supported"))
+        zeros = bytes(min(nbytes, _ZERO_CHUNK))
+        pos = 0
+        while pos < nbytes:
+            n = min(nbytes - pos, len(zeros))
+            await self.co_pwrite(offset + pos, memoryview(zeros)[:n], flags & WRITE_FUA)
+            pos += n
+
+    async def co_pdiscard(self, offset: int, nbytes: int) -> None:
+        self._check_writable()
+        self._check_request(offset, nbytes)
+        if nbytes == 0 or self.drv.bdrv_co_pdiscard is None:
+            return
+        await self.drv.bdrv_co_pdiscard(self, offset, nbytes)
+
+    async def co_flush(self) -> None:
+        """Flush this node, then its file child (QEMU flushes down the chain)."""
+        if self.closed:
+            return
+        if self.drv.bdrv_co_flush is not None:
+            await self.drv.bdrv_co_flush(self)
+        if self.file is not None:
+            await self.file.co_flush()
+
+    async def co_truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        self._check_writable()
+        if size < 0:
+            raise self._error(InvalidArgumentError("Image size cannot be negative"))
+        fn = self.drv.bdrv_co_truncate
+        if fn is None:
+            raise self._error(UnsupportedError(
+                f"Image format '{self.drv.name}' does not support resizing"))
+        if size % max(self.request_alignment, 1) and not self.growable:
+            raise self._error(InvalidArgumentError(
+                f"Size must be a multiple of {self.request_alignment} bytes"))
+        await fn(self, size, exact, prealloc)
+
+    # -- allocation ----------------------------------------------------------
+
+    async def co_block_status(self, offset: int, nbytes: int,
+                              want_zero: bool = True) -> BlockStatus:
+        """Status of the range at ``offset`` (clamped to the end of the node)."""
+        if offset < 0 or offset > self.total_size:
+            raise self._error(InvalidArgumentError(f"Invalid offset {offset}"))
+        nbytes = min(nbytes, self.total_size - offset)
+        if nbytes == 0:
+            return BlockStatus(BLOCK_EOF, 0)
+        fn = self.drv.bdrv_co_block_status
+        if fn is None:
+            # QEMU's default: formats are all data; protocols map 1:1.
+            if self.file is None:
+                return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID,
+                                   nbytes, offset, self)
+            return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, nbytes)
+        st = await fn(self, want_zero, offset, nbytes)
+        if st.pnum <= 0 or st.pnum > nbytes:
+            raise self._error(BlockIOError(
+                f"driver {self.drv.name} returned an invalid block status length"))
+        if offset + st.pnum == self.total_size:
+            st = st._replace(flags=st.flags | BLOCK_EOF)
+        return st
+
+    # -- whole-node operations -------------------------------------------------
+
+    def getlength(self) -> int:
+        return self.total_size
+
+    def has_zero_init(self) -> bool:
+        fn = self.drv.bdrv_has_zero_init
+        return bool(fn(self)) if fn is not None else False
+
+    def get_allocated_file_size(self) -> int:
+        fn = self.drv.bdrv_get_allocated_file_size
+        if fn is not None:
+            return fn(self)
+        return self.file.get_allocated_file_size() if self.file is not None else 0
+
+    def get_info(self) -> DriverInfo:
+        fn = self.drv.bdrv_get_info
+        return fn(self) if fn is not None else DriverInfo()
+
+    def check(self, fix: int = 0) -> CheckResult:
+        fn = self.drv.bdrv_check
+        if fn is None:
+            raise self._error(UnsupportedError(
+                f"This image format ({self.drv.name}) does not support checks",
+                errno=errno.ENOTSUP))
+        if fix:
+            self._check_writable()
+        return fn(self, fix)
+
+    def reopen(self, read_only: bool) -> None:
+        """Switch between read-only and read-write as one transaction."""
+        flags = (self.open_flags & ~O_RDWR) | (0 if read_only else O_RDWR)
+        if flags == self.open_flags:
+            return
+        nodes = [n for n in (self.file, self) if n is not None]
+        prepared: list[BlockDriverState] = []
+        try:
+            for node in nodes:
+                if node.drv.bdrv_reopen_prepare is not None:
+                    node.drv.bdrv_reopen_prepare(node, flags)
+                prepared.append(node)
+        except BaseException:
+            for node in reversed(prepared):
+                if node.drv.bdrv_reopen_abort is not None:
+                    node.drv.bdrv_reopen_abort(node, flags)
+            raise
+        for node in nodes:
+            node_flags = flags | (node.open_flags & O_PROTOCOL)
+            if node.drv.bdrv_reopen_commit is not None:
+                node.drv.bdrv_reopen_commit(node, node_flags)
+            node.open_flags = node_flags
+
+    def close(self) -> None:
+        """Close the driver, then the child.  Idempotent."""
+        if self.closed:
+            return
+        try:
+            if self.drv.bdrv_close is not None:
+                self.drv.bdrv_close(self)
+        finally:
+            self.closed = True
+            if self.file is not None:
+                self.file.close()
+
+    # -- synchronous conveniences (no event loop needed) -----------------------
+
+    def pread(self, offset: int, nbytes: int) -> bytearray:
+        return run_sync(self.co_pread(offset, nbytes))
+
+    def preadv(self, offset: int, qiov: IOVector) -> None:
+        run_sync(self.co_preadv(offset, qiov.size, qiov))
+
+    def pwrite(self, offset: int, data, flags: int = 0) -> None:
+        run_sync(self.co_pwrite(offset, data, flags))
+
+    def pwritev(self, offset: int, qiov: IOVector, flags: int = 0) -> None:
+        run_sync(self.co_pwritev(offset, qiov.size, qiov, flags))
+
+    def pwrite_zeroes(self, offset: int, nbytes: int, flags: int = 0) -> None:
+        run_sync(self.co_pwrite_zeroes(offset, nbytes, flags))
+
+    def pdiscard(self, offset: int, nbytes: int) -> None:
+        run_sync(self.co_pdiscard(offset, nbytes))
+
+    def flush(self) -> None:
+        run_sync(self.co_flush())
+
+    def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        run_sync(self.co_truncate(size, exact, prealloc))
+
+    def block_status(self, offset: int, nbytes: int, want_zero: bool = True) -> BlockStatus:
+        return run_sync(self.co_block_status(offset, nbytes, want_zero))
+
+    def __enter__(self) -> "BlockDriverState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,193 @@
+"""The plugin manager: drivers found by entry point, bound per node.
+
+Every driver, the built-in ones included, is declared in the entry-point
+group ``blockdrv.drivers``; a third-party driver is a package with one such
+entry point naming an object (or a class, instantiated without arguments)
+that carries ``format_name``/``protocol_name`` and hook implementations.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+from typing import Any, Callable
+
+import pluggy
+
+from . import hookspecs
+from .errors import InvalidArgumentError, UnsupportedError
+
+ENTRY_POINT_GROUP = "blockdrv.drivers"
+
+# Built-ins, used only when the package metadata is unavailable (running from
+# a source tree that was never installed); an installed blockdrv finds the very
+# same objects through its entry points.
+_BUILTIN = {
+    "file": "blockdrv.protocols.file:driver",
+    "memory": "blockdrv.protocols.memory:driver",
+    "raw": "blockdrv.drivers.raw:driver",
+    "vhdx": "blockdrv.drivers.vhdx:driver",
+}
+
+_BOUND_HOOKS = (
+    "bdrv_open", "bdrv_close", "bdrv_reopen_prepare", "bdrv_reopen_commit",
+    "bdrv_reopen_abort", "bdrv_co_readv", "bdrv_co_writev", "bdrv_co_flush",
+    "bdrv_co_pwrite_zeroes", "bdrv_co_pdiscard", "bdrv_co_block_status",
+    "bdrv_co_truncate", "bdrv_create", "bdrv_create_opts", "bdrv_get_info",
+    "bdrv_check", "bdrv_has_zero_init", "bdrv_get_allocated_file_size",
+    "bdrv_probe",
+)
+
+
+class BoundDriver:
+    """One driver's hook implementations, resolved once.
+
+    Attributes named after the hooks hold the implementation function, or
+    ``None`` when the driver lacks it -- the driver's capabilities.  Calling
+    them is a plain Python call: per-I/O dispatch costs no plugin lookup.
+    """
+
+    def __init__(self, plugin: Any, impls: dict[str, Callable]) -> None:
+        self.plugin = plugin
+        self.format_name: str | None = getattr(plugin, "format_name", None)
+        self.protocol_name: str | None = getattr(plugin, "protocol_name", None)
+        self.name = self.format_name or self.protocol_name or repr(plugin)
+        for hook in _BOUND_HOOKS:
+            setattr(self, hook, impls.get(hook))
+
+    def has(self, hook: str) -> bool:
+        return getattr(self, hook, None) is not None
+
+    def create_opts(self):
+        if self.bdrv_create_opts is not None:
+            return list(self.bdrv_create_opts())
+        return list(getattr(self.plugin, "create_opts", None) or [])
+
+    def __repr__(self) -> str:
+        return f"<BoundDriver {self.name}>"
+
+
+def _positional(impl, spec_args: tuple[str, ...]) -> Callable:
+    """A function taking the hookspec's arguments positionally.
+
+    pluggy lets an implementation accept a subset of the spec's arguments; the
+    common case (all of them, in order) is returned as is, the rest wrapped.
+    """
+    if tuple(impl.argnames) == tuple(spec_args):
+        return impl.function
+    wanted = [i for i, name in enumerate(spec_args) if name in impl.argnames]
+    names = [spec_args[i] for i in wanted]
+    func = impl.function
+
+    def call(*args, **kwargs):
+        given = dict(zip(spec_args, args))
+        given.update(kwargs)
+        return func(**{name: given[name] for name in names if name in given})
+
+    call.__name__ = getattr(func, "__name__", "hookimpl")
+    return call
+
+
+class DriverRegistry:
+    """The pluggy manager plus name lookups for formats and protocols."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.formats: dict[str, BoundDriver] = {}
+        self.protocols: dict[str, BoundDriver] = {}
+
+    def register(self, plugin: Any, name: str | None = None) -> BoundDriver:
+        if isinstance(plugin, type):
+            plugin = plugin()
+        fmt = getattr(plugin, "format_name", None)
+        proto = getattr(plugin, "protocol_name", None)
+        if not fmt and not proto:
+            raise TypeError(f"driver {plugin!r} has neither format_name nor protocol_name")
+        key = name or f"{'format' if fmt else 'protocol'}:{fmt or proto}"
+        if self.pm.get_plugin(key) is not None:
+            return self.formats.get(fmt) or self.protocols[proto]
+        self.pm.register(plugin, name=key)
+        bound = self._bind(plugin)
+        if fmt:
+            self.formats[fmt] = bound
+        if proto:
+            self.protocols[proto] = bound
+        return bound
+
+    def _bind(self, plugin: Any) -> BoundDriver:
+        impls: dict[str, Callable] = {}
+        for hook in _BOUND_HOOKS:
+            caller = getattr(self.pm.hook, hook, None)
+            if caller is None:
+                continue
+            mine = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+            if mine:
+                impls[hook] = _positional(mine[-1], caller.spec.argnames)
+        return BoundDriver(plugin, impls)
+
+    def load_entry_points(self) -> None:
+        seen = set()
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in seen:
+                continue
+            seen.add(ep.name)
+            self.register(ep.load())
+        for name, target in _BUILTIN.items():
+            if name not in seen and name not in self.formats and name not in self.protocols:
+                module, _, attr = target.partition(":")
+                mod = __import__(module, fromlist=[attr])
+                self.register(getattr(mod, attr))
+
+    # -- lookups -----------------------------------------------------------
+
+    def format(self, name: str) -> BoundDriver:
+        try:
+            return self.formats[name]
+        except KeyError:
+            if name in self.protocols:
+                return self.protocols[name]
+            raise InvalidArgumentError(f"Unknown driver '{name}'") from None
+
+    def protocol(self, name: str) -> BoundDriver:
+        try:
+            return self.protocols[name]
+        except KeyError:
+            raise UnsupportedError(f"Unknown protocol '{name}'") from None
+
+    def probe(self, buf: bytes, filename: str | None) -> tuple[BoundDriver | None, int]:
+        """The format driver with the highest probe score (ties: first registered)."""
+        best, best_score = None, 0
+        for drv in self.formats.values():
+            if drv.bdrv_probe is None:
+                continue
+            try:
+                score = drv.bdrv_probe(buf=buf, filename=filename) or 0
+            except Exception:  # a probe must never take the open down
+                score = 0
+            if score > best_score:
+                best, best_score = drv, score
+        return best, best_score
+
+
+_registry: DriverRegistry | None = None
+_lock = threading.Lock()
+
+
+def get_registry() -> DriverRegistry:
+    """The process-wide registry, loading entry points on first use."""
+    global _registry
+    if _registry is None:
+        with _lock:
+            if _registry is None:
+                reg = DriverRegistry()
+                reg.load_entry_points()
+                _registry = reg
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget loaded drivers (tests that install a driver package use this)."""
+    global _registry
+    with _lock:
+        _registry = None
