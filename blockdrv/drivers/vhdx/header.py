@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from blockdrv.errors import CorruptImageError, UnsupportedError
 
-from . import checksum as crc
+from . import checksum as _crc
 from .constants import (ALIGNMENT, CREATOR_SIZE, FILE_SIGNATURE, HEADER_SECTION_SIZE,
                         HEADER_SIGNATURE, HEADER_SIZE, ZERO_GUID)
 
@@ -62,15 +62,15 @@ class Header:
         """Parse and check signature, checksum and version (what makes a header valid)."""
         if len(buf) < HEADER_SIZE:
             raise CorruptImageError("VHDX header is truncated")
-        (sig, crc, seq, fw, dw, lg, log_version, version, log_length,
+        (sig, stored, seq, fw, dw, lg, log_version, version, log_length,
          log_offset) = _HEADER.unpack_from(buf)
         if sig != HEADER_SIGNATURE:
             raise CorruptImageError("VHDX header has a bad signature")
-        if crc != crc.compute(memoryview(buf)[:HEADER_SIZE]):
+        if stored != _crc.compute(memoryview(buf)[:HEADER_SIZE]):
             raise CorruptImageError("VHDX header checksum mismatch")
         if version != 1:
             raise CorruptImageError(f"VHDX header has unknown version {version}")
-        return cls(seq, fw, dw, lg, log_version, version, log_length, log_offset, sig, crc)
+        return cls(seq, fw, dw, lg, log_version, version, log_length, log_offset, sig, stored)
 
     def pack(self) -> bytes:
         """The 4 KiB header with a fresh checksum (reserved bytes zero)."""
@@ -78,7 +78,7 @@ class Header:
         _HEADER.pack_into(buf, 0, self.signature, 0, self.sequence_number,
                           self.file_write_guid, self.data_write_guid, self.log_guid,
                           self.log_version, self.version, self.log_length, self.log_offset)
-        self.checksum = crc.seal(buf)
+        self.checksum = _crc.seal(buf)
         return bytes(buf)
 
     @property
