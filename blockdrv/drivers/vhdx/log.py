@@ -164,7 +164,7 @@ def split_sector(update: bytes, file_offset: int, seq: int) -> tuple[DataDescrip
 
 def join_sector(desc: DataDescriptor, sector: DataSector) -> bytes:
     """Inverse of :func:`split_sector`: the 4 KiB that lands at ``desc.file_offset``."""
-    return desc.leading_bytes + sector.data + desc.trailing_bytes
+    return bytes(8) + sector.data + desc.trailing_bytes
 
 
 def descriptor_sectors(count: int) -> int:

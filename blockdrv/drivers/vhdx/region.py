@@ -25,7 +25,10 @@ class RegionEntry:
     guid: bytes
     file_offset: int
     length: int
-    required: int = REGION_REQUIRED      # raw 32-bit field; bit 0 is "required"
+    # Raw 32-bit field, bit 0 = required.  Defaults to 0 because qemu 7.2
+    # writes 0 even for the BAT and metadata regions (the spec calls them
+    # required, but a reader must know those two anyway).
+    required: int = 0
 
     @property
     def end(self) -> int:

@@ -1,0 +1,225 @@
+"""Block allocation table (spec 2.5).
+
+The BAT interleaves one sector-bitmap entry after every ``chunk_ratio``
+payload entries.  It can hold ~67 million entries (64 TiB in 1 MiB blocks), so
+it is kept as one numpy ``<u8`` array over the raw bytes -- no Python object
+per entry -- and all whole-table questions are answered with vector ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from blockdrv.errors import CorruptImageError
+
+from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_OFFSET_SHIFT, BAT_STATE_MASK,
+                        HEADER_SECTION_SIZE, MAX_SECTORS_PER_BLOCK, MiB,
+                        PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+                        SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
+
+_RESERVED_MASK = np.uint64(((1 << BAT_OFFSET_SHIFT) - 1) & ~BAT_STATE_MASK)
+_KNOWN_PAYLOAD_STATES = (0, 1, 2, 3, 5, 6, 7)   # 5: pre-1.0 UNMAPPED, qemu reads it as zero
+
+
+def chunk_ratio(block_size: int, logical_sector_size: int) -> int:
+    """Payload blocks described by one sector bitmap block (spec 2.5)."""
+    return MAX_SECTORS_PER_BLOCK * logical_sector_size // block_size
+
+
+def data_blocks_count(virtual_size: int, block_size: int) -> int:
+    return -(-virtual_size // block_size)
+
+
+def bitmap_blocks_count(data_blocks: int, ratio: int) -> int:
+    return -(-data_blocks // ratio)
+
+
+def total_entries(virtual_size: int, block_size: int, logical_sector_size: int, *,
+                  differencing: bool = False) -> int:
+    """Number of BAT entries.
+
+    Dynamic/fixed: the last entry is the last payload block, hence
+    ``data + (data - 1) // ratio`` (0 for an empty disk; qemu 7.2 computes that
+    in uint32 and underflows, giving an oversized BAT for size 0).
+    Differencing: whole chunks, ``bitmaps * (ratio + 1)``.
+    """
+    ratio = chunk_ratio(block_size, logical_sector_size)
+    data = data_blocks_count(virtual_size, block_size)
+    if differencing:
+        return bitmap_blocks_count(data, ratio) * (ratio + 1)
+    return data + (data - 1) // ratio if data else 0
+
+
+def region_length(entries: int) -> int:
+    """BAT region length qemu uses: entries rounded up to 1 MiB (at least 1 MiB)."""
+    return max(ALIGNMENT, -(-entries * 8 // ALIGNMENT) * ALIGNMENT)
+
+
+def payload_index(block: int, ratio: int) -> int:
+    """BAT index of payload block ``block`` (skips the interleaved bitmap entries)."""
+    return block + block // ratio
+
+
+def bitmap_index(chunk: int, ratio: int) -> int:
+    """BAT index of the sector bitmap entry of chunk ``chunk``."""
+    return chunk * (ratio + 1) + ratio
+
+
+def encode_entry(state: int, file_offset: int = 0) -> int:
+    if file_offset % MiB or not 0 <= file_offset < (1 << 64) or not 0 <= state <= 7:
+        raise ValueError(f"bad BAT entry: state {state}, offset {file_offset}")
+    return file_offset | state
+
+
+def decode_entry(raw: int) -> tuple[int, int]:
+    """(state, file offset in bytes)."""
+    raw = int(raw)
+    return raw & BAT_STATE_MASK, raw & BAT_OFFSET_MASK
+
+
+@dataclass
+class BatCheck:
+    """Result of Bat.check(): per problem, payload block numbers or BAT indices (as noted)."""
+    unknown_state: np.ndarray          # payload blocks with an undefined state (4)
+    partially_present: np.ndarray      # payload blocks PARTIALLY_PRESENT outside differencing
+    bad_bitmap_state: np.ndarray       # BAT indices of bitmap entries in an invalid state
+    reserved_bits: np.ndarray          # BAT indices with reserved bits 3..19 set
+    in_header: np.ndarray              # present payload blocks with offset < 1 MiB
+    beyond_eof: np.ndarray             # present payload blocks ending past the file end
+    in_regions: np.ndarray             # present payload blocks overlapping header/log/BAT/metadata
+    overlapping: np.ndarray            # BAT indices of present blocks overlapping an earlier one
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def corruptions(self) -> int:
+        return sum(len(getattr(self, n)) for n in (
+            "unknown_state", "partially_present", "bad_bitmap_state", "reserved_bits",
+            "in_header", "beyond_eof", "in_regions", "overlapping"))
+
+
+class Bat:
+    """The BAT of one image, as a little-endian uint64 array over ``buf``.
+
+    Pass a ``bytearray`` to get a writable table (``set`` updates ``buf``).
+    """
+
+    def __init__(self, buf, virtual_size: int, block_size: int,
+                 logical_sector_size: int = 512, *, differencing: bool = False):
+        self.virtual_size = virtual_size
+        self.block_size = block_size
+        self.chunk_ratio = chunk_ratio(block_size, logical_sector_size)
+        self.data_blocks = data_blocks_count(virtual_size, block_size)
+        self.differencing = differencing
+        self.total_entries = total_entries(virtual_size, block_size, logical_sector_size,
+                                           differencing=differencing)
+        if len(buf) < self.total_entries * 8:
+            raise CorruptImageError(f"VHDX BAT region too small for {self.total_entries} entries")
+        self.buf = buf
+        self.entries = np.frombuffer(buf, dtype="<u8", count=self.total_entries)
+
+    @classmethod
+    def new(cls, virtual_size: int, block_size: int, logical_sector_size: int = 512, **kw) -> "Bat":
+        """An all-zero (NOT_PRESENT) writable BAT sized like qemu's region."""
+        n = total_entries(virtual_size, block_size, logical_sector_size, **kw)
+        return cls(bytearray(region_length(n)), virtual_size, block_size,
+                   logical_sector_size, **kw)
+
+    def to_bytes(self) -> bytes:
+        return bytes(self.buf)
+
+    # --- single entries -------------------------------------------------
+    def index(self, block: int) -> int:
+        if not 0 <= block < self.data_blocks:
+            raise IndexError(f"block {block} out of range")
+        return payload_index(block, self.chunk_ratio)
+
+    def get(self, block: int) -> tuple[int, int]:
+        return decode_entry(self.entries[self.index(block)])
+
+    def set(self, block: int, state: int, file_offset: int = 0) -> int:
+        """Update a payload entry; returns its BAT index (byte offset = 8 * index)."""
+        i = self.index(block)
+        self.entries[i] = encode_entry(state, file_offset)
+        return i
+
+    # --- vector views ---------------------------------------------------
+    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(payload entries in block order, bitmap entries) -- copies, no index arrays."""
+        step = self.chunk_ratio + 1
+        full = self.total_entries // step
+        grid = self.entries[:full * step].reshape(full, step)
+        payload = np.concatenate([grid[:, :-1].ravel(), self.entries[full * step:]])
+        return payload[:self.data_blocks], grid[:, -1]
+
+    def set_payload_entries(self, values: np.ndarray) -> None:
+        """Store raw payload entries given in block order (bitmap entries untouched)."""
+        step = self.chunk_ratio + 1
+        full = self.total_entries // step
+        grid = self.entries[:full * step].reshape(full, step)
+        head = full * self.chunk_ratio
+        grid[:, :-1] = values[:head].reshape(full, self.chunk_ratio)
+        self.entries[full * step:] = values[head:]
+
+    def payload_entries(self) -> np.ndarray:
+        return self._split()[0]
+
+    def states(self) -> np.ndarray:
+        """uint8 state of every payload block, in block order."""
+        return (self.payload_entries() & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
+
+    def offsets(self) -> np.ndarray:
+        """uint64 file offset of every payload block (0 where none)."""
+        return self.payload_entries() & np.uint64(BAT_OFFSET_MASK)
+
+    def count_states(self) -> dict[int, int]:
+        values, counts = np.unique(self.states(), return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts)}
+
+    # --- validation -----------------------------------------------------
+    def check(self, file_size: int, regions=()) -> BatCheck:
+        """Find BAT problems without raising.
+
+        ``regions``: (start, length) pairs payload must not overlap (log, BAT,
+        metadata, other regions; the header section is always checked).
+        """
+        payload, bitmaps = self._split()
+        pstate = (payload & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
+        poff = payload & np.uint64(BAT_OFFSET_MASK)
+        bstate = (bitmaps & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
+        blocks = np.arange(self.data_blocks, dtype=np.int64)
+        bitmap_idx = np.arange(len(bitmaps), dtype=np.int64) * (self.chunk_ratio + 1) + self.chunk_ratio
+
+        unknown = np.flatnonzero(~np.isin(pstate, _KNOWN_PAYLOAD_STATES))
+        partial = (np.flatnonzero(pstate == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+                   if not self.differencing else np.empty(0, np.int64))
+        ok_bitmap = (0, SB_BLOCK_PRESENT) if self.differencing else (0,)
+        bad_bitmap = bitmap_idx[~np.isin(bstate, ok_bitmap)]
+        reserved = np.flatnonzero(self.entries & _RESERVED_MASK)
+
+        present = (pstate == PAYLOAD_BLOCK_FULLY_PRESENT) | (pstate == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+        starts = poff[present].astype(np.int64)   # offsets < 2**64 but realistic ones < 2**63
+        pblocks = blocks[present]
+        # the last block may be short (qemu fixed images end mid-block)
+        lengths = np.minimum(self.block_size, self.virtual_size - pblocks * self.block_size)
+        ends = starts + lengths
+        in_header = pblocks[starts < HEADER_SECTION_SIZE]
+        beyond = pblocks[ends > file_size]
+        hit = np.zeros(len(starts), bool)
+        for start, length in regions:
+            if length:
+                hit |= (starts < start + length) & (ends > start)
+        in_regions = pblocks[hit & (starts >= HEADER_SECTION_SIZE)]
+
+        # overlaps among present payload blocks and present bitmap blocks
+        bpresent = bstate == SB_BLOCK_PRESENT
+        all_starts = np.concatenate([starts, (bitmaps[bpresent] & np.uint64(BAT_OFFSET_MASK)).astype(np.int64)])
+        all_ends = np.concatenate([ends, all_starts[len(starts):] + SECTOR_BITMAP_BLOCK_SIZE])
+        ids = np.concatenate([payload_index(pblocks, self.chunk_ratio), bitmap_idx[bpresent]])
+        order = np.argsort(all_starts, kind="stable")
+        s, e = all_starts[order], all_ends[order]
+        prev_end = np.maximum.accumulate(e)
+        overlapping = np.sort(ids[order][1:][s[1:] < prev_end[:-1]]) if len(s) > 1 else np.empty(0, np.int64)
+        return BatCheck(unknown, partial, bad_bitmap, reserved, in_header, beyond,
+                        in_regions, overlapping)

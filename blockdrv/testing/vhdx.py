@@ -1,0 +1,172 @@
+"""Interop helpers for VHDX: normalize away what differs between identical runs.
+
+Two ``qemu-img create`` (or qemu-io) runs with the same arguments differ only
+in: header checksums and sequence numbers, the file/data write and log GUIDs,
+the page 83 GUID, log entry GUIDs and checksums, and -- between qemu and
+blockdrv -- the creator string and the unused tail of log descriptor sectors
+(qemu leaves it uninitialized).  ``normalize_vhdx`` rewrites exactly those:
+
+* creator (bytes 8..520): zeroed;
+* header checksums: zeroed; sequence numbers: made relative to the smaller
+  one, so which header is current is still compared;
+* GUIDs: each distinct non-zero GUID is replaced by a small counter in order
+  of first appearance, so "zero or not" and "equal or not" (log entry GUID =
+  header log GUID, same file write GUID in both headers) are still compared;
+* log entries (any 4 KiB sector of the log starting with ``loge``): checksum
+  zeroed, GUID mapped as above, descriptor-sector tail after the last
+  descriptor zeroed.
+
+Everything else -- region tables, metadata, BAT, payload -- is compared as is.
+The parsers here are deliberately lenient: a damaged image normalizes without
+raising, so a test still gets a byte diff to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+HEADER_OFFSETS = (64 * 1024, 128 * 1024)
+REGION_TABLE_OFFSET = 192 * 1024
+METADATA_GUID = bytes.fromhex("06a27c8b90479a4bb8fe575f050f886e")
+PAGE83_GUID = bytes.fromhex("ab12cabee6b2234593efc309e000c746")
+_ZERO16 = bytes(16)
+SECTOR = 4096
+
+
+class _Guids:
+    def __init__(self, buf: bytearray):
+        self.buf, self.ids = buf, {}
+
+    def __call__(self, off: int) -> None:
+        if off + 16 > len(self.buf):
+            return
+        g = bytes(self.buf[off:off + 16])
+        if g != _ZERO16:
+            self.buf[off:off + 16] = self.ids.setdefault(g, (len(self.ids) + 1).to_bytes(16, "big"))
+
+
+def _u(fmt: str, buf, off: int):
+    size = struct.calcsize(fmt)
+    return struct.unpack_from(fmt, buf, off) if off + size <= len(buf) else None
+
+
+def _metadata_offset(buf) -> int | None:
+    head = _u("<4sII", buf, REGION_TABLE_OFFSET)
+    if not head or head[0] != b"regi":
+        return None
+    for i in range(min(head[2], 2047)):
+        e = _u("<16sQI", buf, REGION_TABLE_OFFSET + 16 + 32 * i)
+        if e and e[0] == METADATA_GUID:
+            return e[1]
+    return None
+
+
+def normalize_vhdx(data: bytes | bytearray) -> bytes:
+    """Normalized copy of a VHDX image, or of a prefix of one (structures
+    beyond the end of ``data`` are skipped)."""
+    buf = bytearray(data)
+    guid = _Guids(buf)
+    if len(buf) >= 520:
+        buf[8:520] = bytes(512)
+    heads = [h for h in HEADER_OFFSETS if buf[h:h + 4] == b"head"]
+    seqs = [struct.unpack_from("<Q", buf, h + 8)[0] for h in heads]
+    logs = set()
+    for h, seq in zip(heads, seqs):
+        buf[h + 4:h + 8] = bytes(4)
+        struct.pack_into("<Q", buf, h + 8, seq - min(seqs))
+        for off in (16, 32, 48):
+            guid(h + off)
+        log_length, log_offset = struct.unpack_from("<IQ", buf, h + 68)
+        logs.add((log_offset, log_length))
+
+    md = _metadata_offset(buf)
+    if md is not None and _u("<8sHH", buf, md) and buf[md:md + 8] == b"metadata":
+        for i in range(min(struct.unpack_from("<H", buf, md + 10)[0], 2047)):
+            e = _u("<16sII", buf, md + 32 + 32 * i)
+            if e and e[0] == PAGE83_GUID and e[2] >= 16:
+                guid(md + e[1])
+
+    for log_offset, log_length in sorted(logs):
+        end = min(log_offset + log_length, len(buf))
+        for s in range(log_offset, end - SECTOR + 1, SECTOR):
+            if buf[s:s + 4] != b"loge":
+                continue
+            entry_length, _, _, count = struct.unpack_from("<IIQI", buf, s + 8)
+            buf[s + 4:s + 8] = bytes(4)
+            guid(s + 32)
+            used = 64 + 32 * count
+            desc_end = s + -(-used // SECTOR) * SECTOR
+            stop = min(desc_end, end, s + max(entry_length, SECTOR))
+            if stop > s + used:
+                buf[s + used:stop] = bytes(stop - s - used)
+    return bytes(buf)
+
+
+def structure_end(path: str) -> int:
+    """End of the last header-section/log/BAT/metadata structure of an image,
+    i.e. the prefix that ``normalize_vhdx`` needs (payload lies beyond)."""
+    with open(path, "rb") as f:
+        head = f.read(320 * 1024)
+    end = 1 << 20
+    for h in HEADER_OFFSETS:
+        if head[h:h + 4] == b"head":
+            log_length, log_offset = struct.unpack_from("<IQ", head, h + 68)
+            end = max(end, log_offset + log_length)
+    if head[REGION_TABLE_OFFSET:REGION_TABLE_OFFSET + 4] == b"regi":
+        for i in range(min(struct.unpack_from("<I", head, REGION_TABLE_OFFSET + 8)[0], 2047)):
+            _, off, length = struct.unpack_from("<16sQI", head, REGION_TABLE_OFFSET + 16 + 32 * i)
+            end = max(end, off + length)
+    return end
+
+
+def data_extents(path: str) -> list[tuple[int, int]]:
+    """(start, end) of the non-hole ranges of a file, via SEEK_DATA/SEEK_HOLE."""
+    out = []
+    with open(path, "rb") as f:
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:     # ENXIO: only a hole remains
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos))
+    return out
+
+
+def compare_vhdx_files(a: str, b: str, chunk: int = 8 << 20) -> list[str]:
+    """Differences between two VHDX files after normalization ([] = identical).
+
+    Reads only the structure prefix plus the data extents of either file, so
+    40 TiB sparse images compare in milliseconds.
+    """
+    problems = []
+    size_a, size_b = os.path.getsize(a), os.path.getsize(b)
+    if size_a != size_b:
+        problems.append(f"file size {size_a} != {size_b}")
+    prefix = min(max(structure_end(a), structure_end(b)), max(size_a, size_b))
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        na, nb = normalize_vhdx(fa.read(prefix)), normalize_vhdx(fb.read(prefix))
+        if na != nb:
+            first = next(i for i in range(min(len(na), len(nb)) + 1)
+                         if i >= min(len(na), len(nb)) or na[i] != nb[i])
+            problems.append(f"normalized structures differ, first at byte {first:#x}")
+        merged: list[list[int]] = []
+        for start, end in sorted(data_extents(a) + data_extents(b)):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        for start, end in merged:
+            pos = max(start, prefix)
+            while pos < end:
+                n = min(chunk, end - pos)
+                fa.seek(pos)
+                fb.seek(pos)
+                da, db = fa.read(n), fb.read(n)
+                if da.ljust(n, b"\0") != db.ljust(n, b"\0"):
+                    problems.append(f"payload differs in [{pos:#x}, {pos + n:#x})")
+                    break
+                pos += n
+    return problems
