@@ -227,6 +227,8 @@ class FileProtocol:
                         os.pwrite(s.fd, memoryview(zeros)[:n], pos)
                         pos += n
             os.ftruncate(s.fd, offset)
+            if old == 0 and offset > 0 and prealloc in ("off", "falloc"):
+                _allocate_first_block(s.fd, offset)
         except OSError as exc:
             raise from_oserror(exc, bs.filename) from None
         bs.total_size = offset
@@ -241,6 +243,16 @@ class FileProtocol:
     @hookimpl
     def bdrv_has_zero_init(self, bs) -> bool:
         return not bs.opaque.is_block
+
+
+def _allocate_first_block(fd: int, size: int) -> None:
+    """Write zeros over the first block of a file grown from empty, as QEMU's
+    file-posix does (so qemu-img and blockdrv leave the same allocation map:
+    ``info`` actual-size and ``map`` agree).  Failures are ignored, as there."""
+    try:
+        os.pwrite(fd, bytes(4096 if size >= 4096 else 512), 0)
+    except OSError:
+        pass
 
 
 def _preadv_all(fd: int, iov: list, offset: int) -> int:

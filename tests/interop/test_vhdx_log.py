@@ -15,11 +15,13 @@ import shutil
 import struct
 import subprocess
 import uuid
+from dataclasses import replace
 
 import pytest
 
 from blockdrv.drivers.vhdx import log as L
 from blockdrv.drivers.vhdx.header import select_current_header
+from blockdrv.errors import CorruptImageError
 
 pytestmark = pytest.mark.interop
 
@@ -205,7 +207,6 @@ class HeaderUpdater:
 
     def __call__(self, log_guid: bytes) -> None:
         for _ in range(2):
-            from dataclasses import replace
             new = replace(self.current, sequence_number=self.current.sequence_number + 1,
                           file_write_guid=self.session, log_guid=log_guid)
             self.index ^= 1
@@ -297,3 +298,55 @@ def test_qemu_replays_a_log_we_wrote(tmp_path, qemu_img, qemu_io):
               "-c", f"read -P 0 {base + 8192} 8k", "-c", f"read -P 0x44 {base + 16384} 4k",
               "-c", "read -P 0x33 0 8k", theirs)
     assert "verification failed" not in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("extra", [2 * MiB, 2 * MiB + 4096])
+def test_last_file_offset_extension_diverges_from_qemu_bug(extra, tmp_path, qemu_img):
+    """qemu 7.2 extends the file to LastFileOffset only when that value is *not*
+    1 MiB aligned (its round-up and truncate sit inside ``if (size % 1 MiB)``),
+    so a spec-valid, aligned LastFileOffset beyond EOF is ignored.  We follow the
+    spec's intent ("a file size that all allocated structures fit into") and
+    extend in both cases; for the unaligned value both agree."""
+    img = str(tmp_path / "ext.vhdx")
+    run(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, "64M")
+    hdr = header_of(img)[1]
+    f = PosixFile(img)
+    try:
+        guid = uuid.uuid4().bytes
+        HeaderUpdater(img, f)(guid)
+        size = f.getlength()
+        ups = L.merge_sectors(f, bat_offset(img), struct.pack("<Q", 2))
+        L.LogWriter(hdr.log_offset, hdr.log_length).write_entry(
+            f, L.build_entry(1, guid, 0, ups, flushed_file_offset=size,
+                             last_file_offset=size + extra))
+    finally:
+        f.close()
+    ours, theirs, _ = repair_both(img, qemu_img)
+    want = -(-(size + extra) // MiB) * MiB
+    assert os.path.getsize(ours) == want
+    assert os.path.getsize(theirs) == (size if extra % MiB == 0 else want)
+    n = os.path.getsize(theirs)
+    assert masked(ours)[:n] == masked(theirs) and not any(masked(ours)[n:])
+
+
+def test_log_guid_without_entries_is_refused_though_qemu_opens_it(tmp_path, qemu_img, qemu_io):
+    """EIO on the first log-sector write (512-byte sector 2048 = log at 1 MiB)
+    leaves the header's LogGuid set with no entry carrying it.  Spec 2.3.3: no
+    valid sequence means the file is corrupt.  qemu 7.2 opens it silently, and
+    then fails every allocating write with ENOTSUP; ``check -r all`` cannot fix it."""
+    img = str(tmp_path / "noentry.vhdx")
+    conf = tmp_path / "noentry.blkdebug"
+    conf.write_text('[inject-error]\nevent = "pwritev"\nsector = "2048"\n'
+                    'errno = "5"\nonce = "on"\n')
+    run(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, "64M")
+    run(qemu_io, "-f", "vhdx", "-c", "write -P 0xab 0 64k", f"blkdebug:{conf}:{img}",
+        check=False)
+    assert header_of(img)[1].has_log
+    assert run(qemu_img, "check", img, check=False).returncode == 0   # qemu: "no errors"
+    f = PosixFile(img, writable=False)
+    try:
+        with pytest.raises(CorruptImageError, match="no valid entries"):
+            L.replay_log_in_memory(f, header_of(img)[1])
+        assert f.writes == 0
+    finally:
+        f.close()

@@ -13,6 +13,14 @@ from ...node import BLOCK_RAW, BlockStatus, DriverInfo
 from ...options import CreateOption
 
 PREALLOC_MODES = ("off", "falloc", "full")
+SECTOR = 512
+
+
+def _round_sector(n: int) -> int:
+    # QEMU keeps sizes in 512-byte sectors: a 1001-byte raw file is a 1024-byte
+    # disk (reads past EOF are zeros, writes extend the file), and qemu-img
+    # create rounds the size up the same way.
+    return -(-n // SECTOR) * SECTOR
 
 
 class RawFormat:
@@ -22,7 +30,7 @@ class RawFormat:
     create_opts = [
         CreateOption("size", "size", "Virtual disk size"),
         CreateOption("preallocation", "string",
-                     "Preallocation mode (allowed values: off, falloc, full)", "off"),
+                     "Preallocation mode (allowed values: off, falloc, full)"),
     ]
 
     @hookimpl
@@ -31,7 +39,7 @@ class RawFormat:
 
     @hookimpl
     def bdrv_open(self, bs, options, flags) -> None:
-        bs.total_size = bs.file.total_size
+        bs.total_size = _round_sector(bs.file.total_size)
         bs.request_alignment = bs.file.request_alignment
 
     @hookimpl
@@ -58,7 +66,7 @@ class RawFormat:
     @hookimpl
     async def bdrv_co_truncate(self, bs, offset, exact, prealloc) -> None:
         await bs.file.co_truncate(offset, exact, prealloc)
-        bs.total_size = offset
+        bs.total_size = _round_sector(offset)
 
     @hookimpl
     def bdrv_get_info(self, bs) -> DriverInfo:
@@ -70,10 +78,10 @@ class RawFormat:
 
     @hookimpl
     def bdrv_create(self, filename, options) -> None:
-        size = options.get("size", 0)
-        prealloc = options.get("preallocation", "off")
+        size = -(-options.get("size", 0) // 512) * 512  # file-posix rounds up to sectors
+        prealloc = options.get("preallocation") or "off"
         if prealloc not in PREALLOC_MODES:
-            raise InvalidArgumentError(f"Invalid parameter '{prealloc}'")
+            raise InvalidArgumentError(f"invalid parameter value: {prealloc}")
         file_bs = create_file(filename)
         try:
             file_bs.truncate(size, prealloc=prealloc)

@@ -99,9 +99,13 @@ class VHDXFormat:
     @hookimpl
     def bdrv_has_zero_init(self, bs) -> bool:
         img: VHDXImage = bs.opaque
-        # A fixed image's blocks hold whatever the file holds; a dynamic one
-        # reads zeros until written.
-        return not img.fixed and bs.file.has_zero_init()
+        # As qemu: a dynamic image reads zeros until written; a fixed one
+        # (first BAT entry present) reads whatever the file holds.
+        if img.bat.total_entries == 0:
+            return True
+        if int(img.bat.entries[0]) & 7 == PAYLOAD_BLOCK_FULLY_PRESENT:
+            return bs.file.has_zero_init()
+        return True
 
     @hookimpl
     def bdrv_create(self, filename, options) -> None:

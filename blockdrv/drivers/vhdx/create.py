@@ -28,7 +28,7 @@ from . import bat as _bat
 from .constants import (BLOCK_SIZE_MAX, DEFAULT_LOG_SIZE, FILE_ID_OFFSET, GiB, HEADER1_OFFSET,
                         HEADER2_OFFSET, HEADER_SECTION_SIZE, MAX_VIRTUAL_SIZE, METADATA_GUID,
                         METADATA_TABLE_SIZE, BAT_GUID, MiB, PAYLOAD_BLOCK_FULLY_PRESENT,
-                        PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS,
+                        PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS,
                         SECTOR_SIZES, TiB, new_guid)
 from .header import FileIdentifier, Header
 from .metadata import DiskParameters, build_metadata
@@ -95,6 +95,19 @@ def _round_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
 
+def _qemu_empty_disk_entries(block_size: int, lss: int) -> int:
+    """BAT entries qemu 7.2 computes for a 0-byte disk.
+
+    Its uint32 ``data_blocks - 1`` underflows, so it sizes the BAT region for
+    ``0xFFFFFFFF >> log2(chunk_ratio)`` entries (64 MiB with 8 MiB blocks) and
+    its reader refuses a smaller region.  A region larger than the entries
+    need is valid per spec 2.5, so we keep that length to stay readable by
+    qemu -- but write none of it (there are no entries), where qemu writes
+    64 MiB of zeros, or fails outright with 256 MiB blocks (2 GiB BAT).
+    """
+    return 0xFFFFFFFF >> (_bat.chunk_ratio(block_size, lss).bit_length() - 1)
+
+
 def plan_vhdx(size: int, *, subformat: str | None = "dynamic", block_size: int = 0,
               log_size: int | None = DEFAULT_LOG_SIZE, block_state_zero: bool | None = True,
               logical_sector_size: int | None = 512,
@@ -130,7 +143,7 @@ def plan_vhdx(size: int, *, subformat: str | None = "dynamic", block_size: int =
 
     entries = _bat.total_entries(size, block_size, lss)
     bat_offset = HEADER_SECTION_SIZE + log_size
-    bat_length = _bat.region_length(entries)
+    bat_length = _bat.region_length(entries or _qemu_empty_disk_entries(block_size, lss))
     metadata_offset = bat_offset + bat_length
     data_offset = bat_offset + bat_length + DATA_GAP
     fixed = subformat == "fixed"
@@ -140,26 +153,32 @@ def plan_vhdx(size: int, *, subformat: str | None = "dynamic", block_size: int =
                       data_offset + (size if fixed else 0))
 
 
-def _bat_bytes(layout: VhdxLayout) -> bytes | None:
-    """The BAT qemu writes, or None when it is all zeros (qemu then skips it)."""
+def _bat_slices(layout: VhdxLayout, step: int = 1 << 20):
+    """(file offset, bytes) pieces of the BAT to write; nothing when it is all
+    zeros (the file is fresh; qemu skips it too, except for size 0).
+
+    Built ``step`` entries at a time: a 64 TiB disk in 1 MiB blocks has a
+    513 MiB BAT, which we never hold whole.
+    """
     if layout.fixed and not layout.block_state_zero:
         state = PAYLOAD_BLOCK_FULLY_PRESENT
     elif layout.block_state_zero:
+        # qemu uses ZERO for fixed images too, leaving their space unused
         state = PAYLOAD_BLOCK_ZERO
     else:
-        state = PAYLOAD_BLOCK_NOT_PRESENT
-    table = _bat.Bat(bytearray(layout.bat_length), layout.virtual_size, layout.block_size,
-                     layout.logical_sector_size)
-    if state == PAYLOAD_BLOCK_NOT_PRESENT:
-        return None
-    blocks = np.arange(table.data_blocks, dtype=np.uint64)
-    values = np.full(table.data_blocks, state, dtype=np.uint64)
-    if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-        # block n sits at data_offset + n * block_size (qemu rounds each to
-        # 1 MiB, a no-op since both terms are MiB multiples)
-        values |= np.uint64(layout.data_offset) + blocks * np.uint64(layout.block_size)
-    table.set_payload_entries(values)
-    return table.to_bytes()
+        return
+    ratio = _bat.chunk_ratio(layout.block_size, layout.logical_sector_size)
+    for first in range(0, layout.bat_entries, step):
+        index = np.arange(first, min(first + step, layout.bat_entries), dtype=np.uint64)
+        chunk, pos = np.divmod(index, np.uint64(ratio + 1))
+        values = np.full(len(index), state, dtype="<u8")
+        if state == PAYLOAD_BLOCK_FULLY_PRESENT:
+            # block n sits at data_offset + n * block_size (qemu rounds each
+            # to 1 MiB, a no-op since both terms are MiB multiples)
+            block = chunk * np.uint64(ratio) + pos
+            values |= np.uint64(layout.data_offset) + block * np.uint64(layout.block_size)
+        values[pos == ratio] = 0            # sector bitmap entries stay NOT_PRESENT
+        yield layout.bat_offset + first * 8, values.tobytes()
 
 
 def create_vhdx(file, size: int, *, subformat: str | None = "dynamic", block_size: int = 0,
@@ -176,7 +195,6 @@ def create_vhdx(file, size: int, *, subformat: str | None = "dynamic", block_siz
                        logical_sector_size=logical_sector_size,
                        physical_sector_size=physical_sector_size)
     ident = FileIdentifier(creator).pack()
-    bat_bytes = _bat_bytes(layout)
     region = RegionTable([RegionEntry(BAT_GUID, layout.bat_offset, layout.bat_length),
                           RegionEntry(METADATA_GUID, layout.metadata_offset,
                                       layout.metadata_length)]).pack()
@@ -197,8 +215,8 @@ def create_vhdx(file, size: int, *, subformat: str | None = "dynamic", block_siz
     header.sequence_number += 1
     file.pwrite(HEADER2_OFFSET, header.pack())
     file.truncate(layout.file_length)
-    if bat_bytes is not None:
-        file.pwrite(layout.bat_offset, bat_bytes)
+    for offset, data in _bat_slices(layout):
+        file.pwrite(offset, data)
     for offset in REGION_TABLE_OFFSETS:
         file.pwrite(offset, region)
     file.pwrite(layout.metadata_offset, table)

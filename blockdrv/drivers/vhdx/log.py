@@ -31,7 +31,7 @@ import bisect
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from blockdrv.errors import (BlockIOError, CorruptImageError, InvalidArgumentError,
                              UnsupportedError)
@@ -164,7 +164,7 @@ def split_sector(update: bytes, file_offset: int, seq: int) -> tuple[DataDescrip
 
 def join_sector(desc: DataDescriptor, sector: DataSector) -> bytes:
     """Inverse of :func:`split_sector`: the 4 KiB that lands at ``desc.file_offset``."""
-    return bytes(8) + sector.data + desc.trailing_bytes
+    return desc.leading_bytes + sector.data + desc.trailing_bytes
 
 
 def descriptor_sectors(count: int) -> int:
@@ -478,8 +478,9 @@ def replay_log_in_memory(file, header) -> ReplayOverlay | None:
                     doomed = [k for k in ov.sectors if start <= k < end]
                 for k in doomed:
                     ov.sectors.pop(k, None)
-                if end > start:
-                    ov.zeros.append((start, end))
+                if end == start:
+                    continue            # qemu writes nothing for a zero-length range
+                ov.zeros.append((start, end))
             else:
                 desc, data = item
                 ov.sectors[desc.file_offset] = data
@@ -590,15 +591,19 @@ class LogWriter:
     One instance per read-write open.  Start at ``position=0``, ``sequence=1``;
     after an open-time replay use ``sequence=replayed.sequence_number + 1``.
 
-    Journaled metadata update, exactly qemu 7.2's order (:meth:`write_and_flush`):
+    Journaled metadata update (:meth:`write_and_flush`).  The bytes that end
+    up on disk are exactly qemu 7.2's; the order differs in one place for
+    crash safety: qemu sets the header LogGuid *before* writing the entry, so
+    a power cut in between leaves a LogGuid naming no valid entry, which the
+    spec (2.3.3) calls a corrupt file.  We write and flush the entry first:
 
     1. flush the file (guest data / new blocks stable before the log names them)
-    2. ``set_log_guid(new_guid)``: driver rewrites the headers with LogGuid set
-       (qemu: both headers, each write + flush)
-    3. read the current bytes of partial sectors; build the entry with
+    2. read the current bytes of partial sectors; build the entry with
        flushed = last = file length now
-    4. write the entry sector by sector into the ring, wrapping at its end
-    5. flush
+    3. write the entry sector by sector into the ring, wrapping at its end
+    4. flush
+    5. ``set_log_guid(new_guid)``: driver rewrites the headers with LogGuid set
+       (both headers, each write + flush) -- from here a crash replays the entry
     6. write each 4 KiB sector to its final location, flush
     7. ``set_log_guid(ZERO_GUID)``: driver rewrites the headers with LogGuid clear
     """
@@ -635,7 +640,6 @@ class LogWriter:
             raise InvalidArgumentError("VHDX log write larger than the log")
         file.flush()
         guid = new_guid if new_guid is not None else uuid.uuid4().bytes
-        set_log_guid(guid)
         updates = merge_sectors(file, offset, data)
         size = file.getlength()
         seq = self.sequence
@@ -643,6 +647,7 @@ class LogWriter:
                             flushed_file_offset=size, last_file_offset=size)
         pos = self.write_entry(file, entry)
         file.flush()
+        set_log_guid(guid)
         for off, sector in updates:
             file.pwrite(off, sector)
         file.flush()

@@ -118,4 +118,4 @@ class RegionTable:
         spans.sort()
         for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
             if s2 < e1:
-                raise CorruptImageError(f"VHDX {n2} region overlaps the {n1}")
+                raise CorruptImageError(f"VHDX {n1} and {n2} regions overlap")

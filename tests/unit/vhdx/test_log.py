@@ -381,7 +381,9 @@ def test_write_and_flush_order_and_fields():
     e = w.write_and_flush(f, 2 * MiB + 8, b"\x06\x00\x80" + bytes(5), set_guid, new_guid=GUID)
     assert calls == [GUID, L.ZERO_GUID]
     kinds = [op[0] for op in f.ops]
-    assert kinds == ["flush", "guid", "read", "write", "write", "flush", "write", "flush",
+    # Entry written and flushed before the header names it (crash safety),
+    # then the BAT sector, then the LogGuid is cleared.
+    assert kinds == ["flush", "read", "write", "write", "flush", "guid", "write", "flush",
                      "guid"]
     assert [op[1] for op in f.ops if op[0] == "write"] == [LOG_OFF, LOG_OFF + 4096, 2 * MiB]
     h = e.header

@@ -1,0 +1,233 @@
+"""What every qemu-img-like command shares: errors, sizes, JSON, opening images."""
+
+from __future__ import annotations
+
+import argparse
+import errno as _errno
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, NoReturn
+
+from ..block import open_node
+from ..errors import BlockDriverError
+from ..node import O_CHECK, O_RDWR, BlockDriverState
+
+PROG = "blockdrv"
+MAX_SIZE = (1 << 63) - 1
+
+
+class CliError(Exception):
+    """A failure already worded for the user; ``main`` prints it and exits ``code``."""
+
+    def __init__(self, message: str, code: int = 1, hint: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.hint = hint  # add qemu's "Try '... --help'" line (usage errors)
+
+
+def usage_error(message: str) -> NoReturn:
+    raise CliError(message, 1, hint=True)
+
+
+def report(message: str) -> None:
+    """One error line on stderr, ``blockdrv: <message>``."""
+    text = " ".join(line for line in str(message).splitlines() if line)
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def describe(exc: BaseException) -> str:
+    """The user-facing text of a library error (without the program prefix)."""
+    if isinstance(exc, BlockDriverError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse speaking qemu-img's getopt dialect for its errors."""
+
+    def __init__(self, command: str, **kwargs: Any) -> None:
+        super().__init__(prog=f"{PROG} {command}", **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            usage_error(f"unrecognized option '{m.group(1)}'")
+        m = re.match(r"argument (\S+?)(/\S+)?: expected one argument", message)
+        if m:
+            usage_error(f"missing argument for option '{m.group(1)}'")
+        usage_error(message)
+
+
+def add_output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default=None, metavar="human|json")
+
+
+def output_format(value: str | None) -> str:
+    if value is None or value == "human":
+        return "human"
+    if value == "json":
+        return "json"
+    raise CliError("--output must be used with human or json as argument.")
+
+
+# -- sizes ---------------------------------------------------------------------
+
+_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+           "p": 1 << 50, "e": 1 << 60}
+_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)(\.\d*)?([bBkKmMgGtTpPeE]?)$")
+
+
+def strtosz(text: str) -> int | None:
+    """qemu_strtosz: ``None`` when malformed, may exceed MAX_SIZE."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        return None
+    number, fraction, suffix = m.groups()
+    mult = _SUFFIX[suffix.lower()]
+    if number[:2].lower() == "0x":
+        if fraction or suffix:
+            return None
+        return int(number, 16)
+    value = int(number) * mult
+    if fraction and fraction != ".":
+        frac = float("0" + fraction)
+        if frac and mult == 1:
+            return None
+        value += int(frac * mult)
+    return value
+
+
+def cvtnum(name: str, text: str) -> int:
+    """Parse a size argument with qemu-img's error messages (its cvtnum)."""
+    value = strtosz(text)
+    if value is None:
+        raise CliError(f"Invalid {name} specified. You may use k, M, G, T, P or E "
+                       "suffixes for kilobytes, megabytes, gigabytes, terabytes, "
+                       "petabytes and exabytes.")
+    if value > MAX_SIZE:
+        raise CliError(f"Invalid {name} specified. Must be between 0 and {MAX_SIZE}.")
+    return value
+
+
+def size_to_str(value: int) -> str:
+    """qemu's size_to_str: three significant digits, binary units."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    exp = math.frexp(value / (1000.0 / 1024.0))[1]
+    i = max(0, (exp - 1) // 10)
+    i = min(i, len(suffixes) - 1)
+    return "%0.3g %sB" % (value / float(1 << (i * 10)), suffixes[i])
+
+
+# -- JSON as QEMU prints it --------------------------------------------------------
+
+def _qdict_bucket(key: str) -> int:
+    """Bucket of ``key`` in QEMU's QDict (tdb hash, 512 buckets): qemu-img
+    prints dictionaries in bucket order, which fixes their key order."""
+    data = key.encode()
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, ch in enumerate(data):
+        value = (value + (ch << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
+def qdict_order(obj: Any) -> Any:
+    """``obj`` with every dict re-ordered as a QEMU QDict iterates."""
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        # Same bucket: QDict inserts at the head, so later keys come first.
+        ordered = sorted(enumerate(items), key=lambda p: (_qdict_bucket(p[1][0]), -p[0]))
+        return {k: qdict_order(v) for _, (k, v) in ordered}
+    if isinstance(obj, (list, tuple)):
+        return [qdict_order(v) for v in obj]
+    return obj
+
+
+def qjson(obj: Any) -> str:
+    """qobject_to_json_pretty: 4-space indentation, QDict key order."""
+    return json.dumps(qdict_order(obj), indent=4)
+
+
+def dump_human(obj: dict, indent: int = 1) -> list[str]:
+    """qemu's dump_qdict: ``key: value`` lines, dashes shown as spaces."""
+    lines: list[str] = []
+    pad = " " * (indent * 4)
+    for key, value in qdict_order(obj).items():
+        name = key.replace("-", " ")
+        if isinstance(value, dict):
+            lines.append(f"{pad}{name}:")
+            lines.extend(dump_human(value, indent + 1))
+        elif isinstance(value, list):
+            lines.append(f"{pad}{name}:")
+            lines.extend(_dump_list(value, indent + 1))
+        else:
+            lines.append(f"{pad}{name}: {_scalar(value)}")
+    return lines
+
+
+def _dump_list(values: list, indent: int) -> list[str]:
+    lines: list[str] = []
+    pad = " " * (indent * 4)
+    for i, value in enumerate(values):
+        if isinstance(value, dict):
+            lines.append(f"{pad}[{i}]:")
+            lines.extend(dump_human(value, indent + 1))
+        elif isinstance(value, list):
+            lines.append(f"{pad}[{i}]:")
+            lines.extend(_dump_list(value, indent + 1))
+        else:
+            lines.append(f"{pad}[{i}]: {_scalar(value)}")
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+# -- opening images ----------------------------------------------------------------
+
+PROBED_RAW_WARNING = (
+    "WARNING: Image format was not specified for '{0}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, "
+    "write operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.")
+
+
+def open_error(filename: str, exc: BlockDriverError | OSError) -> str:
+    """qemu-img's "Could not open" line for a failed open."""
+    code = getattr(exc, "errno", None) or _errno.EIO
+    why = describe(exc)
+    if code == _errno.EISDIR:
+        why = f"'file' driver requires '{filename}' to be a regular file"
+    elif why == os.strerror(code):
+        # Raised by the protocol (the host's open(2)): qemu's file-posix
+        # wraps it in its own "Could not open" first.
+        why = f"Could not open '{getattr(exc, 'filename', None) or filename}': {why}"
+    return f"Could not open '{filename}': {why}"
+
+
+def open_image(filename: str, fmt: str | None, writable: bool = False,
+               check: bool = False) -> BlockDriverState:
+    """Open for a command; errors become :class:`CliError` worded like qemu-img."""
+    flags = (O_RDWR if writable else 0) | (O_CHECK if check else 0)
+    try:
+        bs = open_node(filename, fmt, flags)
+    except (BlockDriverError, OSError) as exc:
+        raise CliError(open_error(filename, exc)) from None
+    if bs.probed_raw and writable:
+        print(PROBED_RAW_WARNING.format(filename), file=sys.stderr, flush=True)
+    return bs
+
+
+def qprint(quiet: bool, text: str = "", end: str = "\n") -> None:
+    if not quiet:
+        sys.stdout.write(text + end)

@@ -1,0 +1,123 @@
+"""``blockdrv create``: qemu-img create, its ``-o`` syntax and "Formatting" line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import block
+from ..errors import BlockDriverError
+from ..options import CreateOption, parse_create_options, split_options
+from ..plugins import get_registry
+from .common import ArgParser, CliError, cvtnum, qprint, usage_error
+
+_TYPE_NAMES = {"size": "size", "number": "num", "bool": "bool (on/off)", "string": "str"}
+
+
+def parse_o(values: list[str] | None) -> list[tuple[str, str | None]]:
+    """Every ``-o`` argument, in order (qemu accumulates them with commas)."""
+    items: list[tuple[str, str | None]] = []
+    for value in values or []:
+        items.extend(split_options(value))
+    return items
+
+
+def wants_help(items: list[tuple[str, str | None]]) -> bool:
+    return any(key in ("help", "?") and val is None for key, val in items)
+
+
+def option_help(fmt: str, filename: str | None) -> str:
+    """``-o help`` as qemu_opts_print_help lays it out (sorted by name)."""
+    drv = get_registry().format(fmt) if fmt in get_registry().formats else None
+    if drv is None or drv.bdrv_create is None:
+        raise CliError(f"Unknown file format '{fmt}'")
+    lines = [f"Supported {fmt} options:" if filename is None else "Supported options:"]
+    for opt in sorted(drv.create_opts(), key=lambda o: o.name):
+        head = f"{opt.name}=<{_TYPE_NAMES.get(opt.type, opt.type)}>"
+        lines.append(f"  {head:<22} - {opt.help}" if opt.help else f"  {head}")
+    if filename is None:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
+    return "\n".join(lines)
+
+
+def _show(opt: CreateOption, value: Any, given: str | None) -> str:
+    if opt.type == "bool":
+        return "on" if value else "off"
+    if opt.type == "size" or opt.type == "number":
+        return str(value)
+    text = given if given is not None else str(value)
+    return text.replace(",", ",,")
+
+
+def formatting_line(filename: str, fmt: str, opts: list[CreateOption],
+                    parsed: dict[str, Any], given: dict[str, str | None]) -> str:
+    """qemu's "Formatting 'f', fmt=F size=N ..." line: options in the driver's
+    order, those set by the user or with a default."""
+    parts = [f"Formatting '{filename}', fmt={fmt}"]
+    for opt in opts:
+        if opt.name in parsed:
+            parts.append(f"{opt.name}={_show(opt, parsed[opt.name], given.get(opt.name))}")
+        elif opt.default is not None:
+            parts.append(f"{opt.name}={_show(opt, opt.default, None)}")
+    return " ".join(parts)
+
+
+def prepare_create(filename: str, fmt: str, items: list[tuple[str, str | None]],
+                   size: int | None) -> tuple[dict[str, Any], str]:
+    """Check the options; returns the parsed options and the Formatting line.
+    Errors are prefixed with the file name, as qemu-img's are."""
+    reg = get_registry()
+    drv = reg.formats.get(fmt)
+    if drv is None or drv.bdrv_create is None:
+        raise CliError(f"{filename}: Unknown file format '{fmt}'")
+    opts = drv.create_opts()
+    try:
+        parsed = parse_create_options(items, opts)
+    except BlockDriverError as exc:
+        raise CliError(f"{filename}: {exc.message}") from None
+    if size is not None:
+        if "size" in parsed:
+            raise CliError(f"{filename}: The image size must be specified only once")
+        parsed["size"] = size
+    if "size" not in parsed:
+        raise CliError(f"{filename}: Image creation needs a size parameter")
+    given = {k: v for k, v in items}
+    if not any(o.name == "size" for o in opts):
+        opts = [CreateOption("size", "size")] + opts
+    return parsed, formatting_line(filename, fmt, opts, parsed, given)
+
+
+def do_create(filename: str, fmt: str, parsed: dict[str, Any]) -> None:
+    try:
+        block.create(filename, fmt, parsed)
+    except (BlockDriverError, OSError) as exc:
+        why = exc.message if isinstance(exc, BlockDriverError) else (exc.strerror or str(exc))
+        raise CliError(f"{filename}: {why}") from None
+
+
+def run(argv: list[str]) -> int:
+    p = ArgParser("create")
+    p.add_argument("-f", dest="fmt", default="raw")
+    p.add_argument("-o", dest="options", action="append")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-b", dest="backing")
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-u", dest="unsafe", action="store_true")
+    p.add_argument("args", nargs="*")
+    a = p.parse_intermixed_args(argv)
+    items = parse_o(a.options)
+    filename = a.args[0] if a.args else None
+    if wants_help(items):
+        print(option_help(a.fmt, filename))
+        return 0
+    if not a.args:
+        usage_error("Expecting image file name")
+    if len(a.args) > 2:
+        usage_error(f"Unexpected argument: {a.args[2]}")
+    size = cvtnum("image size", a.args[1]) if len(a.args) > 1 else None
+    if a.backing or a.backing_fmt:
+        raise CliError(f"{filename}: Backing file not supported for file format '{a.fmt}'")
+    parsed, line = prepare_create(filename, a.fmt, items, size)
+    qprint(a.quiet, line)
+    do_create(filename, a.fmt, parsed)
+    return 0
