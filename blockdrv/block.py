@@ -30,6 +30,9 @@ def split_protocol(filename: str) -> tuple[str, str]:
 def open_protocol(filename: str, flags: int = 0, options: dict[str, Any] | None = None,
                   protocol: str | None = None) -> BlockDriverState:
     reg = get_registry()
+    if protocol is None and options and options.get("driver"):
+        # QEMU's file.driver=...: a filter such as blkdebug over a plain path
+        protocol = str(options["driver"])
     if protocol is None:
         protocol, _ = split_protocol(filename)
     drv = reg.protocol(protocol)

@@ -10,15 +10,30 @@ synchronous API is then a programming error, reported as such.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Coroutine
+
+_local = threading.local()
+
+
+def in_sync_context() -> bool:
+    """True while :func:`run_sync` is driving a coroutine on this thread.
+
+    A filter that may suspend (``asyncio.sleep(0)`` to let concurrent
+    requests interleave) must not do so then: nothing would resume it.
+    """
+    return getattr(_local, "depth", 0) > 0
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run ``coro`` to completion without an event loop and return its result."""
+    _local.depth = getattr(_local, "depth", 0) + 1
     try:
         coro.send(None)
     except StopIteration as stop:
         return stop.value
+    finally:
+        _local.depth -= 1
     coro.close()
     raise RuntimeError("a blockdrv coroutine suspended under the synchronous API; "
                        "await the co_* method from an event loop instead")

@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "blockdrv.drivers"
 _BUILTIN = {
     "file": "blockdrv.protocols.file:driver",
     "memory": "blockdrv.protocols.memory:driver",
+    "blkdebug": "blockdrv.protocols.blkdebug:driver",
     "raw": "blockdrv.drivers.raw:driver",
     "vhdx": "blockdrv.drivers.vhdx:driver",
 }

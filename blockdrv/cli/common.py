@@ -28,6 +28,9 @@ class CliError(Exception):
         self.code = code
         self.hint = hint  # add qemu's "Try '... --help'" line (usage errors)
 
+    def after(self) -> None:
+        """Lines qemu-img prints after the error (warnings); none by default."""
+
 
 def usage_error(message: str) -> NoReturn:
     raise CliError(message, 1, hint=True)

@@ -337,18 +337,19 @@ def _isalnum(b: int) -> bool:
     return 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122
 
 
-_PRINTABLE = "".join(chr(b) if _isalnum(b) else "." for b in range(256))
+_PRINTABLE_TABLE = {b: (b if _isalnum(b) else ord(".")) for b in range(256)}
 
 
 def dump_buffer(out: TextIO, data, offset: int) -> None:
     """qemu-io's hexdump: ``%08x:  `` + 16 ``%02x `` + space + isalnum chars."""
     view = bytes(data)
+    hexed = view.hex(" ")                 # "xx xx ..." : 3 chars per byte
+    text = view.decode("latin-1").translate(_PRINTABLE_TABLE)
     lines = []
     for i in range(0, len(view), 16):
-        row = view[i:i + 16]
-        hexpart = "".join(f"{b:02x} " for b in row)
-        text = "".join(_PRINTABLE[b] for b in row)
-        lines.append(f"{offset + i:08x}:  {hexpart} {text}\n")
+        n = min(16, len(view) - i)
+        lines.append(f"{offset + i:08x}:  {hexed[3 * i:3 * i + 3 * n - 1]}  "
+                     f"{text[i:i + n]}\n")
     out.write("".join(lines))
 
 
@@ -991,9 +992,12 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
     try:
         bs = open_node(filename, fmt, 0 if readonly else O_RDWR)
     except BlockDriverError as exc:
-        err.write(f"{PROG}: can't open device {filename}: {exc}\n")
+        why = str(exc)
+        if exc.errno and why == os.strerror(exc.errno):
+            why = f"Could not open '{filename}': {why}"
+        err.write(f"{PROG}: can't open device {filename}: {why}\n")
         return 1
-    if bs.probed_raw:
+    if bs.probed_raw and not readonly:
         err.write(f"WARNING: Image format was not specified for '{filename}' and "
                   "probing guessed raw.\n"
                   "         Automatically detecting the format is dangerous for raw "

@@ -1,18 +1,12 @@
-import pytest
+"""Interop fixtures (``qemu_img``, ``qemu_io``, ``vhdiinfo``, ``interop_tmp``,
+``replay_both``) come from :mod:`blockdrv.testing.plugin`, which pytest loads
+through the ``pytest11`` entry point of the installed package.  From a source
+tree whose metadata predates that entry point, register it here instead.
+"""
 
-from blockdrv.testing.tools import require_tool
-
-
-@pytest.fixture(scope="session")
-def qemu_img() -> str:
-    return require_tool("qemu-img")
-
-
-@pytest.fixture(scope="session")
-def qemu_io() -> str:
-    return require_tool("qemu-io")
+import blockdrv.testing.plugin as _plugin
 
 
-@pytest.fixture(scope="session")
-def vhdiinfo() -> str:
-    return require_tool("vhdiinfo")
+def pytest_configure(config):
+    if not config.pluginmanager.is_registered(_plugin):
+        config.pluginmanager.register(_plugin, "blockdrv-testing")

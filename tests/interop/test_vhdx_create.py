@@ -106,7 +106,8 @@ def test_create_matches_qemu(tmp_path, qemu_img, size, opts):
     subprocess.run([qemu_img, "check", "-q", str(o)], check=True)
     info = subprocess.run([qemu_img, "info", "--output=json", str(o)], check=True,
                           capture_output=True, text=True).stdout
-    assert f'"virtual-size": {plan_vhdx(size, **parse_create_options(opts, CREATE_OPTS)).virtual_size}' in info
+    expected = plan_vhdx(size, **parse_create_options(opts, CREATE_OPTS)).virtual_size
+    assert f'"virtual-size": {expected}' in info
 
 
 def test_two_qemu_runs_normalize_identical(tmp_path, qemu_img):

@@ -8,19 +8,17 @@ per entry -- and all whole-table questions are answered with vector ops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from blockdrv.errors import CorruptImageError
 
-from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_OFFSET_SHIFT, BAT_STATE_MASK,
+from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK,
                         HEADER_SECTION_SIZE, MAX_SECTORS_PER_BLOCK, MiB,
                         PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
                         SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
 
-_RESERVED_MASK = np.uint64(((1 << BAT_OFFSET_SHIFT) - 1) & ~BAT_STATE_MASK)
-_KNOWN_PAYLOAD_STATES = (0, 1, 2, 3, 5, 6, 7)   # 5: pre-1.0 UNMAPPED, qemu reads it as zero
 
 
 def chunk_ratio(block_size: int, logical_sector_size: int) -> int:
@@ -82,7 +80,7 @@ def decode_entry(raw: int) -> tuple[int, int]:
 @dataclass
 class BatCheck:
     """Result of Bat.check(): per problem, payload block numbers or BAT indices (as noted)."""
-    unknown_state: np.ndarray          # payload blocks with an undefined state (4)
+    unknown_state: np.ndarray          # payload blocks in state 4 (5 is pre-1.0 UNMAPPED)
     partially_present: np.ndarray      # payload blocks PARTIALLY_PRESENT outside differencing
     bad_bitmap_state: np.ndarray       # BAT indices of bitmap entries in an invalid state
     reserved_bits: np.ndarray          # BAT indices with reserved bits 3..19 set
@@ -90,7 +88,6 @@ class BatCheck:
     beyond_eof: np.ndarray             # present payload blocks ending past the file end
     in_regions: np.ndarray             # present payload blocks overlapping header/log/BAT/metadata
     overlapping: np.ndarray            # BAT indices of present blocks overlapping an earlier one
-    details: list[str] = field(default_factory=list)
 
     @property
     def corruptions(self) -> int:
@@ -145,13 +142,21 @@ class Bat:
         return i
 
     # --- vector views ---------------------------------------------------
-    def _split(self) -> tuple[np.ndarray, np.ndarray]:
-        """(payload entries in block order, bitmap entries) -- copies, no index arrays."""
+    def _grid(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``arr`` (one value per BAT entry) as (payload in block order, bitmaps).
+
+        Whole chunks reshape to rows of ``ratio`` payload entries plus one
+        bitmap entry, so no index arrays are built.  Payload is a copy.
+        """
         step = self.chunk_ratio + 1
         full = self.total_entries // step
-        grid = self.entries[:full * step].reshape(full, step)
-        payload = np.concatenate([grid[:, :-1].ravel(), self.entries[full * step:]])
+        grid = arr[:full * step].reshape(full, step)
+        payload = np.concatenate([grid[:, :-1].ravel(), arr[full * step:]])
         return payload[:self.data_blocks], grid[:, -1]
+
+    def _low_bytes(self) -> np.ndarray:
+        """(N, 8) uint8 view; column 0 holds the state, little-endian on any host."""
+        return self.entries.view(np.uint8).reshape(-1, 8)
 
     def set_payload_entries(self, values: np.ndarray) -> None:
         """Store raw payload entries given in block order (bitmap entries untouched)."""
@@ -163,19 +168,20 @@ class Bat:
         self.entries[full * step:] = values[head:]
 
     def payload_entries(self) -> np.ndarray:
-        return self._split()[0]
+        """Raw payload entries in block order (a copy)."""
+        return self._grid(self.entries)[0]
 
     def states(self) -> np.ndarray:
         """uint8 state of every payload block, in block order."""
-        return (self.payload_entries() & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
+        return self._grid(self._low_bytes()[:, 0] & BAT_STATE_MASK)[0]
 
     def offsets(self) -> np.ndarray:
         """uint64 file offset of every payload block (0 where none)."""
         return self.payload_entries() & np.uint64(BAT_OFFSET_MASK)
 
     def count_states(self) -> dict[int, int]:
-        values, counts = np.unique(self.states(), return_counts=True)
-        return {int(v): int(c) for v, c in zip(values, counts)}
+        counts = np.bincount(self.states(), minlength=8)
+        return {state: int(n) for state, n in enumerate(counts) if n}
 
     # --- validation -----------------------------------------------------
     def check(self, file_size: int, regions=()) -> BatCheck:
@@ -183,24 +189,28 @@ class Bat:
 
         ``regions``: (start, length) pairs payload must not overlap (log, BAT,
         metadata, other regions; the header section is always checked).
+        Works on uint8 state columns and on present blocks only, so a 67M
+        entry BAT checks in well under a second.
         """
-        payload, bitmaps = self._split()
-        pstate = (payload & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
-        poff = payload & np.uint64(BAT_OFFSET_MASK)
-        bstate = (bitmaps & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
-        blocks = np.arange(self.data_blocks, dtype=np.int64)
-        bitmap_idx = np.arange(len(bitmaps), dtype=np.int64) * (self.chunk_ratio + 1) + self.chunk_ratio
+        ratio = self.chunk_ratio
+        raw = self._low_bytes()
+        pstate, bstate = self._grid(raw[:, 0] & BAT_STATE_MASK)
+        bitmap_idx = np.arange(len(bstate), dtype=np.int64) * (ratio + 1) + ratio
 
-        unknown = np.flatnonzero(~np.isin(pstate, _KNOWN_PAYLOAD_STATES))
+        unknown = np.flatnonzero(pstate == 4)
         partial = (np.flatnonzero(pstate == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
                    if not self.differencing else np.empty(0, np.int64))
-        ok_bitmap = (0, SB_BLOCK_PRESENT) if self.differencing else (0,)
-        bad_bitmap = bitmap_idx[~np.isin(bstate, ok_bitmap)]
-        reserved = np.flatnonzero(self.entries & _RESERVED_MASK)
+        bad = bstate != 0
+        if self.differencing:
+            bad &= bstate != SB_BLOCK_PRESENT
+        bad_bitmap = bitmap_idx[bad]
+        reserved = np.flatnonzero((raw[:, 0] & 0xF8) | raw[:, 1] | (raw[:, 2] & 0x0F))
 
-        present = (pstate == PAYLOAD_BLOCK_FULLY_PRESENT) | (pstate == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-        starts = poff[present].astype(np.int64)   # offsets < 2**64 but realistic ones < 2**63
-        pblocks = blocks[present]
+        pblocks = np.flatnonzero((pstate == PAYLOAD_BLOCK_FULLY_PRESENT)
+                                 | (pstate == PAYLOAD_BLOCK_PARTIALLY_PRESENT))
+        pidx = pblocks + pblocks // ratio
+        # offsets < 2**64; anything >= 2**63 turns negative and lands in in_header
+        starts = (self.entries[pidx] & np.uint64(BAT_OFFSET_MASK)).astype(np.int64)
         # the last block may be short (qemu fixed images end mid-block)
         lengths = np.minimum(self.block_size, self.virtual_size - pblocks * self.block_size)
         ends = starts + lengths
@@ -214,12 +224,16 @@ class Bat:
 
         # overlaps among present payload blocks and present bitmap blocks
         bpresent = bstate == SB_BLOCK_PRESENT
-        all_starts = np.concatenate([starts, (bitmaps[bpresent] & np.uint64(BAT_OFFSET_MASK)).astype(np.int64)])
-        all_ends = np.concatenate([ends, all_starts[len(starts):] + SECTOR_BITMAP_BLOCK_SIZE])
-        ids = np.concatenate([payload_index(pblocks, self.chunk_ratio), bitmap_idx[bpresent]])
-        order = np.argsort(all_starts, kind="stable")
-        s, e = all_starts[order], all_ends[order]
-        prev_end = np.maximum.accumulate(e)
-        overlapping = np.sort(ids[order][1:][s[1:] < prev_end[:-1]]) if len(s) > 1 else np.empty(0, np.int64)
+        bstarts = (self.entries[bitmap_idx[bpresent]] & np.uint64(BAT_OFFSET_MASK)).astype(np.int64)
+        s = np.concatenate([starts, bstarts])
+        e = np.concatenate([ends, bstarts + SECTOR_BITMAP_BLOCK_SIZE])
+        ids = np.concatenate([pidx, bitmap_idx[bpresent]])
+        if len(s) > 1 and not np.all(s[1:] >= e[:-1]):     # fast path: in order, disjoint
+            order = np.argsort(s, kind="stable")
+            s, e, ids = s[order], e[order], ids[order]
+            prev_end = np.maximum.accumulate(e)
+            overlapping = np.sort(ids[1:][s[1:] < prev_end[:-1]])
+        else:
+            overlapping = np.empty(0, np.int64)
         return BatCheck(unknown, partial, bad_bitmap, reserved, in_header, beyond,
                         in_regions, overlapping)

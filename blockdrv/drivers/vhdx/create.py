@@ -9,6 +9,9 @@ qemu's layout (offsets in MiB)::
     BAT end + 5 MiB first payload offset = file length (dynamic);
                     fixed images add the virtual size (not rounded to a block)
 
+Region entries carry Required=0 (qemu's choice); header 2's sequence number is
+header 1's plus one; the log GUID is zero; BAT: see _bat_slices.
+
 Everything is validated before the first write, so a failed create leaves
 nothing for the caller to clean up beyond the (empty) file it made.
 Option strings are parsed by blockdrv.options against CREATE_OPTS; the
@@ -19,17 +22,17 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+
 import numpy as np
 
 from blockdrv.errors import InvalidArgumentError
 from blockdrv.options import CreateOption
 
 from . import bat as _bat
-from .constants import (BLOCK_SIZE_MAX, DEFAULT_LOG_SIZE, FILE_ID_OFFSET, GiB, HEADER1_OFFSET,
-                        HEADER2_OFFSET, HEADER_SECTION_SIZE, MAX_VIRTUAL_SIZE, METADATA_GUID,
-                        METADATA_TABLE_SIZE, BAT_GUID, MiB, PAYLOAD_BLOCK_FULLY_PRESENT,
-                        PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS,
-                        SECTOR_SIZES, TiB, new_guid)
+from .constants import (BAT_GUID, BLOCK_SIZE_MAX, DEFAULT_LOG_SIZE, FILE_ID_OFFSET, GiB,
+                        HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SECTION_SIZE, MAX_VIRTUAL_SIZE,
+                        METADATA_GUID, METADATA_TABLE_SIZE, MiB, PAYLOAD_BLOCK_FULLY_PRESENT,
+                        PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS, SECTOR_SIZES, TiB, new_guid)
 from .header import FileIdentifier, Header
 from .metadata import DiskParameters, build_metadata
 from .region import RegionEntry, RegionTable

@@ -101,7 +101,8 @@ class MetadataTable:
             seen.add((e.item_id, e.is_user))
             if e.length == 0:
                 if e.offset != 0:
-                    raise CorruptImageError(f"VHDX metadata item {e.name} is empty but has an offset")
+                    raise CorruptImageError(
+                        f"VHDX metadata item {e.name} is empty but has an offset")
             elif (e.offset < METADATA_TABLE_SIZE or e.length > METADATA_ITEM_MAX_LENGTH
                   or e.offset + e.length > region_length):
                 raise CorruptImageError(f"VHDX metadata item {e.name} lies outside its region")
@@ -174,7 +175,8 @@ class DiskParameters:
     parent_locator: ParentLocator | None = None
 
     @classmethod
-    def from_items(cls, items: Mapping[bytes, bytes], *, allow_differencing=False) -> "DiskParameters":
+    def from_items(cls, items: Mapping[bytes, bytes], *,
+                   allow_differencing=False) -> "DiskParameters":
         """Decode and check item contents keyed by GUID (see MetadataTable.validate)."""
         block_size, bits = _FILE_PARAMS.unpack_from(items[FILE_PARAMETERS_GUID])
         params = cls(
@@ -193,13 +195,15 @@ class DiskParameters:
     def validate(self, *, allow_differencing=False) -> None:
         bs = self.block_size
         if not BLOCK_SIZE_MIN <= bs <= BLOCK_SIZE_MAX or bs & (bs - 1):
-            raise CorruptImageError(f"VHDX block size {bs} is not a power of two in 1 MiB..256 MiB")
-        if self.logical_sector_size not in SECTOR_SIZES:
-            raise CorruptImageError(f"VHDX logical sector size {self.logical_sector_size} is invalid")
-        if self.physical_sector_size not in SECTOR_SIZES:
-            raise CorruptImageError(f"VHDX physical sector size {self.physical_sector_size} is invalid")
+            raise CorruptImageError(
+                f"VHDX block size {bs} is not a power of two in 1 MiB..256 MiB")
+        for kind, value in (("logical", self.logical_sector_size),
+                            ("physical", self.physical_sector_size)):
+            if value not in SECTOR_SIZES:
+                raise CorruptImageError(f"VHDX {kind} sector size {value} is invalid")
         if self.virtual_size % self.logical_sector_size:
-            raise CorruptImageError("VHDX virtual size is not a multiple of the logical sector size")
+            raise CorruptImageError(
+                "VHDX virtual size is not a multiple of the logical sector size")
         if self.virtual_size > MAX_VIRTUAL_SIZE:
             raise CorruptImageError(f"VHDX virtual size {self.virtual_size} exceeds 64 TiB")
         if self.has_parent:
