@@ -253,8 +253,8 @@ class BlockDriverState:
             raise self._error(InvalidArgumentError("Image size cannot be negative"))
         fn = self.drv.bdrv_co_truncate
         if fn is None:
-            raise self._error(UnsupportedError(
-                f"Image format '{self.drv.name}' does not support resizing"))
+            # qemu's message (block/io.c), so qemu-io scripts print alike
+            raise self._error(UnsupportedError("Image format driver does not support resize"))
         if size % max(self.request_alignment, 1) and not self.growable:
             raise self._error(InvalidArgumentError(
                 f"Size must be a multiple of {self.request_alignment} bytes"))
@@ -342,6 +342,9 @@ class BlockDriverState:
         if self.closed:
             return
         try:
+            if not self.read_only:
+                # As QEMU's bdrv_close: whatever was written is durable after close.
+                run_sync(self.co_flush())
             if self.drv.bdrv_close is not None:
                 self.drv.bdrv_close(self)
         finally:

@@ -357,8 +357,13 @@ class QemuIO:
     """Runs qemu-io commands on one open node; output goes to ``out``/``err``."""
 
     def __init__(self, bs: BlockDriverState, out: TextIO | None = None,
-                 err: TextIO | None = None, prog: str = PROG) -> None:
+                 err: TextIO | None = None, prog: str = PROG,
+                 writethrough: bool = True) -> None:
         self.bs = bs
+        # qemu-io's default cache mode is writethrough: every write (zero
+        # writes included, discards not) is followed by a flush.  It shows in
+        # the files: ext4 reports a zeroed range of clean pages as a hole.
+        self.writethrough = writethrough
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.prog = prog
@@ -666,6 +671,8 @@ class QemuIO:
                 self.bs.pwrite_zeroes(offset, count, flags)
             else:
                 self.bs.pwritev(offset, vec, flags)
+            if self.writethrough and count:
+                self.bs.flush()
         except BlockDriverError as exc:
             self.out.write(f"write failed: {_strerror(exc)}\n")
             return False
@@ -913,8 +920,9 @@ blockdrv disk exerciser (qemu-io's commands and output)
                        from the given string
   -f, --format FMT     specifies the block driver to use
   -r, --read-only      export read-only
-  -n, --nocache        disable host cache (accepted, no effect)
-  -t, --cache=MODE     use the given cache mode (accepted, no effect)
+  -n, --nocache        disable host cache, short for -t none
+  -t, --cache=MODE     cache mode: writethrough (the default: flush after
+                       every write), writeback, none, directsync, unsafe
   -d, --discard=MODE   discard mode (accepted, no effect)
   -U, --force-share    force shared permissions (read-only images only)
   -h, --help           display this help and exit
@@ -950,6 +958,7 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
     commands: list[str] = []
     fmt = None
     readonly = force_share = False
+    writethrough = True
     for ch, val in opts:
         if ch == "c":
             commands.append(val)
@@ -963,6 +972,9 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
             if val not in _CACHE_MODES:
                 err.write(f"{PROG}: Invalid cache option: {val}\n")
                 return 1
+            writethrough = val in ("writethrough", "directsync")
+        elif ch == "n":
+            writethrough = False
         elif ch == "d":
             if val not in ("ignore", "off", "unmap", "on"):
                 err.write(f"{PROG}: Invalid discard option: {val}\n")
@@ -977,7 +989,7 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
         elif ch in ("s", "I", "O"):
             err.write(f"{PROG}: option -{ch} is not supported\n")
             return 1
-        # -n, -C, -m, -k, -i, -T: accepted, no effect
+        # -C, -m, -k, -i, -T: accepted, no effect
     if len(operands) > 1:
         err.write(f"{PROG}: Too many arguments\n")
         return 1
@@ -1006,13 +1018,15 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
                   "restrictions.\n")
     rc = 0
     try:
-        qio = QemuIO(bs, out, err)
+        qio = QemuIO(bs, out, err, writethrough=writethrough)
         if commands:
             rc = qio.run_script(commands)
         else:
             rc = _interactive(qio, stdin if stdin is not None else sys.stdin, out)
     finally:
         try:
+            if not bs.read_only:
+                bs.flush()          # qemu flushes on close
             bs.close()
         except BlockDriverError as exc:
             err.write(f"{PROG}: {exc}\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from blockdrv.block import create_file
 from blockdrv.hookspecs import hookimpl
 from blockdrv.node import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO,
-                           O_RDWR, BlockStatus, DriverInfo)
+                           O_CHECK, O_RDWR, BlockStatus, DriverInfo)
 from blockdrv.options import CreateOption
 
 from .constants import (FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT,
@@ -34,7 +34,7 @@ class VHDXFormat:
 
     @hookimpl
     def bdrv_open(self, bs, options, flags) -> None:
-        img = VHDXImage(bs.file, read_only=not flags & O_RDWR)
+        img = VHDXImage(bs.file, read_only=not flags & O_RDWR, check=bool(flags & O_CHECK))
         img.open()
         bs.opaque = img
         bs.total_size = img.virtual_size

@@ -56,9 +56,12 @@ _STATE_MASK = 7
 class VHDXImage:
     """Driver state of one node (``bs.opaque``)."""
 
-    def __init__(self, file, read_only: bool) -> None:
+    def __init__(self, file, read_only: bool, check: bool = False) -> None:
         self.file = file                      # the protocol node (sync API)
         self.read_only = read_only
+        # Opened by `check` (O_CHECK): BAT problems are reported by check,
+        # not refused at open (qemu's BDRV_O_CHECK).
+        self.check_mode = check
         self.lock = asyncio.Lock()
         self.headers: list[Header] = []
         self.curr_header = 0
@@ -94,28 +97,33 @@ class VHDXImage:
         self.headers = [_parse_or(h1, current), _parse_or(h2, current)]
         sequence = 1
         if current.has_log:
-            if self.read_only:
-                # Beyond qemu (which refuses): replay into memory, write nothing.
-                self.overlay = vlog.replay_log_in_memory(file, current)
-            else:
-                replayed = self._replay_log(current)
-                if replayed is not None:
-                    sequence = replayed.sequence_number + 1
+            # Replay into memory first, read-only or not: everything below is
+            # validated on the image as it will be after replay, and a
+            # read-write open writes nothing (headers, replay) until the whole
+            # image passed validation.  Beyond qemu (which refuses), a
+            # read-only open keeps the in-memory replay and writes nothing.
+            self.overlay = vlog.replay_log_in_memory(file, current)
         self._open_regions(current)
+        if not self.read_only and self.overlay is not None:
+            replayed = self._replay_log(self.overlay)
+            sequence = replayed.sequence_number + 1
         if not self.read_only:
             self.log_writer = vlog.LogWriter(self.header.log_offset, self.header.log_length,
                                              sequence=sequence)
             self.update_headers(False, None)
 
-    def _replay_log(self, current: Header):
+    def _replay_log(self, overlay: "vlog.ReplayOverlay"):
         # qemu marks the session's first user-visible write before replaying:
         # both headers get the session FileWriteGuid and a new DataWriteGuid.
+        # The overlay was computed (and the image validated through it) by
+        # open(); from here the file holds what the overlay showed.
         self.first_visible_write = False
         self.update_headers(True, None)
-        replayed = vlog.replay_log(self.file, current)
+        vlog.apply_overlay(self.file, overlay)
+        self.overlay = None
         self.update_headers(False, ZERO_GUID)
-        self.log_replayed_on_open = replayed is not None
-        return replayed
+        self.log_replayed_on_open = True
+        return overlay.sequence
 
     def _open_regions(self, header: Header) -> None:
         length = self.overlay.length if self.overlay else self.file.getlength()
@@ -155,11 +163,19 @@ class VHDXImage:
                          if e not in (bat_rt, meta)]
         # Like qemu: a present block overlapping the header, log or a region
         # is refused at open (reads would return metadata as guest data).
+        if self.check_mode:
+            return
         found = self.bat.check(length, self.regions)
         if len(found.in_header) or len(found.in_regions):
             block = int((list(found.in_header) + list(found.in_regions))[0])
             raise CorruptImageError(
                 f"VHDX BAT entry for block {block} points into VHDX metadata")
+        if len(found.beyond_eof):
+            # As qemu: reads would return zeros for data the BAT says is there.
+            block = int(found.beyond_eof[0])
+            raise CorruptImageError(
+                f"VHDX BAT entry for block {block} points after the end of the file "
+                "(the image has probably been truncated)")
 
     # --------------------------------------------------------------- headers
 
