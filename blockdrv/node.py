@@ -22,6 +22,7 @@ from .plugins import BoundDriver
 # Open flags (QEMU's BDRV_O_*).
 O_RDWR = 0x0002
 O_NOCACHE = 0x0020
+O_NO_FLUSH = 0x0200   # cache=unsafe: flushes and FUA never reach the disk
 O_CHECK = 0x1000      # opened by `check`: the driver may defer repairs to bdrv_check
 O_UNMAP = 0x4000
 O_PROTOCOL = 0x8000   # the node is a protocol node under a format node
@@ -172,6 +173,11 @@ class BlockDriverState:
         self._check_writable()
         self._check_request(offset, nbytes)
         if nbytes == 0:
+            # As block/io.c: an aligned zero-length write still reaches the
+            # driver (qemu's vhdx takes it as the session's first visible
+            # write and renews the DataWriteGuid); an unaligned one does not.
+            if offset % max(self.request_alignment, 1) == 0:
+                await self._writev(self, offset, 0, qiov, flags)
             return
         align = self.request_alignment
         if align == 1 or (offset % align == 0 and nbytes % align == 0):
@@ -242,7 +248,10 @@ class BlockDriverState:
         """Flush this node, then its file child (QEMU flushes down the chain)."""
         if self.closed:
             return
-        if self.drv.bdrv_co_flush is not None:
+        # cache=unsafe (QEMU's BDRV_O_NO_FLUSH): a format still writes out what
+        # it caches; only the protocol's flush to stable storage is skipped.
+        if self.drv.bdrv_co_flush is not None and not (
+                self.open_flags & O_NO_FLUSH and self.file is None):
             await self.drv.bdrv_co_flush(self)
         if self.file is not None:
             await self.file.co_flush()

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "run"),
     "convert": ("convert", "run"),
     "resize": ("resize", "run"),
+    "bench": ("bench", "main"),
 }
 
 # compare reports errors with status 2 (1 means "different").
@@ -42,6 +43,7 @@ Command syntax:
   info [-f fmt] [--output=ofmt] filename
   map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] filename
   resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
+  bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] filename
   io [-f fmt] [-r] -c command ... filename    (qemu-io's commands)
 
 'size' accepts the suffixes k, M, G, T, P and E (powers of 1024).

@@ -219,9 +219,10 @@ def open_error(filename: str, exc: BlockDriverError | OSError) -> str:
 
 
 def open_image(filename: str, fmt: str | None, writable: bool = False,
-               check: bool = False) -> BlockDriverState:
-    """Open for a command; errors become :class:`CliError` worded like qemu-img."""
-    flags = (O_RDWR if writable else 0) | (O_CHECK if check else 0)
+               check: bool = False, flags: int = 0) -> BlockDriverState:
+    """Open for a command; errors become :class:`CliError` worded like qemu-img.
+    ``flags``: extra open flags (``O_NO_FLUSH`` for cache=unsafe)."""
+    flags |= (O_RDWR if writable else 0) | (O_CHECK if check else 0)
     try:
         bs = open_node(filename, fmt, flags)
     except (BlockDriverError, OSError) as exc:

@@ -17,7 +17,7 @@ from .. import block
 from ..errors import BlockDriverError
 from ..iov import IOVector
 from ..mapping import block_status
-from ..node import BLOCK_ZERO, WRITE_UNMAP, BlockDriverState
+from ..node import BLOCK_ZERO, O_NO_FLUSH, WRITE_UNMAP, BlockDriverState
 from ..plugins import get_registry
 from .common import ArgParser, CliError, cvtnum, describe, open_image, strtosz
 from .create import option_help, parse_o, prepare_create, wants_help
@@ -157,6 +157,17 @@ class Converter:
                 pos += n
 
 
+def _cache_flags(cache: str | None) -> int:
+    """qemu-img convert's ``-t``: the target defaults to cache=unsafe (no
+    flushes; the output is only complete once convert succeeded anyway)."""
+    cache = cache or "unsafe"
+    if cache == "unsafe":
+        return O_NO_FLUSH
+    if cache in ("writeback", "writethrough", "none", "directsync"):
+        return 0
+    raise CliError(f"Invalid cache option: {cache}")
+
+
 def _pow2floor(value: int) -> int:
     return 1 << (value.bit_length() - 1) if value > 0 else 0
 
@@ -219,7 +230,7 @@ def run(argv: list[str]) -> int:
                 raise CliError(f"{dst}: error while converting {out_fmt}: "
                                f"{describe(exc)}") from None
             created = not existed
-        target = open_image(dst, out_fmt, writable=True)
+        target = open_image(dst, out_fmt, writable=True, flags=_cache_flags(a.cache))
         try:
             if a.no_create and target.total_size < total:
                 raise CliError("output file is smaller than input file")

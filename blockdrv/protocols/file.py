@@ -15,7 +15,7 @@ import stat
 from ..errors import BlockIOError, InvalidArgumentError, UnsupportedError, from_oserror
 from ..hookspecs import hookimpl
 from ..iov import IOVector
-from ..node import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_RDWR,
+from ..node import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_NO_FLUSH, O_RDWR,
                     WRITE_UNMAP, BlockDriverState, BlockStatus)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -143,7 +143,7 @@ class FileProtocol:
                 done += n
         except OSError as exc:
             raise from_oserror(exc, bs.filename) from None
-        if flags & 1:  # WRITE_FUA
+        if flags & 1 and not bs.open_flags & O_NO_FLUSH:  # WRITE_FUA, unless cache=unsafe
             os.fdatasync(fd)
 
     @hookimpl

@@ -372,7 +372,11 @@ def run_plan(path: str, plan: Plan, model: Model, config: dict):
                 if not st.crashed:
                     raise
     finally:
-        bs.close()
+        try:
+            bs.close()                  # flushes: fails on a dead device in "fail" mode
+        except BlockDriverError:
+            if not st.crashed:
+                raise
     return st
 
 
@@ -526,7 +530,11 @@ def _create_through(path: str, config: dict, **opts):
         if not st.crashed:
             raise
     finally:
-        bs.close()
+        try:
+            bs.close()
+        except BlockDriverError:
+            if not st.crashed:
+                raise
     return st
 
 

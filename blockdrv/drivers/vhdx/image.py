@@ -15,10 +15,16 @@ sequence numbers and checksums):
 Lock discipline: ``self.lock`` (an asyncio.Lock) is held across every
 metadata change -- BAT entry updates, allocation, header and log writes --
 so concurrent writers to unallocated blocks cannot allocate twice or
-interleave log entries.  Reads and in-place writes to FULLY_PRESENT blocks
-take no lock: they read one BAT entry, which changes atomically from
-"absent" to "present" (a racing read sees either the old zeros or the new
-data, like a real disk).
+interleave log entries.  Metadata I/O under the lock goes through the
+synchronous API and never suspends; only the guest-data write of an
+allocation is awaited while holding it.  Reads and in-place writes to
+FULLY_PRESENT blocks take no lock: they read one BAT entry, which changes
+atomically from "absent" to "present" -- and only once the BAT update is
+journaled and flushed, so a write can never land in a block whose entry is
+not yet durable (a later flush would otherwise return before the data is
+reachable after a crash).  A read racing an allocation sees the old zeros;
+a write racing it re-checks the entry under the lock and then writes in
+place.  These rules are exercised by tests/reliability/test_concurrency.py.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from blockdrv.errors import BlockDriverError, CorruptImageError, UnsupportedErro
 from blockdrv.iov import IOVector
 
 from . import log as vlog
-from .bat import Bat, total_entries
+from .bat import Bat, encode_entry, total_entries
 from .constants import (ALIGNMENT, FILE_SIGNATURE, HEADER1_OFFSET, HEADER2_OFFSET,
                         HEADER_SECTION_SIZE, HEADER_SIZE, MiB,
                         PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
@@ -294,16 +300,17 @@ class VHDXImage:
             file = self.file
             new_offset = -(-file.getlength() // ALIGNMENT) * ALIGNMENT
             file.truncate(new_offset + self.block_size)
-            idx = self.bat.set(block, PAYLOAD_BLOCK_FULLY_PRESENT, new_offset)
-            try:
-                await file.co_pwritev(new_offset + in_block, n, part)
-                entry = self.bat.buf[idx * 8:idx * 8 + 8]
-                self.log_writer.write_and_flush(file, self.bat_offset + idx * 8,
-                                                bytes(entry), self._set_log_guid)
-            except BaseException:
-                # Keep the in-memory BAT in step with the disk.
-                self.bat.entries[idx] = raw
-                raise
+            idx = self.bat.index(block)
+            entry = encode_entry(PAYLOAD_BLOCK_FULLY_PRESENT, new_offset).to_bytes(8, "little")
+            await file.co_pwritev(new_offset + in_block, n, part)
+            self.log_writer.write_and_flush(file, self.bat_offset + idx * 8, entry,
+                                            self._set_log_guid)
+            # Publish the entry only now that it is durable: until then other
+            # requests see the block absent (readers get zeros, writers queue
+            # on the lock), so no write can land in -- and no flush can
+            # complete over -- a block whose BAT entry is not yet on disk,
+            # and a failed allocation has nothing to revert.
+            self.bat.set(block, PAYLOAD_BLOCK_FULLY_PRESENT, new_offset)
 
     def block_status(self, offset: int, nbytes: int):
         """(state, host offset or None, length) for the run starting at offset."""
