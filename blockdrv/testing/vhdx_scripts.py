@@ -37,11 +37,12 @@ def _fit(size: int, start: int, length: int) -> tuple[int, int] | None:
     return (start, length) if length > 0 else None
 
 
-def edge_script(size: int, block_size: int) -> list[str]:
+def edge_script(size: int, block_size: int, fresh: bool = True) -> list[str]:
     """Edge cases for an image of ``size`` bytes with ``block_size`` blocks.
 
     Every write is followed (later in the script) by a verifying read, so the
-    tools check data, not only their own report lines.
+    tools check data, not only their own report lines.  ``fresh``: the image
+    is new (the script starts by reading zeros where it will write).
     """
     bs = block_size
     last_block = (size - 1) // bs * bs          # start of the last (partial) block
@@ -58,7 +59,8 @@ def edge_script(size: int, block_size: int) -> list[str]:
         shadow.paint(s, s + n, pattern)
         ranges.append((s, s + n))
 
-    cmds += ["read -P 0 0 64k", f"read -P 0 {last_block} {size - last_block}"]
+    if fresh:
+        cmds += ["read -P 0 0 64k", f"read -P 0 {last_block} {size - last_block}"]
     write(0x11, 1, 3)                           # unaligned, inside sector 0
     write(0x12, 511, 2)                         # crosses a sector boundary
     write(0x13, 4095, 4097)                     # crosses a page boundary
@@ -112,6 +114,32 @@ def log_wrap_script(size: int, block_size: int, writes: int = 200,
     for start, length, pattern in written[::7]:
         cmds.append(f"read -P 0x{pattern:02x} {start} {length}")
     return cmds
+
+
+def verify_reads(script: list[str], size: int) -> list[str]:
+    """``read -P`` commands checking the final content of every range that the
+    ``write -P`` / ``write -z`` commands of ``script`` touched."""
+    shadow = _Shadow(size)
+    touched = _Shadow(size)
+    for cmd in script:
+        words = cmd.split()
+        if not words or words[0] != "write":
+            continue
+        start, length = int(words[-2]), int(words[-1])
+        if start + length > size:
+            continue
+        value = int(words[2], 0) if words[1] == "-P" else 0
+        shadow.paint(start, start + length, value)
+        touched.paint(start, start + length, 1)
+    reads = []
+    for ts, te, t in touched.segs:
+        if not t:
+            continue
+        for s, e, v in shadow.segs:
+            lo, hi = max(s, ts), min(e, te)
+            if lo < hi:
+                reads.append(f"read -P 0x{v:02x} {lo} {hi - lo}")
+    return reads
 
 
 def log_sequences(path) -> list[tuple[int, int]]:
@@ -196,5 +224,5 @@ def guest_bytes(path, fmt: str | None = None, chunk: int = 8 * MiB) -> bytes:
     return b"".join(parts)
 
 
-__all__ = ["edge_script", "log_wrap_script", "log_sequences", "assert_same_vhdx", "normalized_file",
+__all__ = ["edge_script", "log_wrap_script", "log_sequences", "verify_reads", "assert_same_vhdx", "normalized_file",
            "run_blockdrv", "guest_bytes", "LOG_ENTRY_SIZE"]

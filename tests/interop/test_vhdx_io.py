@@ -19,7 +19,7 @@ import itertools
 
 import pytest
 
-from blockdrv.testing.qemu import random_script
+from blockdrv.testing.qemu import qemu_img_check, random_script
 from blockdrv.testing.vhdx_scripts import (LOG_ENTRY_SIZE, assert_same_vhdx, edge_script,
                                            log_sequences, log_wrap_script)
 
@@ -32,6 +32,8 @@ SIZES = (10 * MiB + 512, 33 * MiB)
 def check(replay) -> None:
     replay.assert_same_output()
     assert_same_vhdx(replay.qemu_path, replay.blockdrv_path)
+    rc, report = qemu_img_check(replay.blockdrv_path, "vhdx")
+    assert rc == 0, report
 
 
 # -- the option matrix: every block size x log size x subformat x zero state,
@@ -130,6 +132,12 @@ def test_sessions_reopen_between_commands(replay_both):
     script = edge_script(10 * MiB + 512, MiB) + ["read -P 0 0 0", "info"]
     replay = replay_both(script, fmt="vhdx", size=10 * MiB + 512, block_size="1M",
                          log_size="1M", batch=5)
+    check(replay)
+
+
+def test_blockdrv_io_as_a_subprocess(replay_both):
+    replay = replay_both(EDGE["last_partial_block"], fmt="vhdx", size=10 * MiB + 512,
+                         block_size="1M", log_size="1M", subprocess_=True)
     check(replay)
 
 

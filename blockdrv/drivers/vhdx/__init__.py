@@ -13,10 +13,22 @@ from blockdrv.node import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOC
                            O_CHECK, O_RDWR, BlockStatus, DriverInfo)
 from blockdrv.options import CreateOption
 
+from typing import TYPE_CHECKING
+
 from .constants import (FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT,
-                        PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED)
+                        PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
+                        PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095,
+                        PAYLOAD_BLOCK_ZERO)
 from .create import CREATE_OPTS, create_vhdx
-from .image import ABSENT_STATES, VHDXImage
+
+if TYPE_CHECKING:
+    from .image import VHDXImage
+
+# As image.ABSENT_STATES; .image (and numpy with it) is imported on the first
+# open, so `create` starts without it.
+ABSENT_STATES = frozenset((PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
+                           PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
+                           PAYLOAD_BLOCK_UNMAPPED_V095))
 
 _CREATE_KEYS = ("subformat", "block_size", "log_size", "block_state_zero",
                 "logical_sector_size", "physical_sector_size")
@@ -34,6 +46,7 @@ class VHDXFormat:
 
     @hookimpl
     def bdrv_open(self, bs, options, flags) -> None:
+        from .image import VHDXImage
         img = VHDXImage(bs.file, read_only=not flags & O_RDWR, check=bool(flags & O_CHECK))
         img.open()
         bs.opaque = img

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from blockdrv.errors import CorruptImageError
 
 from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK,
@@ -19,6 +17,19 @@ from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK,
                         PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
                         SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
 
+
+
+class _LazyNumpy:
+    """numpy, imported on first use: the geometry helpers below are all that
+    ``create`` needs, and importing numpy is most of its start-up time."""
+
+    def __getattr__(self, name: str):
+        import numpy
+        globals()["np"] = numpy
+        return getattr(numpy, name)
+
+
+np = _LazyNumpy()
 
 
 def chunk_ratio(block_size: int, logical_sector_size: int) -> int:
@@ -180,8 +191,82 @@ class Bat:
         return self.payload_entries() & np.uint64(BAT_OFFSET_MASK)
 
     def count_states(self) -> dict[int, int]:
-        counts = np.bincount(self.states(), minlength=8)
+        """Payload blocks per state, in one chunked pass over the state bytes."""
+        counts = np.zeros(8, np.int64)
+        for lo, st in self._state_chunks():
+            first = st[0]
+            if (st == first).all():         # the usual case: a uniform stretch
+                counts[first] += len(st)
+            else:
+                counts += np.bincount(st, minlength=8)
+        # the interleaved sector-bitmap entries are not payload blocks
+        step = self.chunk_ratio + 1
+        end = self._payload_end()
+        low = self.entries.view(np.uint8)[::8]
+        counts -= np.bincount(low[step - 1:end:step] & BAT_STATE_MASK, minlength=8)
         return {state: int(n) for state, n in enumerate(counts) if n}
+
+    # Entries per chunk of the chunked scans: bounds their temporaries to a
+    # few MiB whatever the size of the table.
+    SCAN_CHUNK = 1 << 21
+
+    def _payload_end(self) -> int:
+        """BAT index past the last payload entry (differencing tables have
+        whole chunks, the rest is unused)."""
+        return min(payload_index(self.data_blocks, self.chunk_ratio), self.total_entries)
+
+    def _state_chunks(self):
+        """(first BAT index, uint8 states) per chunk of ``[0, payload end)``,
+        read through a strided view of each entry's low byte (no copy of the
+        table).  Sector-bitmap entries are included; callers drop them."""
+        n = self._payload_end()
+        low = self.entries.view(np.uint8)[::8]
+        for lo in range(0, n, self.SCAN_CHUNK):
+            yield lo, low[lo:min(lo + self.SCAN_CHUNK, n)] & BAT_STATE_MASK
+
+    def open_check(self, file_size: int, regions=()) -> tuple[int | None, int | None]:
+        """What open refuses, without the cost of :meth:`check`.
+
+        Returns (first present payload block pointing into the header or a
+        region, first present payload block ending past ``file_size``), each
+        None when there is none -- the same blocks ``check`` reports first in
+        ``in_header``/``in_regions`` and ``beyond_eof``.  Scans the table in
+        chunks (a 512 MiB BAT needs a few MiB of temporaries) and only looks
+        at offsets of present blocks.
+        """
+        step = self.chunk_ratio + 1
+        bsize, vsize = self.block_size, self.virtual_size
+        mask = np.uint64(BAT_OFFSET_MASK)
+        in_header = in_region = beyond = None
+        for lo, st in self._state_chunks():
+            idx = np.flatnonzero(st >= PAYLOAD_BLOCK_FULLY_PRESENT)   # 6 or 7
+            if not len(idx):
+                continue
+            idx += lo
+            idx = idx[idx % step != step - 1]                 # payload entries only
+            if not len(idx):
+                continue
+            blocks = idx - idx // step
+            starts = (self.entries[idx] & mask).astype(np.int64)
+            ends = starts + np.minimum(bsize, vsize - blocks * bsize)
+            if in_header is None:
+                hit = np.flatnonzero(starts < HEADER_SECTION_SIZE)
+                if len(hit):
+                    in_header = int(blocks[hit[0]])
+            if in_region is None and regions:
+                hit = np.zeros(len(starts), bool)
+                for start, length in regions:
+                    if length:
+                        hit |= (starts < start + length) & (ends > start)
+                hit &= starts >= HEADER_SECTION_SIZE
+                first = np.flatnonzero(hit)
+                if len(first):
+                    in_region = int(blocks[first[0]])
+            if beyond is None:
+                hit = np.flatnonzero(ends > file_size)
+                if len(hit):
+                    beyond = int(blocks[hit[0]])
+        return (in_header if in_header is not None else in_region), beyond
 
     # --- validation -----------------------------------------------------
     def check(self, file_size: int, regions=()) -> BatCheck:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-import numpy as np
-
 from blockdrv.errors import InvalidArgumentError
 from blockdrv.options import CreateOption
 
@@ -160,26 +158,41 @@ def _bat_slices(layout: VhdxLayout, step: int = 1 << 20):
     """(file offset, bytes) pieces of the BAT to write; nothing when it is all
     zeros (the file is fresh; qemu skips it too, except for size 0).
 
-    Built ``step`` entries at a time: a 64 TiB disk in 1 MiB blocks has a
-    513 MiB BAT, which we never hold whole.
+    A table of one state repeats every ``chunk_ratio + 1`` entries (payload
+    entries, then a NOT_PRESENT sector bitmap entry): one ~1 MiB pattern of
+    whole periods is built once and written again and again.  Only a fixed
+    image without ZERO blocks has per-entry offsets; that table is built
+    ``step`` entries at a time (numpy, imported then).  A 64 TiB disk in
+    1 MiB blocks has a 513 MiB BAT, which is never held whole.
     """
     if layout.fixed and not layout.block_state_zero:
-        state = PAYLOAD_BLOCK_FULLY_PRESENT
-    elif layout.block_state_zero:
-        # qemu uses ZERO for fixed images too, leaving their space unused
-        state = PAYLOAD_BLOCK_ZERO
-    else:
+        yield from _present_bat_slices(layout, step)
         return
+    if not layout.block_state_zero:
+        return
+    # qemu uses ZERO for fixed images too, leaving their space unused
+    ratio = _bat.chunk_ratio(layout.block_size, layout.logical_sector_size)
+    period = PAYLOAD_BLOCK_ZERO.to_bytes(8, "little") * ratio + bytes(8)
+    pattern = period * max(1, step * 8 // len(period))
+    total = layout.bat_entries * 8
+    for pos in range(0, total, len(pattern)):
+        n = min(len(pattern), total - pos)
+        yield layout.bat_offset + pos, pattern if n == len(pattern) else pattern[:n]
+
+
+def _present_bat_slices(layout: VhdxLayout, step: int):
+    import numpy as np
+
+    state = PAYLOAD_BLOCK_FULLY_PRESENT
     ratio = _bat.chunk_ratio(layout.block_size, layout.logical_sector_size)
     for first in range(0, layout.bat_entries, step):
         index = np.arange(first, min(first + step, layout.bat_entries), dtype=np.uint64)
         chunk, pos = np.divmod(index, np.uint64(ratio + 1))
         values = np.full(len(index), state, dtype="<u8")
-        if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-            # block n sits at data_offset + n * block_size (qemu rounds each
-            # to 1 MiB, a no-op since both terms are MiB multiples)
-            block = chunk * np.uint64(ratio) + pos
-            values |= np.uint64(layout.data_offset) + block * np.uint64(layout.block_size)
+        # block n sits at data_offset + n * block_size (qemu rounds each
+        # to 1 MiB, a no-op since both terms are MiB multiples)
+        block = chunk * np.uint64(ratio) + pos
+        values |= np.uint64(layout.data_offset) + block * np.uint64(layout.block_size)
         values[pos == ratio] = 0            # sector bitmap entries stay NOT_PRESENT
         yield layout.bat_offset + first * 8, values.tobytes()
 

@@ -90,6 +90,19 @@ class VHDXImage:
                 f"VHDX structure at offset {offset} lies beyond the end of the file")
         return bytes(self.file.pread(offset, nbytes))
 
+    def _read_into(self, offset: int, nbytes: int) -> bytearray:
+        """Like :meth:`_read`, into one fresh bytearray with a single preadv
+        (the BAT: no bytes copy beside it)."""
+        if self.overlay is not None:
+            return bytearray(self.overlay.pread(self.file, offset, nbytes))
+        if offset + nbytes > self.file.getlength():
+            raise CorruptImageError(
+                f"VHDX structure at offset {offset} lies beyond the end of the file")
+        buf = bytearray(nbytes)
+        if nbytes:
+            self.file.preadv(offset, IOVector.from_buffer(buf))
+        return buf
+
     def open(self) -> None:
         file = self.file
         if file.getlength() < HEADER_SECTION_SIZE:
@@ -160,7 +173,7 @@ class VHDXImage:
                 f"VHDX BAT region ({bat_rt.length} bytes) is too small for "
                 f"{entries} entries")
         self.bat_offset = bat_rt.file_offset
-        self.bat = Bat(bytearray(self._read(bat_rt.file_offset, entries * 8)),
+        self.bat = Bat(self._read_into(bat_rt.file_offset, entries * 8),
                        p.virtual_size, p.block_size, p.logical_sector_size)
         self.regions = [(header.log_offset, header.log_length),
                         (bat_rt.file_offset, bat_rt.length),
@@ -171,14 +184,15 @@ class VHDXImage:
         # is refused at open (reads would return metadata as guest data).
         if self.check_mode:
             return
-        found = self.bat.check(length, self.regions)
-        if len(found.in_header) or len(found.in_regions):
-            block = int((list(found.in_header) + list(found.in_regions))[0])
+        # Only what open refuses, chunked: the full Bat.check (for `check`)
+        # allocates several arrays the size of the table.
+        in_meta, beyond = self.bat.open_check(length, self.regions)
+        if in_meta is not None:
             raise CorruptImageError(
-                f"VHDX BAT entry for block {block} points into VHDX metadata")
-        if len(found.beyond_eof):
+                f"VHDX BAT entry for block {in_meta} points into VHDX metadata")
+        if beyond is not None:
             # As qemu: reads would return zeros for data the BAT says is there.
-            block = int(found.beyond_eof[0])
+            block = beyond
             raise CorruptImageError(
                 f"VHDX BAT entry for block {block} points after the end of the file "
                 "(the image has probably been truncated)")

@@ -1,0 +1,1 @@
+"""blockdrv vs qemu-img benchmark suite (see run.py)."""

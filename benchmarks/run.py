@@ -1,0 +1,352 @@
+"""blockdrv vs qemu-img: every workload of issue 5 on both tools, A/B alternated.
+
+    python -m benchmarks.run                  # 512 MiB converts, 5 repetitions
+    python -m benchmarks.run --full           # also the 4 GiB converts
+    python -m benchmarks.run --reps 7 --only convert,bench --markdown out.md
+
+Each repetition runs every workload once on blockdrv and once on qemu-img (the
+order flips every repetition, ABBA, so neither tool always gets the warmer
+page cache); the table shows medians and the blockdrv/qemu ratio.  Times are
+wall-clock seconds of the whole command (start-up included) except the
+``bench`` rows, which use the "Run completed in" figure both tools print (the
+request loop only).  Peak RSS comes from wait4() of each child.  Flushes are
+counted in one extra, untimed run under ``strace -f -c``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
+QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
+QEMU_IO = shutil.which("qemu-io") or "/usr/bin/qemu-io"
+PY = sys.executable
+BD = [PY, "-m", "blockdrv"]
+if shutil.which("blockdrv"):
+    BD = [shutil.which("blockdrv")]
+
+
+# --------------------------------------------------------------------------- running
+
+@dataclass
+class Sample:
+    wall: float
+    rss_kib: int
+    metric: float          # what the row reports (wall, or the bench loop time)
+
+
+def run_rusage(cmd: list[str], metric: str = "wall") -> Sample:
+    """Like :func:`run` but with the child's own peak RSS (wait4)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode()}")
+    value = wall
+    if metric == "bench":
+        m = re.search(rb"Run completed in ([0-9.]+) seconds", out)
+        value = float(m.group(1)) if m else wall
+    return Sample(wall, usage.ru_maxrss, value)
+
+
+def count_flushes(cmd: list[str]) -> int | None:
+    if not shutil.which("strace"):
+        return None
+    res = subprocess.run(["strace", "-f", "-c", "-e", "trace=fdatasync,fsync", *cmd],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    total = 0
+    for line in res.stderr.splitlines():
+        parts = line.split()
+        if parts and parts[-1] in ("fdatasync", "fsync"):
+            total += int(parts[3] if len(parts) >= 6 else parts[-2])
+    return total
+
+
+# --------------------------------------------------------------------------- workloads
+
+@dataclass
+class Workload:
+    name: str
+    bd: list[str]
+    qemu: list[str]
+    target: float | None          # max ratio blockdrv/qemu
+    metric: str = "wall"
+    prep: Callable[[], None] | None = None
+    note: str = ""
+    count: int = 0                # requests, for per-I/O figures
+    samples: dict = field(default_factory=lambda: {"bd": [], "qemu": []})
+    extra: dict = field(default_factory=dict)
+
+
+def _rm(*paths: str) -> Callable[[], None]:
+    def prep() -> None:
+        for p in paths:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+    return prep
+
+
+def _copy(src: str, dst: str) -> Callable[[], None]:
+    def prep() -> None:
+        shutil.copyfile(src, dst)
+    return prep
+
+
+def make_raw_with_holes(path: str, size: int) -> None:
+    """Per 8 MiB: 2 MiB data, 1 MiB explicit zeros, 1 MiB data at +4 MiB+4 KiB
+    (unaligned to blocks), the rest a hole."""
+    seed = os.urandom(2 * MiB)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        zeros = bytes(MiB)
+        for base in range(0, size, 8 * MiB):
+            os.pwrite(fd, seed, base)
+            os.pwrite(fd, zeros, base + 2 * MiB)
+            os.pwrite(fd, seed[:MiB], base + 4 * MiB + 4096)
+    finally:
+        os.close(fd)
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(list(cmd), check=True, stdout=subprocess.DEVNULL)
+
+
+def build(work: str, args) -> list[Workload]:
+    j = lambda name: os.path.join(work, name)          # noqa: E731
+    wl: list[Workload] = []
+    sel = set(args.only.split(",")) if args.only else None
+
+    def want(group: str) -> bool:
+        return sel is None or group in sel
+
+    wl.append(Workload("python -c pass (start-up)", [PY, "-c", "pass"], [PY, "-c", "pass"],
+                       None, note="baseline for create"))
+
+    if want("convert"):
+        sizes = [512 * MiB] + ([4 * GiB] if args.full else [])
+        for size in sizes:
+            tag = f"{size // MiB}M" if size < GiB else f"{size // GiB}G"
+            src = j(f"src{tag}.raw")
+            vsrc = j(f"src{tag}.vhdx")
+            if not os.path.exists(src):
+                print(f"  making {src} ...", file=sys.stderr)
+                make_raw_with_holes(src, size)
+            if not os.path.exists(vsrc):
+                sh(QEMU_IMG, "convert", "-f", "raw", "-O", "vhdx", src, vsrc)
+            target = 1.25 if size < GiB else 1.0
+            o1, o2 = j(f"out{tag}_bd.vhdx"), j(f"out{tag}_q.vhdx")
+            wl.append(Workload(f"convert raw->vhdx {tag}",
+                               [*BD, "convert", "-f", "raw", "-O", "vhdx", src, o1],
+                               [QEMU_IMG, "convert", "-f", "raw", "-O", "vhdx", src, o2],
+                               target, prep=_rm(o1, o2)))
+            r1, r2 = j(f"out{tag}_bd.raw"), j(f"out{tag}_q.raw")
+            wl.append(Workload(f"convert vhdx->raw {tag}",
+                               [*BD, "convert", "-f", "vhdx", "-O", "raw", vsrc, r1],
+                               [QEMU_IMG, "convert", "-f", "vhdx", "-O", "raw", vsrc, r2],
+                               target, prep=_rm(r1, r2)))
+
+    if want("bench"):
+        img = j("bench1G.vhdx")
+        if not os.path.exists(img):
+            sh(QEMU_IMG, "create", "-f", "vhdx", "-o", "block_size=1M", img, "1G")
+            sh(QEMU_IO, "-c", "write -P 0x5a 0 1G", img)
+        # 4 KiB requests, a stride of 1 MiB + 4 KiB * 13: every request lands in
+        # another block, wrapping round the image (qemu-img bench's -S).
+        stride = str(MiB + 13 * 4096)
+        n = args.requests
+        for write in (False, True):
+            for depth in (1, 32):
+                flags = ["-w"] if write else []
+                common = ["-c", str(n), "-d", str(depth), "-s", "4k", "-S", stride,
+                          "-t", "writeback", "-f", "vhdx", *flags, img]
+                wl.append(Workload(f"bench 4K {'write' if write else 'read'} qd{depth}",
+                                   [*BD, "bench", *common], [QEMU_IMG, "bench", *common],
+                                   1.0, metric="bench", count=n))
+
+    if want("alloc"):
+        tmpl = j("alloc_tmpl.vhdx")
+        sh(QEMU_IMG, "create", "-f", "vhdx", "-o", "block_size=1M", tmpl, "1G")
+        nalloc = args.allocs
+        script: list[str] = []
+        for i in range(nalloc):
+            script += ["-c", f"write -P {i % 250 + 1} {i * 3 * MiB + 8192} 4k"]
+        a1, a2 = j("alloc_bd.vhdx"), j("alloc_q.vhdx")
+        w = Workload(f"allocating writes x{nalloc} (io)", [*BD, "io", "-f", "vhdx", *script, a1],
+                     [QEMU_IO, "-f", "vhdx", *script, a2], 1.0,
+                     prep=lambda: (_copy(tmpl, a1)(), _copy(tmpl, a2)()), count=nalloc)
+        w.extra["flush_cmds"] = (w.bd, w.qemu)
+        wl.append(w)
+
+    if want("info"):
+        big = j("big64T_1M.vhdx")
+        if not os.path.exists(big):
+            print("  making the 64 TiB / 1 MiB-block image (512 MiB BAT) ...", file=sys.stderr)
+            sh(QEMU_IMG, "create", "-f", "vhdx", "-o", "block_size=1M", big, "64T")
+        w = Workload("info 64 TiB, 1 MiB blocks", [*BD, "info", big], [QEMU_IMG, "info", big],
+                     2.0, note="BAT 513 MiB")
+        w.extra["bat_bytes"] = 8 * ((64 * TiB // MiB) + (64 * TiB // MiB - 1) // 4096)
+        wl.append(w)
+        b40 = j("big40T.vhdx")
+        if not os.path.exists(b40):
+            sh(QEMU_IMG, "create", "-f", "vhdx", b40, "40T")
+        wl.append(Workload("info 40 TiB, default blocks", [*BD, "info", b40],
+                           [QEMU_IMG, "info", b40], 2.0))
+
+    if want("create"):
+        c1, c2 = j("cr_bd.vhdx"), j("cr_q.vhdx")
+        wl.append(Workload("create fixed 4 GiB",
+                           [*BD, "create", "-q", "-f", "vhdx", "-o", "subformat=fixed", c1, "4G"],
+                           [QEMU_IMG, "create", "-q", "-f", "vhdx", "-o", "subformat=fixed",
+                            c2, "4G"], None, prep=_rm(c1, c2), note="start-up"))
+        wl.append(Workload("create dynamic 64 TiB",
+                           [*BD, "create", "-q", "-f", "vhdx", c1, "64T"],
+                           [QEMU_IMG, "create", "-q", "-f", "vhdx", c2, "64T"], None,
+                           prep=_rm(c1, c2), note="start-up"))
+        wl.append(Workload("create dynamic 64 TiB, 1 MiB blocks",
+                           [*BD, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", c1, "64T"],
+                           [QEMU_IMG, "create", "-q", "-f", "vhdx", "-o", "block_size=1M",
+                            c2, "64T"], None, prep=_rm(c1, c2),
+                           note="no target: writes the 513 MiB ZERO-state BAT, as qemu does"))
+    return wl
+
+
+# --------------------------------------------------------------------------- baseline
+
+def preadv_baseline(img: str, n: int, stride: int, write: bool) -> float:
+    """Seconds for the same requests as bare os.preadv/pwritev on the host file
+    (the VHDX payload sits 1:1 after the metadata; offsets differ, cost not)."""
+    fd = os.open(img, os.O_RDWR if write else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size - 64 * MiB
+        buf = [bytearray(4096)]
+        off = 0
+        op = os.pwritev if write else os.preadv
+        t0 = time.perf_counter()
+        for _ in range(n):
+            op(fd, buf, 16 * MiB + off)
+            off = (off + stride) % size
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- report
+
+def fmt_t(v: float) -> str:
+    return f"{v * 1000:.1f} ms" if v < 10 else f"{v:.2f} s"
+
+
+def report(wl: list[Workload], args, machine: str) -> str:
+    start = next(w for w in wl if w.name.startswith("python -c pass"))
+    py0 = statistics.median(s.metric for s in start.samples["bd"])
+    lines = [f"Machine: {machine}. {args.reps} alternating repetitions (ABBA), medians.",
+             "",
+             "| workload | blockdrv | qemu | ratio | target | met | notes |",
+             "| --- | ---: | ---: | ---: | --- | --- | --- |"]
+    for w in wl:
+        if w is start:
+            continue
+        bd = statistics.median(s.metric for s in w.samples["bd"])
+        q = statistics.median(s.metric for s in w.samples["qemu"])
+        ratio = bd / q if q else float("inf")
+        notes = []
+        target, met = "", ""
+        if w.note.startswith("no target"):
+            notes.append(w.note)
+        elif w.name.startswith("create"):
+            beyond = bd - py0
+            target = "<= 100 ms beyond start-up"
+            met = "yes" if beyond <= 0.100 else "no"
+            notes.append(f"beyond `python -c pass` ({fmt_t(py0)}): {beyond * 1000:.0f} ms")
+        elif w.target is not None:
+            target = f"<= {w.target:g}x"
+            met = "yes" if ratio <= w.target else "no"
+        if w.count and w.metric == "bench":
+            us_bd, us_q = bd / w.count * 1e6, q / w.count * 1e6
+            notes.append(f"{us_bd:.1f} vs {us_q:.1f} us/IO")
+            if "bare" in w.extra:
+                notes.append(f"Python overhead {us_bd - w.extra['bare'] / w.count * 1e6:.1f}"
+                             " us/IO over bare os.preadv/pwritev")
+        if w.name.startswith("info"):
+            rss_bd = statistics.median(s.rss_kib for s in w.samples["bd"]) / 1024
+            rss_q = statistics.median(s.rss_kib for s in w.samples["qemu"]) / 1024
+            notes.append(f"peak RSS {rss_bd:.0f} vs {rss_q:.0f} MiB")
+            if "bat_bytes" in w.extra:
+                lim = w.extra["bat_bytes"] / MiB
+                notes.append(f"{rss_bd / lim:.2f}x the BAT ({lim:.0f} MiB), target <= 1.2x")
+        if "flushes" in w.extra:
+            fb, fq = w.extra["flushes"]
+            if fb is not None:
+                notes.append(f"flushes/alloc {fb / w.count:.1f} vs {fq / w.count:.1f}")
+        lines.append(f"| {w.name} | {fmt_t(bd)} | {fmt_t(q)} | {ratio:.2f} | {target} | "
+                     f"{met} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--full", action="store_true", help="add the 4 GiB converts")
+    p.add_argument("--only", help="comma list of groups: convert,bench,alloc,info,create")
+    p.add_argument("--requests", type=int, default=50000, help="requests per bench row")
+    p.add_argument("--allocs", type=int, default=64, help="allocating writes per run")
+    p.add_argument("--workdir", help="keep images here (default: a temp dir, removed)")
+    p.add_argument("--markdown", default=os.path.join(os.path.dirname(__file__), "results.md"))
+    p.add_argument("--machine", default=f"{os.cpu_count()} cores, shared/noisy")
+    args = p.parse_args(argv)
+    work = args.workdir or tempfile.mkdtemp(prefix="blockdrv-bench-", dir="/var/tmp")
+    os.makedirs(work, exist_ok=True)
+    try:
+        wl = build(work, args)
+        for w in wl:
+            if "flush_cmds" in w.extra:
+                w.prep()
+                fb = count_flushes(w.extra["flush_cmds"][0])
+                fq = count_flushes(w.extra["flush_cmds"][1])
+                w.extra["flushes"] = (fb, fq)
+        for w in wl:
+            if w.metric == "bench" and w.count:
+                stride = MiB + 13 * 4096
+                img = [a for a in w.bd if a.endswith(".vhdx")][-1]
+                w.extra["bare"] = statistics.median(
+                    preadv_baseline(img, w.count, stride, "-w" in w.bd) for _ in range(3))
+        for rep in range(args.reps):
+            print(f"repetition {rep + 1}/{args.reps}", file=sys.stderr)
+            for w in wl:
+                order = ("bd", "qemu") if rep % 2 == 0 else ("qemu", "bd")
+                for who in order:
+                    if w.prep:
+                        w.prep()
+                    w.samples[who].append(run_rusage(w.bd if who == "bd" else w.qemu,
+                                                     w.metric))
+        table = report(wl, args, args.machine)
+        print(table)
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+        print(f"\n(written to {args.markdown})", file=sys.stderr)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
