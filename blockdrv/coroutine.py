@@ -10,6 +10,7 @@ synchronous API is then a programming error, reported as such.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, Coroutine
 
@@ -37,3 +38,46 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
     coro.close()
     raise RuntimeError("a blockdrv coroutine suspended under the synchronous API; "
                        "await the co_* method from an event loop instead")
+
+
+class CoLock:
+    """An ``asyncio.Lock`` that imports asyncio only when an event loop runs.
+
+    Synchronous callers (:func:`run_sync`, i.e. the CLI and the public API)
+    never contend -- one request runs to completion at a time on a thread --
+    so for them the lock is a flag and asyncio (~20 ms of imports) is never
+    loaded.  Under a running event loop the lock is a real ``asyncio.Lock``,
+    created on first use, with its fairness and cancellation semantics.  A
+    contended acquire without an event loop is the same programming error as
+    any coroutine suspending under :func:`run_sync`.
+    """
+
+    __slots__ = ("_lock", "_held")
+
+    def __init__(self) -> None:
+        self._lock = None          # the asyncio.Lock, once a loop used us
+        self._held = False         # held by a synchronous (loop-less) caller
+
+    def locked(self) -> bool:
+        return self._held or (self._lock is not None and self._lock.locked())
+
+    async def __aenter__(self) -> None:
+        lock = self._lock
+        if lock is None:
+            aio = sys.modules.get("asyncio")
+            if aio is None or aio._get_running_loop() is None:
+                if self._held:
+                    raise RuntimeError("blockdrv lock contended outside an event loop")
+                self._held = True
+                return
+            lock = self._lock = aio.Lock()
+        if self._held:
+            # A synchronous holder on another thread: never expected.
+            raise RuntimeError("blockdrv lock held by a synchronous caller")
+        await lock.acquire()
+
+    async def __aexit__(self, *exc) -> None:
+        if self._held:
+            self._held = False
+        else:
+            self._lock.release()

@@ -8,12 +8,11 @@ enforcement, fall-backs for missing callbacks and flushing down the chain.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .coroutine import run_sync
+from .coroutine import CoLock, run_sync
 from .errors import (BlockDriverError, BlockIOError, InvalidArgumentError,
                      ReadOnlyError, UnsupportedError)
 from .iov import IOVector
@@ -98,7 +97,7 @@ class BlockDriverState:
         self.growable = False         # protocol child of a format: may grow on write
         self.probed_raw = False       # format guessed as raw (the CLI warns)
         self.closed = False
-        self._rmw_lock: asyncio.Lock | None = None
+        self._rmw_lock: CoLock | None = None
         # Bind the hot hooks once; attribute lookups on the node are cheap.
         self._readv = drv.bdrv_co_readv
         self._writev = drv.bdrv_co_writev
@@ -191,7 +190,7 @@ class BlockDriverState:
         # Serialise read-modify-write cycles so two unaligned writers sharing
         # a sector cannot lose each other's bytes.
         if self._rmw_lock is None:
-            self._rmw_lock = asyncio.Lock()
+            self._rmw_lock = CoLock()
         align = self.request_alignment
         start = offset - offset % align
         end = -(-(offset + nbytes) // align) * align

@@ -8,7 +8,9 @@ that carries ``format_name``/``protocol_name`` and hook implementations.
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
+import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -129,11 +131,11 @@ class DriverRegistry:
 
     def load_entry_points(self) -> None:
         seen = set()
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in seen:
+        for name, value in entry_points(ENTRY_POINT_GROUP):
+            if name in seen:
                 continue
-            seen.add(ep.name)
-            self.register(ep.load())
+            seen.add(name)
+            self.register(load_entry_point(value))
         for name, target in _BUILTIN.items():
             if name not in seen and name not in self.formats and name not in self.protocols:
                 module, _, attr = target.partition(":")
@@ -171,6 +173,103 @@ class DriverRegistry:
         return best, best_score
 
 
+# -- entry-point discovery -----------------------------------------------------
+#
+# importlib.metadata costs ~10 ms of imports (email, zipfile, csv, ...) before
+# it reads a single file, more than everything else a short command does.
+# The scan below reads the same files -- ``entry_points.txt`` of every
+# ``*.dist-info``/``*.egg-info`` directory on sys.path, first distribution of
+# a name wins, in sys.path order -- with os.scandir only.  Anything it cannot
+# read the same way (a zip on sys.path, an extra distribution finder on
+# sys.meta_path) sends it to importlib.metadata.
+
+def _normalize(name: str) -> str:
+    out = []
+    for ch in name.lower():
+        out.append("_" if ch in "-_." else ch)
+    text = "".join(out)
+    while "__" in text:
+        text = text.replace("__", "_")
+    return text
+
+
+def _parse_group(text: str, group: str) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    inside = False
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line[0] == "[" and line[-1] == "]":
+            inside = line[1:-1].strip() == group
+            continue
+        if inside:
+            name, sep, value = line.partition("=")
+            if sep:
+                found.append((name.strip(), value.strip()))
+    return found
+
+
+def _scan(group: str) -> list[tuple[str, str]] | None:
+    """(name, "module:attr") of ``group`` on sys.path; None: use importlib.metadata."""
+    from importlib.machinery import PathFinder
+    for finder in sys.meta_path:
+        if finder is not PathFinder and hasattr(finder, "find_distributions"):
+            return None
+    seen: set[str] = set()
+    found: list[tuple[str, str]] = []
+    for entry in sys.path:
+        path = entry or "."
+        try:
+            names = [e.name for e in os.scandir(path)
+                     if e.name.lower().endswith((".dist-info", ".egg-info"))]
+        except NotADirectoryError:
+            return None                    # a zip archive: not read here
+        except OSError:
+            continue                       # missing entries, path hooks
+        for info in names:
+            dist = _normalize(info.rpartition(".")[0].partition("-")[0])
+            if dist in seen:
+                continue
+            seen.add(dist)
+            try:
+                with open(os.path.join(path, info, "entry_points.txt"),
+                          encoding="utf-8") as f:
+                    text = f.read()
+            except (NotADirectoryError, FileNotFoundError):
+                continue                   # no entry points / an .egg-info file
+            except OSError:
+                return None
+            found += _parse_group(text, group)
+    return found
+
+
+_ep_cache: dict[str, list[tuple[str, str]]] = {}
+
+
+def entry_points(group: str) -> list[tuple[str, str]]:
+    """(name, value) pairs of an entry-point group, scanned once per process."""
+    eps = _ep_cache.get(group)
+    if eps is None:
+        eps = _scan(group)
+        if eps is None:
+            import importlib.metadata
+            eps = [(ep.name, ep.value)
+                   for ep in importlib.metadata.entry_points(group=group)]
+        _ep_cache[group] = eps
+    return eps
+
+
+def load_entry_point(value: str) -> Any:
+    """The object an entry point names (``module:attr.attr [extras]``)."""
+    target = value.partition("[")[0].strip()
+    module, _, attrs = target.partition(":")
+    obj = importlib.import_module(module.strip())
+    for attr in filter(None, attrs.strip().split(".")):
+        obj = getattr(obj, attr)
+    return obj
+
+
 _registry: DriverRegistry | None = None
 _lock = threading.Lock()
 
@@ -192,3 +291,4 @@ def reset_registry() -> None:
     global _registry
     with _lock:
         _registry = None
+        _ep_cache.clear()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno as _errno
-import json
 import math
 import os
 import re
@@ -153,6 +152,7 @@ def qdict_order(obj: Any) -> Any:
 
 def qjson(obj: Any) -> str:
     """qobject_to_json_pretty: 4-space indentation, QDict key order."""
+    import json     # only for --output=json
     return json.dumps(qdict_order(obj), indent=4)
 
 

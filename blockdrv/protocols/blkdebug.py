@@ -79,11 +79,8 @@ cut points of a crash matrix), ``crashed``, ``crash_event``, ``kept_writes``,
 
 from __future__ import annotations
 
-import asyncio
 import errno as _errno
-import json
 import os
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,6 +227,7 @@ def load_config_file(path: str) -> dict[str, Any]:
                                    filename=path) from None
     if path.endswith(".json") or text.lstrip().startswith("{"):
         try:
+            import json
             data = json.loads(text)
         except ValueError as exc:
             raise InvalidArgumentError(f"blkdebug: invalid JSON config: {exc}",
@@ -325,6 +323,7 @@ def _crash(bs: BlockDriverState, s: BlkdebugState, rule: Rule) -> None:
     elif rule.unflushed == "lose":
         kept = []
     else:
+        import random
         rng = random.Random(rule.seed)
         kept = [w for w in pending if rng.random() < rule.keep_probability]
     s.kept_writes, s.lost_writes = len(kept), len(pending) - len(kept)
@@ -378,6 +377,7 @@ def _event_after_crash(s: BlkdebugState, kind: str) -> bool:
 
 async def _maybe_suspend(s: BlkdebugState) -> None:
     if s.config.suspend and not in_sync_context():
+        import asyncio
         await asyncio.sleep(0)
 
 

@@ -6,8 +6,6 @@ SEEK_DATA/SEEK_HOLE and made with ``fallocate``.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -23,18 +21,37 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _IOV_MAX = 1024
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    _fallocate.restype = ctypes.c_int
+_fallocate = None      # libc's fallocate(2), bound on first use
+
+
+def _bind_fallocate():
+    # ctypes (and the ldconfig run of find_library) only when a command
+    # actually punches holes or zeroes ranges: ~5 ms of start-up otherwise.
+    global _fallocate
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = getattr(libc, "fallocate", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        fn.restype = ctypes.c_int
+        _fallocate = (fn, ctypes.get_errno)
+    else:
+        _fallocate = False
+    return _fallocate
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _fallocate is None:
+    bound = _fallocate if _fallocate is not None else _bind_fallocate()
+    if not bound:
         raise OSError(errno.ENOTSUP, "fallocate is not available")
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
+    fn, get_errno = bound
+    if fn(fd, mode, offset, length) != 0:
+        err = get_errno()
         raise OSError(err, os.strerror(err))
 
 

@@ -59,7 +59,7 @@ class Plan:
     name: str
     size: int
     create: dict
-    ops: list                         # ("w", offset, bytes) | ("f",)
+    ops: list                         # ("w", offset, bytes) | ("f",) | ("t", new size)
     setup: list = field(default_factory=list)   # ops applied to the base, flushed
     full_blocks: bool = True          # verify whole touched blocks (else written +- 1 sector)
     block_size: int = MiB
@@ -153,6 +153,57 @@ def plan_wrap(seed: int = 4, allocations: int = 400) -> Plan:
                 ops, full_blocks=False)
 
 
+def plan_resize_grow(seed: int = 6) -> Plan:
+    """Grow within the BAT region's slack: one log entry with the new BAT
+    sectors and the VirtualDiskSize sector; then writes into the new space."""
+    rng = random.Random(seed)
+    setup = [("w", b * MiB, _pattern(rng, 1000 + b, 128 * 1024)) for b in (2, 15)]
+    ops = _writes(rng, 1, 3, [2, 5, 15], MiB, SECTOR, flush_every=(2, 3))
+    ops.append(("t", 40 * MiB))
+    ops += _writes(rng, 100, 4, [15, 16, 30, 39], MiB, SECTOR, flush_every=(1, 3))
+    return Plan("resize: grow in place", 16 * MiB, {"block_size": MiB, "log_size": MiB},
+                ops, setup)
+
+
+def plan_resize_relocate(seed: int = 7) -> Plan:
+    """Grow past the 1 MiB BAT region (127 GiB in 1 MiB blocks needs 130080
+    entries; 130 GiB needs more than 131072): the new BAT is written at the
+    end of the file, then both region tables and the size are journaled."""
+    rng = random.Random(seed)
+    size, new = 127 << 30, 130 << 30
+    last = size // MiB - 1
+    setup = [("w", last * MiB, _pattern(rng, 1000, 64 * 1024))]
+    ops = _writes(rng, 1, 2, [0, last], MiB, SECTOR, span_next=0.0)
+    ops.append(("t", new))
+    ops += _writes(rng, 100, 3, [last, last + 1, new // MiB - 1], MiB, SECTOR,
+                   span_next=0.0, flush_every=(1, 2))
+    return Plan("resize: grow with BAT relocation", size,
+                {"block_size": MiB, "log_size": MiB}, ops, setup)
+
+
+def plan_resize_shrink(seed: int = 8) -> Plan:
+    """Shrink: the dropped entries are zeroed through the log (zero
+    descriptors), then the freed blocks at the end of the file are cut off."""
+    rng = random.Random(seed)
+    setup = [("w", b * MiB, _pattern(rng, 1000 + b, 128 * 1024)) for b in (1, 6, 20, 23)]
+    ops = _writes(rng, 1, 3, [1, 6, 20], MiB, SECTOR, span_next=0.0, flush_every=(2, 3))
+    ops.append(("t", 10 * MiB))
+    ops += _writes(rng, 100, 3, [1, 8, 9], MiB, SECTOR, span_next=0.0, flush_every=(1, 3))
+    return Plan("resize: shrink", 24 * MiB, {"block_size": MiB, "log_size": MiB},
+                ops, setup)
+
+
+def plan_resize_fixed(seed: int = 9) -> Plan:
+    """A fixed image grows with FULLY_PRESENT blocks at the end of the file."""
+    rng = random.Random(seed)
+    ops = _writes(rng, 1, 2, [0, 5], MiB, SECTOR, span_next=0.0)
+    ops.append(("t", 12 * MiB))
+    ops += _writes(rng, 100, 3, [5, 6, 11], MiB, SECTOR, span_next=0.0, flush_every=(1, 2))
+    return Plan("resize: fixed grow", 6 * MiB,
+                {"subformat": "fixed", "block_size": MiB, "log_size": MiB,
+                 "block_state_zero": False}, ops)
+
+
 # --------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------
@@ -202,6 +253,15 @@ class Model:
         self.versions: dict[int, list[bytes]] = {}
         self.floor: dict[int, int] = {}        # durable version index per sector
         self.acked: dict[int, int] = {}        # acknowledged since the last flush
+        self.sizes = [plan.size]               # virtual sizes, in issue order
+        self.size_floor = 0                    # index of the durable one
+
+    def resize_issued(self, size: int) -> None:
+        self.sizes.append(size)
+
+    def resize_acked(self) -> None:
+        # a resize is durable when it returns (one flushed log entry)
+        self.size_floor = len(self.sizes) - 1
 
     def _sector_base(self, sector: int) -> bytes:
         off = sector * SECTOR
@@ -241,23 +301,31 @@ def base_content(path: str, plan: Plan) -> dict[int, np.ndarray]:
     with blockdrv.open_image(path, "vhdx") as img:
         for b in blocks:
             start = b * plan.block_size
-            n = min(plan.block_size, plan.size - start)
-            out[b] = np.frombuffer(img.read(start, n), dtype=np.uint8)
+            n = max(0, min(plan.block_size, plan.size - start))
+            buf = bytearray(plan.block_size)        # past the base size: zeros
+            buf[:n] = img.read(start, n) if n else b""
+            out[b] = np.frombuffer(bytes(buf), dtype=np.uint8)
     return out
 
 
 def verify_content(bs, model: Model, what: str) -> list[str]:
     plan = model.plan
     problems: list[str] = []
+    size = bs.total_size
     by_block: dict[int, list[int]] = {}
     for sector in model.versions:
+        if sector * SECTOR >= size:
+            # dropped by a shrink, or written after a grow that did not
+            # survive -- verify_image checked that the size may be this one
+            # (a flushed write past an old size implies its grow returned)
+            continue
         by_block.setdefault(sector * SECTOR // plan.block_size, []).append(sector)
     for block, sectors in sorted(by_block.items()):
         start = block * plan.block_size
         if plan.full_blocks:
-            n = min(plan.block_size, plan.size - start)
+            n = min(plan.block_size, size - start)
             got = np.frombuffer(bs.pread(start, n), dtype=np.uint8)
-            base = model.base[block]
+            base = model.base[block][:n]
             rows = got.reshape(-1, SECTOR) != base.reshape(-1, SECTOR)
             bad = set(np.flatnonzero(rows.any(axis=1)).tolist())
             written = {s - start // SECTOR for s in sectors}
@@ -310,6 +378,9 @@ def verify_image(path: str, model: Model) -> list[str]:
             return problems
         try:
             img = bs.opaque
+            if bs.total_size not in model.sizes[model.size_floor:]:
+                problems.append(f"{what}: size {bs.total_size}, expected one of "
+                                f"{model.sizes[model.size_floor:]}")
             res = bs.check()
             pending = 1 if img.overlay is not None else 0
             if flags and img.overlay is not None:
@@ -364,6 +435,12 @@ def run_plan(path: str, plan: Plan, model: Model, config: dict):
                     bs.pwrite(op[1], op[2])
                     if not st.crashed:
                         model.ack(op[1], len(op[2]))
+                elif op[0] == "t":
+                    if not st.crashed:
+                        model.resize_issued(op[1])
+                    bs.truncate(op[1])
+                    if not st.crashed:
+                        model.resize_acked()
                 else:
                     bs.flush()
                     if not st.crashed:
@@ -595,9 +672,31 @@ def test_matrix_catches_a_lost_flush(scratch, figures, monkeypatch):
                    lambda *a, **k: None)
 
 
-def test_resize_workload():
-    drv = get_registry().format("vhdx")
-    if drv.bdrv_co_truncate is None:
-        pytest.skip("vhdx has no bdrv_co_truncate yet: the resize workload joins the "
-                    "matrix when the driver can resize")
-    pytest.fail("vhdx can resize now: add a resize plan to the crash matrix")
+# --- resize ----------------------------------------------------------------
+
+RESIZE_PLANS = [plan_resize_grow, plan_resize_relocate, plan_resize_shrink, plan_resize_fixed]
+RESIZE_IDS = ["grow", "relocate", "shrink", "fixed-grow"]
+
+
+def test_resize_workload_is_wired():
+    assert get_registry().format("vhdx").bdrv_co_truncate is not None
+
+
+@pytest.mark.parametrize("make", RESIZE_PLANS, ids=RESIZE_IDS)
+def test_crash_matrix_resize(make, scratch, figures):
+    """Every cut point of a workload with one resize: the image opens with
+    the old or the new size (never older than a returned resize), data intact."""
+    run_matrix(scratch, make(), every_cut, rotate_modes, figures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", RESIZE_PLANS, ids=RESIZE_IDS)
+def test_crash_matrix_resize_full(make, scratch, figures):
+    run_matrix(scratch, make(), every_cut, all_modes, figures, label=make().name + " (full)")
+
+
+def test_resize_crash_images_pass_qemu_img_check(scratch, figures):
+    qemu_img = require_tool("qemu-img")
+    run_matrix(scratch, plan_resize_relocate(seed=11),
+               lambda total, trace: range(1, total + 2, 2), rotate_modes, figures,
+               label="resize relocate + qemu-img check", qemu_img=qemu_img, qemu_every=2)

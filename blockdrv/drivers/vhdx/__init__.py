@@ -86,6 +86,11 @@ class VHDXFormat:
         await bs.opaque.writev(offset, nbytes, qiov)
 
     @hookimpl
+    async def bdrv_co_truncate(self, bs, offset, exact, prealloc) -> None:
+        from .resize import truncate
+        await truncate(bs, offset, exact, prealloc)
+
+    @hookimpl
     async def bdrv_co_block_status(self, bs, want_zero, offset, nbytes) -> BlockStatus:
         img: VHDXImage = bs.opaque
         state, host, n = img.block_status(offset, nbytes)
@@ -116,7 +121,7 @@ class VHDXFormat:
         # (first BAT entry present) reads whatever the file holds.
         if img.bat.total_entries == 0:
             return True
-        if int(img.bat.entries[0]) & 7 == PAYLOAD_BLOCK_FULLY_PRESENT:
+        if img.bat.raw_at(0) & 7 == PAYLOAD_BLOCK_FULLY_PRESENT:
             return bs.file.has_zero_init()
         return True
 

@@ -2,12 +2,22 @@
 
 The BAT interleaves one sector-bitmap entry after every ``chunk_ratio``
 payload entries.  It can hold ~67 million entries (64 TiB in 1 MiB blocks), so
-it is kept as one numpy ``<u8`` array over the raw bytes -- no Python object
-per entry -- and all whole-table questions are answered with vector ops.
+it is kept as the raw bytes -- no Python object per entry.  Single entries are
+read through a ``memoryview`` cast to uint64; whole-table questions are
+answered with vector ops on a numpy ``<u8`` view of the same bytes.
+
+numpy costs ~40 ms to import, more than the rest of a short command, so the
+two whole-table questions every open asks (open_check, count_states) first
+try a numpy-free scan: a typical table is a "background" -- every payload
+entry one absent state without offset (NOT_PRESENT, or ZERO as qemu creates
+dynamic images), every bitmap entry zero -- plus a few entries that differ.
+memcmp against a template of the background (``bytes.startswith``) finds
+those few; tables with many of them go to numpy.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from blockdrv.errors import CorruptImageError
@@ -107,10 +117,25 @@ class BatCheck:
             "in_header", "beyond_eof", "in_regions", "overlapping"))
 
 
+# Entries per template compare of the numpy-free scan, and the most
+# differing entries it collects before handing the table to numpy.
+_BG_GROUP = 1 << 15
+_BG_LEAF = 64
+_BG_LIMIT = 4096
+_LITTLE = sys.byteorder == "little"
+
+
+def _int64(value: int) -> int:
+    """``value`` as numpy's int64 arithmetic sees it (two's complement wrap)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
 class Bat:
-    """The BAT of one image, as a little-endian uint64 array over ``buf``.
+    """The BAT of one image, as little-endian uint64 entries over ``buf``.
 
     Pass a ``bytearray`` to get a writable table (``set`` updates ``buf``).
+    ``entries`` is a numpy view of ``buf`` (numpy is imported on first use).
     """
 
     def __init__(self, buf, virtual_size: int, block_size: int,
@@ -125,7 +150,33 @@ class Bat:
         if len(buf) < self.total_entries * 8:
             raise CorruptImageError(f"VHDX BAT region too small for {self.total_entries} entries")
         self.buf = buf
-        self.entries = np.frombuffer(buf, dtype="<u8", count=self.total_entries)
+        self._entries = None
+        self._q = None
+        if _LITTLE:
+            try:
+                self._q = memoryview(buf).cast("B")[:self.total_entries * 8].cast("Q")
+            except (TypeError, ValueError):
+                self._q = None
+
+    @property
+    def entries(self):
+        """The table as a numpy ``<u8`` array viewing ``buf``."""
+        if self._entries is None:
+            self._entries = np.frombuffer(self.buf, dtype="<u8", count=self.total_entries)
+        return self._entries
+
+    def raw_at(self, index: int) -> int:
+        """The raw entry at BAT index ``index``."""
+        q = self._q
+        return q[index] if q is not None else int(self.entries[index])
+
+    def raw(self, block: int) -> int:
+        """The raw entry of payload block ``block``."""
+        if not 0 <= block < self.data_blocks:
+            raise IndexError(f"block {block} out of range")
+        i = block + block // self.chunk_ratio
+        q = self._q
+        return q[i] if q is not None else int(self.entries[i])
 
     @classmethod
     def new(cls, virtual_size: int, block_size: int, logical_sector_size: int = 512, **kw) -> "Bat":
@@ -144,13 +195,57 @@ class Bat:
         return payload_index(block, self.chunk_ratio)
 
     def get(self, block: int) -> tuple[int, int]:
-        return decode_entry(self.entries[self.index(block)])
+        return decode_entry(self.raw(block))
 
     def set(self, block: int, state: int, file_offset: int = 0) -> int:
         """Update a payload entry; returns its BAT index (byte offset = 8 * index)."""
         i = self.index(block)
-        self.entries[i] = encode_entry(state, file_offset)
+        value = encode_entry(state, file_offset)
+        if self._q is not None:
+            self._q[i] = value
+        else:
+            self.entries[i] = value
         return i
+
+    # --- numpy-free scan ------------------------------------------------
+    def background_scan(self, limit: int = _BG_LIMIT):
+        """(background payload value, [(BAT index, raw entry), ...]) for the
+        entries of ``[0, payload end)`` that differ from the background (see
+        the module docstring), in index order -- or None when the table has
+        no such background or more than ``limit`` differing entries."""
+        q, buf = self._q, self.buf
+        if q is None or not isinstance(buf, (bytes, bytearray)):
+            return None
+        n = self._payload_end()
+        if n == 0:
+            return 0, []
+        step = self.chunk_ratio + 1
+        bg = q[0]
+        if bg >> 3 or (bg & BAT_STATE_MASK) >= PAYLOAD_BLOCK_FULLY_PRESENT:
+            return None                      # offset or reserved bits: no background
+        period = bg.to_bytes(8, "little") * (step - 1) + bytes(8)
+        reps = -(-min(_BG_GROUP, n) // step) + 1
+        tmpl = memoryview(period * reps)     # any phase: start at (i % step) * 8
+        out: list[tuple[int, int]] = []
+        todo = [(lo, min(lo + _BG_GROUP, n)) for lo in range(0, n, _BG_GROUP)]
+        todo.reverse()
+        while todo:
+            lo, hi = todo.pop()
+            ph = (lo % step) * 8
+            if buf.startswith(tmpl[ph:ph + (hi - lo) * 8], lo * 8):
+                continue
+            if hi - lo > _BG_LEAF:
+                mid = (lo + hi) // 2
+                todo.append((mid, hi))
+                todo.append((lo, mid))
+                continue
+            for i in range(lo, hi):
+                value = q[i]
+                if value != (0 if i % step == step - 1 else bg):
+                    out.append((i, value))
+            if len(out) > limit:
+                return None
+        return bg, out
 
     # --- vector views ---------------------------------------------------
     def _grid(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +287,16 @@ class Bat:
 
     def count_states(self) -> dict[int, int]:
         """Payload blocks per state, in one chunked pass over the state bytes."""
+        scan = self.background_scan()
+        if scan is not None:
+            bg, diff = scan
+            step = self.chunk_ratio + 1
+            by_state = [0] * 8
+            payload = [v for i, v in diff if i % step != step - 1]
+            by_state[bg & BAT_STATE_MASK] = self.data_blocks - len(payload)
+            for v in payload:
+                by_state[v & BAT_STATE_MASK] += 1
+            return {state: n for state, n in enumerate(by_state) if n}
         counts = np.zeros(8, np.int64)
         for lo, st in self._state_chunks():
             first = st[0]
@@ -236,6 +341,9 @@ class Bat:
         """
         step = self.chunk_ratio + 1
         bsize, vsize = self.block_size, self.virtual_size
+        scan = self.background_scan()
+        if scan is not None:
+            return self._open_check_few(scan[1], file_size, regions)
         mask = np.uint64(BAT_OFFSET_MASK)
         in_header = in_region = beyond = None
         for lo, st in self._state_chunks():
@@ -266,6 +374,29 @@ class Bat:
                 hit = np.flatnonzero(ends > file_size)
                 if len(hit):
                     beyond = int(blocks[hit[0]])
+        return (in_header if in_header is not None else in_region), beyond
+
+    def _open_check_few(self, diff, file_size: int, regions):
+        """:meth:`open_check` over the entries of a background scan, with
+        numpy's int64 arithmetic (offsets >= 2**63 count as in the header)."""
+        step = self.chunk_ratio + 1
+        bsize, vsize = self.block_size, self.virtual_size
+        in_header = in_region = beyond = None
+        for i, value in diff:
+            if i % step == step - 1 or value & BAT_STATE_MASK < PAYLOAD_BLOCK_FULLY_PRESENT:
+                continue
+            block = i - i // step
+            start = _int64(value & BAT_OFFSET_MASK)
+            end = _int64(start + min(bsize, vsize - block * bsize))
+            if in_header is None and start < HEADER_SECTION_SIZE:
+                in_header = block
+            if in_region is None and start >= HEADER_SECTION_SIZE:
+                for rstart, length in regions:
+                    if length and start < rstart + length and end > rstart:
+                        in_region = block
+                        break
+            if beyond is None and end > file_size:
+                beyond = block
         return (in_header if in_header is not None else in_region), beyond
 
     # --- validation -----------------------------------------------------

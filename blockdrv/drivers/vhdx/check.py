@@ -66,9 +66,11 @@ _COPY_CHUNK = 1 * MiB
 
 @dataclass
 class _Findings:
-    """Per-BAT-entry problems (boolean arrays over BAT indices) and counts."""
+    """Problems of the BAT entries worth a look (``idx``, BAT indices), as
+    boolean arrays parallel to ``idx``, and corruption counts per entry."""
 
-    count: np.ndarray                       # corruptions per BAT index
+    idx: np.ndarray
+    count: np.ndarray                       # corruptions per entry of idx
     overflow: np.ndarray
     past_eof: np.ndarray                    # start at or past EOF
     cut_short: np.ndarray                   # starts inside the file, ends past it
@@ -140,10 +142,21 @@ def _file_length(img: VHDXImage) -> int:
 
 
 def _bat_geometry(img: VHDXImage):
-    entries = img.bat.entries
-    n = len(entries)
+    """The entries that can have a problem, with their BAT index, kind and block.
+
+    A payload entry 0..3 (absent, offset zero, no reserved bit) and a zero
+    sector bitmap entry are always fine; a large sparse disk is almost only
+    those, so everything else works on the few remaining entries.
+    """
+    all_entries = img.bat.entries
     ratio = img.bat.chunk_ratio
-    idx = np.arange(n, dtype=np.int64)
+    idx = np.flatnonzero(all_entries > np.uint64(3))
+    bitmap_idx = np.arange(ratio, len(all_entries), ratio + 1, dtype=np.int64)
+    stray = bitmap_idx[all_entries[bitmap_idx] != 0]
+    if len(stray):
+        idx = np.union1d(idx, stray)
+    idx = idx.astype(np.int64)
+    entries = all_entries[idx]
     is_bitmap = (idx % (ratio + 1)) == ratio
     block = idx - idx // (ratio + 1)
     return entries, idx, is_bitmap, block, ratio
@@ -179,9 +192,10 @@ def _analyse(img: VHDXImage) -> _Findings:
     q_cut = fp & ~past_eof & (off + q_len > flen)
     # qemu's region check runs for all FULLY_PRESENT entries but every
     # (ratio+1)-th of them (its payload counter ignores the entry positions).
+    # Every FULLY_PRESENT entry is among ours, so ranks are the same.
     q_region_checked = np.zeros(len(entries), bool)
-    fp_idx = np.flatnonzero(fp)
-    q_region_checked[fp_idx] = (np.arange(len(fp_idx)) % (ratio + 1)) != ratio
+    fp_pos = np.flatnonzero(fp)
+    q_region_checked[fp_pos] = (np.arange(len(fp_pos)) % (ratio + 1)) != ratio
     end_full = off + bsize
     q_region = np.zeros(len(entries), bool)
     for s, e in _metadata_spans(img):
@@ -207,7 +221,7 @@ def _analyse(img: VHDXImage) -> _Findings:
             | stray_bitmap | overlapping)
     count = np.maximum(qemu_count, ours.astype(np.int64))
 
-    f = _Findings(count, overflow, past_eof_ours, cut_short, in_meta, overlapping, partial,
+    f = _Findings(idx, count, overflow, past_eof_ours, cut_short, in_meta, overlapping, partial,
                   bad_state, reserved, stray_bitmap)
     f.region_copies_bad = _bad_region_copies(img)
     _describe(img, f, off, state, flen, q_len)
@@ -215,8 +229,8 @@ def _analyse(img: VHDXImage) -> _Findings:
 
 
 def _overlaps(mask: np.ndarray, off: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """Entries (by BAT index) whose extent overlaps an earlier-starting one;
-    for equal starts the lower BAT index is kept."""
+    """Entries whose extent overlaps an earlier-starting one; for equal starts
+    the lower BAT index (entries are in BAT order) is kept."""
     out = np.zeros(len(mask), bool)
     ids = np.flatnonzero(mask)
     if len(ids) < 2:
@@ -250,18 +264,18 @@ def _describe(img, f: _Findings, off, state, flen, q_len) -> None:
         msgs.append(f"VHDX region table copy {i + 1} is invalid or differs from the other")
     bad = np.flatnonzero(f.count)
     for i in bad[:_MAX_MESSAGES]:
-        i = int(i)
+        n = int(f.idx[i])        # the BAT index qemu prints
         o = int(off[i])
         if f.overflow[i]:
-            msgs.append(f"VHDX BAT entry {i} offset overflow.")
+            msgs.append(f"VHDX BAT entry {n} offset overflow.")
         if f.past_eof[i] and state[i] == PAYLOAD_BLOCK_FULLY_PRESENT:
-            msgs.append(f"VHDX BAT entry {i} start offset {o} points after end of file "
+            msgs.append(f"VHDX BAT entry {n} start offset {o} points after end of file "
                         f"({flen}). Image has probably been truncated.")
         elif f.cut_short[i]:
-            msgs.append(f"VHDX BAT entry {i} end offset {o + int(q_len[i]) - 1} points after "
+            msgs.append(f"VHDX BAT entry {n} end offset {o + int(q_len[i]) - 1} points after "
                         f"end of file ({flen}). Image has probably been truncated.")
         if f.in_metadata[i]:
-            msgs.append(f"VHDX BAT entry {i} (offset {o}) points into the header, log, "
+            msgs.append(f"VHDX BAT entry {n} (offset {o}) points into the header, log, "
                         "BAT or metadata")
         for name, text in (("overlapping", "overlaps an earlier payload block"),
                            ("partial", "is PARTIALLY_PRESENT in an image without a parent"),
@@ -270,7 +284,7 @@ def _describe(img, f: _Findings, off, state, flen, q_len) -> None:
                            ("stray_bitmap", "is a sector bitmap entry in use in an image "
                                             "without a parent")):
             if getattr(f, name)[i]:
-                msgs.append(f"VHDX BAT entry {i} {text}")
+                msgs.append(f"VHDX BAT entry {n} {text}")
     if len(bad) > _MAX_MESSAGES:
         msgs.append(f"... and {len(bad) - _MAX_MESSAGES} more bad BAT entries")
 
@@ -333,6 +347,7 @@ def _leaks(img: VHDXImage) -> _Leaks:
 def _repair(img: VHDXImage, f: _Findings) -> None:
     file = img.file
     entries, idx, is_bitmap, block, _ = _bat_geometry(img)
+    assert np.array_equal(idx, f.idx)
     new = entries.copy()
     off = np.minimum(entries & _OFF_MASK, np.uint64(_INT64_MAX)).astype(np.int64)
 
@@ -375,13 +390,15 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
         file.flush()
         new[i] = np.uint64(dst) | (entries[i] & _STATE_MASK)
 
-    _journal_bat(img, new)
+    _journal_bat(img, idx, new)
 
 
-def _journal_bat(img: VHDXImage, new: np.ndarray) -> None:
-    """Apply changed BAT entries through the log, whole sectors at a time."""
+def _journal_bat(img: VHDXImage, idx: np.ndarray, values: np.ndarray) -> None:
+    """Set BAT entries ``idx`` to ``values`` through the log, whole sectors at a
+    time (at most 64 sectors per log entry); nothing the size of the BAT is copied."""
     old = img.bat.entries
-    changed = np.flatnonzero(new != old)
+    moved = values != old[idx]
+    changed, values = idx[moved], values[moved]
     if not len(changed):
         return
     per_sector = 4096 // 8
@@ -392,10 +409,11 @@ def _journal_bat(img: VHDXImage, new: np.ndarray) -> None:
             runs[-1].append(s)
         else:
             runs.append([s])
-    buf = img.bat.buf
     for run in runs:
         first, last = run[0] * per_sector, min((run[-1] + 1) * per_sector, len(old))
-        old[first:last] = new[first:last]          # updates img.bat.buf in place
-        data = bytes(buf[first * 8:last * 8])
-        img.log_writer.write_and_flush(img.file, img.bat_offset + first * 8, data,
-                                       img._set_log_guid)
+        lo, hi = np.searchsorted(changed, [first, last])
+        chunk = np.array(old[first:last])
+        chunk[changed[lo:hi] - first] = values[lo:hi]
+        img.log_writer.write_and_flush(img.file, img.bat_offset + first * 8,
+                                       chunk.astype("<u8").tobytes(), img._set_log_guid)
+        old[first:last] = chunk        # the in-memory BAT follows the disk

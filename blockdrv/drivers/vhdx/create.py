@@ -20,7 +20,7 @@ functions here take typed values (None = option not given).
 
 from __future__ import annotations
 
-import secrets
+import os
 from dataclasses import dataclass
 
 from blockdrv.errors import InvalidArgumentError
@@ -221,8 +221,8 @@ def create_vhdx(file, size: int, *, subformat: str | None = "dynamic", block_siz
         leave_blocks_allocated=layout.fixed))
     # qemu: a random 32-bit sequence number, header 2 one higher; both share
     # fresh file/data write GUIDs; no log GUID.
-    header = Header(sequence_number=secrets.randbits(32), file_write_guid=new_guid(),
-                    data_write_guid=new_guid(), log_length=layout.log_size,
+    header = Header(sequence_number=int.from_bytes(os.urandom(4), "little"),
+                    file_write_guid=new_guid(), data_write_guid=new_guid(), log_length=layout.log_size,
                     log_offset=layout.log_offset)
 
     file.truncate(0)

@@ -12,7 +12,8 @@ sequence numbers and checksums):
   plus one block, write only the guest's bytes, then journal the 4 KiB BAT
   sector through the log (log entry, flush, BAT sector, flush).
 
-Lock discipline: ``self.lock`` (an asyncio.Lock) is held across every
+Lock discipline: ``self.lock`` (an asyncio.Lock; a flag for synchronous
+callers, see :class:`blockdrv.coroutine.CoLock`) is held across every
 metadata change -- BAT entry updates, allocation, header and log writes --
 so concurrent writers to unallocated blocks cannot allocate twice or
 interleave log entries.  Metadata I/O under the lock goes through the
@@ -29,14 +30,14 @@ place.  These rules are exercised by tests/reliability/test_concurrency.py.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import uuid
+from typing import TYPE_CHECKING
 
+from blockdrv.coroutine import CoLock
 from blockdrv.errors import BlockDriverError, CorruptImageError, UnsupportedError
 from blockdrv.iov import IOVector
 
-from . import log as vlog
 from .bat import Bat, encode_entry, total_entries
 from .constants import (ALIGNMENT, FILE_SIGNATURE, HEADER1_OFFSET, HEADER2_OFFSET,
                         HEADER_SECTION_SIZE, HEADER_SIZE, MiB,
@@ -49,6 +50,9 @@ from .checksum import seal
 from .header import FileIdentifier, Header, select_current_header
 from .metadata import read_metadata
 from .region import RegionTable
+
+if TYPE_CHECKING:
+    from . import log as vlog
 
 HEADER_OFFSETS = (HEADER1_OFFSET, HEADER2_OFFSET)
 # Payload states that read as zeros and get a new block on write.
@@ -68,7 +72,7 @@ class VHDXImage:
         # Opened by `check` (O_CHECK): BAT problems are reported by check,
         # not refused at open (qemu's BDRV_O_CHECK).
         self.check_mode = check
-        self.lock = asyncio.Lock()
+        self.lock = CoLock()
         self.headers: list[Header] = []
         self.curr_header = 0
         self.session_guid = uuid.uuid4().bytes_le
@@ -115,6 +119,11 @@ class VHDXImage:
         self.curr_header, current = select_current_header(h1, h2)
         self.headers = [_parse_or(h1, current), _parse_or(h2, current)]
         sequence = 1
+        if current.has_log or not self.read_only:
+            # The log module (7 dataclasses) only when a log is pending or
+            # the image is writable: a read-only open of a clean image is
+            # the common case of info, map and convert sources.
+            from . import log as vlog
         if current.has_log:
             # Replay into memory first, read-only or not: everything below is
             # validated on the image as it will be after replay, and a
@@ -136,6 +145,7 @@ class VHDXImage:
         # both headers get the session FileWriteGuid and a new DataWriteGuid.
         # The overlay was computed (and the image validated through it) by
         # open(); from here the file holds what the overlay showed.
+        from . import log as vlog
         self.first_visible_write = False
         self.update_headers(True, None)
         vlog.apply_overlay(self.file, overlay)
@@ -234,7 +244,7 @@ class VHDXImage:
     # ------------------------------------------------------------------- I/O
 
     def entry(self, block: int) -> int:
-        return int(self.bat.entries[self.bat.index(block)])
+        return self.bat.raw(block)
 
     def _bad_state(self, block: int, state: int) -> BlockDriverError:
         if state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:

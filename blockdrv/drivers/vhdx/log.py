@@ -638,22 +638,42 @@ class LogWriter:
         """Journal ``data`` at file ``offset`` (steps 1-7 in the class docs)."""
         if len(data) > self.log_length:
             raise InvalidArgumentError("VHDX log write larger than the log")
+        # (the flush of step 1 is write_sectors_and_flush's first action)
+        return self.write_sectors_and_flush(file, merge_sectors(file, offset, data),
+                                            set_log_guid, new_guid=new_guid)
+
+    def entry_fits(self, data_sectors: int, descriptors: int) -> bool:
+        """Whether one entry with these counts fits the ring (see write_entry)."""
+        nsec = descriptor_sectors(descriptors) + data_sectors
+        return nsec < self.log_length // SECTOR
+
+    def write_sectors_and_flush(self, file, updates: list[tuple[int, bytes]],
+                                set_log_guid: Callable[[bytes], None], *,
+                                zeros: Iterable[tuple[int, int]] = (),
+                                new_guid: bytes | None = None) -> LogEntry:
+        """Journal several updates as ONE entry (atomic on replay), same steps
+        as :meth:`write_and_flush`: ``updates`` are ``(file_offset, 4 KiB)``
+        pairs, ``zeros`` ``(file_offset, length)`` ranges (4 KiB multiples)
+        applied before the data sectors, as replay does."""
+        zeros = list(zeros)
         file.flush()
         guid = new_guid if new_guid is not None else uuid.uuid4().bytes
-        updates = merge_sectors(file, offset, data)
         size = file.getlength()
         seq = self.sequence
-        entry = build_entry(seq, guid, self.tail, updates,
+        entry = build_entry(seq, guid, self.tail, updates, zeros=zeros,
                             flushed_file_offset=size, last_file_offset=size)
         pos = self.write_entry(file, entry)
         file.flush()
         set_log_guid(guid)
+        for off, length in zeros:
+            _write_zeros(file, off, off + length)
         for off, sector in updates:
             file.pwrite(off, sector)
         file.flush()
         set_log_guid(ZERO_GUID)
         return LogEntry(pos, LogEntryHeader.parse(entry),
-                        [split_sector(s, off, seq)[0] for off, s in updates])
+                        [ZeroDescriptor(off, n, seq) for off, n in zeros]
+                        + [split_sector(s, off, seq)[0] for off, s in updates])
 
 
 def log_entry_mask(entry: bytes) -> list[tuple[int, int]]:

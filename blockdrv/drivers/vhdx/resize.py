@@ -1,0 +1,315 @@
+"""Resizing a VHDX image (``bdrv_co_truncate``), crash-safe through the log.
+
+qemu-img 7.2 cannot resize VHDX; Hyper-V can.  Spec 2.3: "The log MUST be
+used to perform updates to all metadata except the header" -- and 2.2.3:
+"Updates to the region table structures must be made through the log".  So
+every change of a live structure here is part of ONE log entry, which makes
+the resize atomic: after a power cut the image opens with its old size or
+its new size, never a mix.
+
+Algorithm (under ``img.lock``; nothing moves, existing blocks stay put):
+
+1. Plan.  ``total_entries`` of the new size gives the new BAT length.
+   New payload entries take the image's convention for an unallocated block
+   (ZERO when the image uses ZERO -- qemu's ``block_state_zero=on`` default
+   -- else NOT_PRESENT); a *fixed* image instead gets its new blocks
+   FULLY_PRESENT, allocated in one piece at the 1 MiB-aligned end of the
+   file (as a fixed image must).  Sector bitmap entries stay 0.  Shrinking
+   drops the entries past the new end: their on-disk entries become 0 and
+   their payload blocks become unreferenced space.
+2. Unpublished writes, before the log entry (all invisible to the old
+   image, so a crash here leaves at worst unreferenced space -- a leak):
+   * growing past a *short* last block (the virtual size ended inside a
+     present block): the block is extended to its full length if the file
+     ends inside it, and its bytes past the old end are zeroed, so a
+     shrink-then-grow never resurrects old data;
+   * a fixed image's new blocks: the file is extended over them;
+   * BAT relocation (below): the whole new BAT is written to its new region.
+3. One log entry (``LogWriter.write_sectors_and_flush``) carrying
+   * the metadata sector(s) holding the VirtualDiskSize item, and
+   * either the BAT sectors that change (data descriptors; whole sectors
+     that become zero as zero descriptors), when the new table fits the
+     current BAT region and the entry fits the log,
+   * or -- BAT relocation, when the table outgrows its region or the entry
+     would not fit the log -- the changed sectors of *both* region tables,
+     pointing the BAT region at a new 1 MiB-aligned region at the end of the
+     file.  The old BAT region becomes unreferenced space.
+   The writer flushes, writes the entry, flushes, sets the header LogGuid,
+   applies the sectors, flushes and clears the LogGuid.
+4. In memory: new ``Bat``, params, regions, ``bs.total_size``.  A shrink of
+   a dynamic image then truncates the file after the last structure still
+   referenced (the dropped blocks, when they were at the end).
+
+qemu 7.2 replays log entries that target any 4 KiB-aligned file offset,
+the region tables at 192/256 KiB included (verified by
+tests/interop/test_vhdx_resize.py: a resize cut after the LogGuid was set is
+repaired by ``qemu-img check -r all`` to the new size).
+
+Fixed images: growing allocates FULLY_PRESENT blocks (see 1.); a
+``preallocation`` mode other than ``off`` is refused (UnsupportedError).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from blockdrv.errors import InvalidArgumentError, UnsupportedError
+
+from .bat import Bat, chunk_ratio, region_length, total_entries
+from .constants import (ALIGNMENT, BAT_GUID, HEADER_SECTION_SIZE, MAX_VIRTUAL_SIZE,
+                        PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
+                        PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS, VIRTUAL_DISK_SIZE_GUID)
+from .log import SECTOR, merge_sectors
+
+_OFFSET_MASK = ~(ALIGNMENT - 1) & ((1 << 64) - 1)
+_ZERO_SECTOR = bytes(SECTOR)
+
+
+def _round_up(n: int, align: int = ALIGNMENT) -> int:
+    return -(-n // align) * align
+
+
+def _absent_state(img) -> int:
+    """The state this image gives unallocated blocks."""
+    counts = img.bat.count_states()
+    zero = counts.get(PAYLOAD_BLOCK_ZERO, 0)
+    return PAYLOAD_BLOCK_ZERO if zero and zero >= counts.get(PAYLOAD_BLOCK_NOT_PRESENT, 0) \
+        else PAYLOAD_BLOCK_NOT_PRESENT
+
+
+def _new_entries(first: int, last: int, ratio: int, state: int,
+                 payload_base: int | None, first_new_block: int, block_size: int) -> bytes:
+    """Raw BAT entries ``[first, last)``: payload entries in ``state`` (with
+    consecutive offsets from ``payload_base`` for a fixed image), bitmap
+    entries 0."""
+    idx = np.arange(first, last, dtype=np.int64)
+    chunk, pos = np.divmod(idx, ratio + 1)
+    values = np.full(len(idx), state, dtype="<u8")
+    if payload_base is not None:
+        block = chunk * ratio + pos
+        values |= (np.uint64(payload_base)
+                   + (block - first_new_block).astype(np.uint64) * np.uint64(block_size))
+    values[pos == ratio] = 0
+    return values.tobytes()
+
+
+def _sector_diff(file, base: int, old: bytes, new: bytes):
+    """(data updates, zero ranges) turning the 4 KiB-aligned range at ``base``
+    from ``old`` into ``new`` -- changed sectors only; all-zero ones as zero
+    ranges (merged)."""
+    updates, zeros = [], []
+    for pos in range(0, len(new), SECTOR):
+        sec = new[pos:pos + SECTOR]
+        if sec == old[pos:pos + SECTOR]:
+            continue
+        off = base + pos
+        if sec == _ZERO_SECTOR:
+            if zeros and zeros[-1][0] + zeros[-1][1] == off:
+                zeros[-1] = (zeros[-1][0], zeros[-1][1] + SECTOR)
+            else:
+                zeros.append((off, SECTOR))
+        else:
+            updates.append((off, bytes(sec)))
+    return updates, zeros
+
+
+def _structures(img, bat_offset: int, bat_length: int) -> list[tuple[int, int]]:
+    """(start, end) of header section, log and every region (BAT as given)."""
+    h = img.header
+    spans = [(0, HEADER_SECTION_SIZE), (h.log_offset, h.log_offset + h.log_length)]
+    for e in img.region_table.entries:
+        if e.guid == BAT_GUID:
+            spans.append((bat_offset, bat_offset + bat_length))
+        else:
+            spans.append((e.file_offset, e.file_offset + e.length))
+    return [(s, e) for s, e in spans if e > s]
+
+
+def _present_spans(bat: Bat, block_size: int, skip: int | None = None):
+    offs = bat.offsets()
+    states = bat.states()
+    blocks = np.flatnonzero(states == PAYLOAD_BLOCK_FULLY_PRESENT)
+    if skip is not None:
+        blocks = blocks[blocks != skip]
+    starts = offs[blocks].astype(np.int64)
+    return starts, starts + block_size
+
+
+async def truncate(bs, size: int, exact: bool = True, prealloc: str = "off") -> None:
+    img = bs.opaque
+    if prealloc not in ("off", None):
+        raise UnsupportedError(f"Unsupported preallocation mode '{prealloc}' for VHDX")
+    if size < 0 or size % img.logical_sector_size:
+        raise InvalidArgumentError(
+            f"VHDX virtual size must be a multiple of {img.logical_sector_size} bytes")
+    if size > MAX_VIRTUAL_SIZE:
+        raise InvalidArgumentError("VHDX virtual size cannot exceed 64 TiB")
+    if img.read_only or img.log_writer is None:
+        raise InvalidArgumentError("VHDX image is not open read-write")
+    async with img.lock:
+        if size == img.virtual_size:
+            return
+        if img.first_visible_write:
+            # a guest-visible change: renew the DataWriteGuid first, as a write does
+            img.update_headers(True, None)
+            img.first_visible_write = False
+        _resize(img, size)
+        bs.total_size = img.virtual_size
+
+
+def _resize(img, new_size: int) -> None:
+    file = img.file
+    bsize, lss = img.block_size, img.logical_sector_size
+    ratio = chunk_ratio(bsize, lss)
+    old_size = img.virtual_size
+    old_bat = img.bat
+    old_total = old_bat.total_entries
+    new_total = total_entries(new_size, bsize, lss)
+    old_blocks = old_bat.data_blocks
+    new_blocks = -(-new_size // bsize)
+    grow = new_size > old_size
+    bat_rt = img.region_table.bat
+    flen = file.getlength()
+
+    # -- 1. the new table in memory ------------------------------------------
+    keep = min(old_total, new_total)
+    new_buf = bytearray(new_total * 8)
+    new_buf[:keep * 8] = old_bat.buf[:keep * 8]
+    payload_base = None
+    tail_fix = None                 # (block offset, zero from, file end needed)
+    if grow:
+        if old_size % bsize and old_blocks:
+            last = old_blocks - 1
+            state, off = old_bat.get(last)
+            if state == PAYLOAD_BLOCK_FULLY_PRESENT:
+                # the short last block becomes (more) reachable: it must be
+                # whole and read zeros past the old end
+                starts, ends = _present_spans(old_bat, bsize, skip=last)
+                spans = _structures(img, bat_rt.file_offset, bat_rt.length)
+                clash = bool(np.any((starts < off + bsize) & (ends > off))) or any(
+                    s < off + bsize and e > off for s, e in spans)
+                if clash:
+                    raise UnsupportedError(
+                        "Cannot grow: the image's last block is short and followed by "
+                        "other data")
+                tail_fix = (off, old_size - last * bsize)
+                flen = max(flen, off + bsize)
+        if new_total > old_total:
+            state = _absent_state(img)
+            first_new_block = old_blocks
+            if img.fixed:
+                state = PAYLOAD_BLOCK_FULLY_PRESENT
+                payload_base = _round_up(flen)
+            new_buf[old_total * 8:] = _new_entries(old_total, new_total, ratio, state,
+                                                   payload_base, first_new_block, bsize)
+    payload_end = flen if payload_base is None else \
+        payload_base + (new_blocks - old_blocks) * bsize
+
+    # -- metadata: the VirtualDiskSize item ----------------------------------
+    meta = img.region_table.metadata
+    item = next(e for e in img.metadata_table.entries
+                if e.item_id == VIRTUAL_DISK_SIZE_GUID and not e.is_user)
+    meta_updates = merge_sectors(file, meta.file_offset + item.offset,
+                                 new_size.to_bytes(8, "little"))
+
+    # -- BAT in place, or relocated -------------------------------------------
+    relocate = new_total * 8 > bat_rt.length
+    bat_updates: list = []
+    bat_zeros: list = []
+    if not relocate:
+        lo, hi = min(old_total, new_total) * 8, max(old_total, new_total) * 8
+        first, end = lo - lo % SECTOR, _round_up(hi, SECTOR)
+        end = min(end, bat_rt.length)
+        if end > first:
+            cur = bytes(file.pread(bat_rt.file_offset + first, end - first))
+            want = bytearray(cur)
+            top = min(end, new_total * 8)
+            if top > first:
+                want[:top - first] = new_buf[first:top]
+            if not grow:
+                want[new_total * 8 - first:hi - first] = bytes(hi - new_total * 8)
+            bat_updates, bat_zeros = _sector_diff(file, bat_rt.file_offset + first, cur,
+                                                  bytes(want))
+        if not img.log_writer.entry_fits(len(bat_updates) + len(meta_updates),
+                                         len(bat_updates) + len(meta_updates)
+                                         + len(bat_zeros)):
+            relocate = True
+            bat_updates, bat_zeros = [], []
+
+    rt_updates: list = []
+    new_bat_offset, new_bat_length = bat_rt.file_offset, bat_rt.length
+    if relocate:
+        new_bat_offset = _round_up(max(payload_end, flen))
+        new_bat_length = region_length(new_total)
+        if new_bat_length >= 1 << 32:
+            raise UnsupportedError("VHDX BAT region would exceed 4 GiB")
+        new_rt = _copy_table(img.region_table)
+        e = new_rt.bat
+        e.file_offset, e.length = new_bat_offset, new_bat_length
+        packed = new_rt.pack()
+        for rt_off in REGION_TABLE_OFFSETS:
+            cur = bytes(file.pread(rt_off, len(packed)))
+            upd, zer = _sector_diff(file, rt_off, cur, packed)
+            rt_updates += upd
+            bat_zeros += zer
+
+    # -- 2. unpublished writes --------------------------------------------------
+    if tail_fix is not None:
+        off, zero_from = tail_fix
+        if file.getlength() < off + bsize:
+            file.truncate(off + bsize)
+        pos = off + zero_from
+        zeros = bytes(min(bsize - zero_from, 1 << 20))
+        while pos < off + bsize:
+            n = min(len(zeros), off + bsize - pos)
+            file.pwrite(pos, zeros[:n])
+            pos += n
+    if payload_base is not None and file.getlength() < payload_end:
+        file.truncate(payload_end)
+    if relocate:
+        if file.getlength() < new_bat_offset + new_bat_length:
+            file.truncate(new_bat_offset + new_bat_length)
+        file.pwrite(new_bat_offset, bytes(new_buf))
+
+    # -- 3. one log entry --------------------------------------------------------
+    img.log_writer.write_sectors_and_flush(
+        file, bat_updates + rt_updates + meta_updates, img._set_log_guid, zeros=bat_zeros)
+
+    # -- 4. in memory, then give back a freed tail ------------------------------
+    img.virtual_size = new_size
+    img.params.virtual_size = new_size
+    img.bat = Bat(new_buf, new_size, bsize, lss)
+    if relocate:
+        img.region_table = new_rt
+        img.bat_offset = new_bat_offset
+        img.regions = [r if r != (bat_rt.file_offset, bat_rt.length)
+                       else (new_bat_offset, new_bat_length) for r in img.regions]
+    if not grow and new_blocks < old_blocks:
+        _trim_tail(img, old_bat, new_blocks, old_blocks)
+
+
+def _copy_table(rt):
+    from .region import RegionEntry, RegionTable
+    return RegionTable([RegionEntry(e.guid, e.file_offset, e.length, e.required)
+                        for e in rt.entries], rt.checksum)
+
+
+def _trim_tail(img, old_bat: Bat, new_blocks: int, old_blocks: int) -> None:
+    """Truncate the file after the last referenced structure when the dropped
+    blocks were at its end.  A fixed image that preallocated dropped blocks
+    it never referenced (ZERO-state entries) keeps its length: ``check -r
+    leaks`` decides about that space."""
+    dropped = old_bat.states()[new_blocks:old_blocks]
+    if img.fixed and np.any(dropped != PAYLOAD_BLOCK_FULLY_PRESENT):
+        return
+    file = img.file
+    starts, ends = _present_spans(img.bat, img.block_size)
+    end = max([e for _, e in _structures(img, img.bat_offset, img.region_table.bat.length)]
+              + ([int(ends.max())] if len(ends) else []))
+    end = _round_up(end)
+    if end < file.getlength():
+        file.truncate(end)
+        file.flush()
+
+
+__all__ = ["truncate"]
