@@ -16,13 +16,16 @@ import time
 from ..errors import BlockDriverError
 from ..iov import IOVector
 from ..node import WRITE_FUA, BlockDriverState
-from .common import ArgParser, CliError, describe, open_image, strtosz
+from .common import MAX_SIZE, ArgParser, CliError, describe, open_image, strtosz
 
 INT_MAX = (1 << 31) - 1
 CACHE_MODES = ("writeback", "unsafe", "writethrough", "none", "directsync")
 
 
-def _num(name: str, text: str, lo: int, hi: int) -> int:
+def _num(name: str, text: str | None, lo: int, hi: int, default: int) -> int:
+    """A numeric option: ``default`` when absent, qemu-img's message when bad."""
+    if text is None:
+        return default
     value = strtosz(text)
     if value is None or not lo <= value <= hi:
         raise CliError(f"Invalid {name} specified")
@@ -138,18 +141,13 @@ def run_bench(bs: BlockDriverState, **kw) -> float:
 
 def main(argv: list[str]) -> int:
     a = _parser().parse_intermixed_args(argv)
-    count = _num("request count", a.count, 1, INT_MAX) if a.count is not None else 75000
-    depth = _num("queue depth", a.depth, 1, INT_MAX) if a.depth is not None else 64
-    offset = 0
-    if a.offset is not None:
-        offset = strtosz(a.offset)
-        if offset is None or offset > (1 << 63) - 1:
-            raise CliError("Invalid offset specified")
-    bufsize = _num("buffer size", a.bufsize, 1, INT_MAX) if a.bufsize is not None else 4096
-    step = _num("step_size", a.step, 0, INT_MAX) if a.step is not None else 0
-    pattern = _num("pattern", a.pattern, 0, 0xFF) if a.pattern is not None else 0
-    flush_interval = (_num("flush interval", a.flush_interval, 0, INT_MAX)
-                      if a.flush_interval is not None else 0)
+    count = _num("request count", a.count, 1, INT_MAX, 75000)
+    depth = _num("queue depth", a.depth, 1, INT_MAX, 64)
+    offset = _num("offset", a.offset, 0, MAX_SIZE, 0)
+    bufsize = _num("buffer size", a.bufsize, 1, INT_MAX, 4096)
+    step = _num("step_size", a.step, 0, INT_MAX, 0)
+    pattern = _num("pattern", a.pattern, 0, 0xFF, 0)
+    flush_interval = _num("flush interval", a.flush_interval, 0, INT_MAX, 0)
     cache = a.cache or "writeback"
     if cache not in CACHE_MODES:
         raise CliError(f"Invalid cache option: {cache}")

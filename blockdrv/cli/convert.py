@@ -2,16 +2,24 @@
 
 The source is walked by block status: zero ranges are skipped when the new
 target reads as zeros anyway (``has_zero_init``), data ranges are read in
-2 MiB pieces and scanned per 512-byte sector (vectorised with numpy); runs of
-zero sectors at least ``-S`` long (default 4 KiB), aligned as qemu-img
-aligns them, are not written.  ``-S 0`` writes every byte.
+2 MiB pieces and scanned per 512-byte sector; runs of zero sectors at least
+``-S`` long (default 4 KiB), aligned as qemu-img aligns them, are not
+written.  ``-S 0`` writes every byte.
+
+The scan finds zero sectors with ``bytes.find``/``startswith`` (memchr and
+memcmp speed, no per-sector Python loop and no numpy import) and works on
+runs of sectors.  (Overlapping reads and writes with a reader thread was
+tried: on this 2-core host it made the 512 MiB converts slower, ~70 vs
+~57 ms in-process, as both sides are page-cache copies competing for the
+same memory bandwidth; copy_file_range on ext4 was slower than read+write,
+and would also skip the zero detection that keeps the output as sparse as
+qemu-img's.)
 """
 
 from __future__ import annotations
 
 import os
-
-import numpy as np
+from bisect import bisect_right
 
 from .. import block
 from ..errors import BlockDriverError
@@ -28,29 +36,111 @@ IO_BUF_SIZE = 2 << 20
 MAX_BUF_SECTORS = 32768
 
 
-def sector_flags(buf: memoryview, nbytes: int) -> np.ndarray:
-    """One bool per 512-byte sector of ``buf[:nbytes]``: True if non-zero."""
-    arr = np.frombuffer(buf, dtype=np.uint8, count=nbytes)
-    if nbytes % SECTOR:
-        arr = np.concatenate([arr, np.zeros(SECTOR - nbytes % SECTOR, np.uint8)])
-    return arr.view(np.uint64).reshape(-1, SECTOR // 8).any(axis=1)
+_ZERO_SECTOR = bytes(SECTOR)
+_ZEROS = memoryview(bytes(IO_BUF_SIZE))
+
+
+def _zero_sectors_from(buf, sector: int, full: int) -> int:
+    """Number of all-zero sectors of ``buf`` from ``sector`` on (at most up
+    to sector ``full``): doubling, then bisecting, memcmp against zeros."""
+    start = sector * SECTOR
+    limit = full - sector
+    if limit <= 0 or not buf.startswith(_ZERO_SECTOR, start):
+        return 0
+    good, step = 1, 1
+    while good < limit:
+        step = min(step * 2, limit - good)
+        if not buf.startswith(_ZEROS[:(good + step) * SECTOR], start):
+            break
+        good += step
+    else:
+        return good
+    lo, hi = good, good + step      # zeros for lo sectors, not for hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if buf.startswith(_ZEROS[:mid * SECTOR], start):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def sector_runs(buf, nbytes: int) -> tuple[list[int], list[bool]]:
+    """``buf[:nbytes]`` as runs of data / zero 512-byte sectors (a partial
+    last sector counts as zero-padded): ``(run ends, run is data)``, the
+    ends ascending sector indices, the last one the sector count."""
+    full, tail = divmod(nbytes, SECTOR)
+    total = full + (1 if tail else 0)
+    ends: list[int] = []
+    data: list[bool] = []
+    s = 0
+    while s < total:
+        # next zero sector at or after s
+        z, pos = total, s * SECTOR
+        while pos < full * SECTOR:
+            hit = buf.find(_ZERO_SECTOR, pos, full * SECTOR)
+            if hit < 0:
+                break
+            a = -(-hit // SECTOR)
+            if a >= full:
+                break
+            if buf.startswith(_ZERO_SECTOR, a * SECTOR):
+                z = a
+                break
+            pos = (a + 1) * SECTOR      # sector a holds a non-zero byte
+        if z == total and tail and s <= full and \
+                buf.startswith(_ZEROS[:tail], full * SECTOR):
+            z = full
+        if z > s:
+            ends.append(z)
+            data.append(True)
+        if z >= total:
+            break
+        e = z + _zero_sectors_from(buf, z, full)
+        if e == full and tail and buf.startswith(_ZEROS[:tail], full * SECTOR):
+            e = total
+        e = max(e, z + 1)
+        ends.append(e)
+        data.append(False)
+        s = e
+    return ends, data
 
 
 class SparseScanner:
-    """qemu-img's is_allocated_sectors{,_min} over a per-sector flag array,
-    stepping from run to run instead of from sector to sector."""
+    """qemu-img's is_allocated_sectors{,_min} over runs of data and zero
+    sectors, stepping from run to run instead of from sector to sector."""
 
-    def __init__(self, nz: np.ndarray, first_sector: int, alignment: int) -> None:
-        self.nz = nz
+    def __init__(self, nz, first_sector: int, alignment: int) -> None:
+        """``nz``: one truth value per sector, true for data."""
+        ends: list[int] = []
+        data: list[bool] = []
+        for i, flag in enumerate(nz):
+            flag = bool(flag)
+            if data and data[-1] == flag:
+                ends[-1] = i + 1
+            else:
+                ends.append(i + 1)
+                data.append(flag)
+        self._init(ends, data, first_sector, alignment)
+
+    @classmethod
+    def from_runs(cls, ends: list[int], data: list[bool], first_sector: int,
+                  alignment: int) -> "SparseScanner":
+        self = cls.__new__(cls)
+        self._init(ends, data, first_sector, alignment)
+        return self
+
+    def _init(self, ends, data, first_sector, alignment) -> None:
+        self.run_ends = ends
+        self.run_data = data
         self.first = first_sector
         self.alignment = alignment
-        change = np.flatnonzero(nz[1:] != nz[:-1]) + 1
-        self.run_ends = np.append(change, len(nz))
 
     def _alloc(self, j: int, n: int) -> tuple[bool, int]:
-        end = int(self.run_ends[np.searchsorted(self.run_ends, j, side="right")])
+        k = bisect_right(self.run_ends, j)
+        end = self.run_ends[k]
         i = min(end, j + n) - j
-        is_zero = not self.nz[j]
+        is_zero = not self.run_data[k]
         if i == n:                     # all the same: no reason to split
             return not is_zero, i
         tail = (self.first + j + i) & (self.alignment - 1)
@@ -115,18 +205,25 @@ class Converter:
         except BlockDriverError as exc:
             raise CliError(f"error while writing at byte {offset}: {describe(exc)}") from None
 
-    def copy_data(self, src: BlockDriverState, pos: int, dst: int, nbytes: int) -> None:
-        view = memoryview(self.buf)[:nbytes]
+    def read(self, src: BlockDriverState, pos: int, dst: int, buf: bytearray,
+             nbytes: int) -> None:
         try:
-            src.preadv(pos, IOVector.from_buffer(view))
+            src.preadv(pos, IOVector.from_buffer(memoryview(buf)[:nbytes]))
         except BlockDriverError as exc:
             raise CliError(f"error while reading at byte {dst}: {describe(exc)}") from None
+
+    def write_data(self, dst: int, buf: bytearray, nbytes: int) -> None:
+        """Write what was read at ``dst``, leaving out qemu-img's zero runs."""
+        view = memoryview(buf)[:nbytes]
         if not self.min_sparse:
             self.write(dst, view)
             return
-        nz = sector_flags(view, nbytes)
-        scan = SparseScanner(nz, dst // SECTOR, self.alignment)
-        j, total = 0, len(nz)
+        ends, data = sector_runs(buf, nbytes)
+        if len(ends) == 1 and data[0]:           # no zero sector at all
+            self.write(dst, view)
+            return
+        scan = SparseScanner.from_runs(ends, data, dst // SECTOR, self.alignment)
+        j, total = 0, ends[-1]
         while j < total:
             is_data, n = scan.alloc_min(j, total - j, self.min_sparse)
             lo, hi = j * SECTOR, min((j + n) * SECTOR, nbytes)
@@ -136,7 +233,12 @@ class Converter:
                 self.write_zeroes(dst + lo, hi - lo)
             j += n
 
-    def copy(self, src: BlockDriverState, base: int) -> None:
+    def copy_data(self, src: BlockDriverState, pos: int, dst: int, nbytes: int) -> None:
+        self.read(src, pos, dst, self.buf, nbytes)
+        self.write_data(dst, self.buf, nbytes)
+
+    def extents(self, src: BlockDriverState, base: int):
+        """("zero", dst, n) and ("data", src pos, dst, n <= 2 MiB) in order."""
         size, pos = src.total_size, 0
         while pos < size:
             try:
@@ -146,15 +248,21 @@ class Converter:
                                f"{describe(exc)}") from None
             end = pos + st.pnum
             if st.flags & BLOCK_ZERO:
-                self.write_zeroes(base + pos, st.pnum)
-                self.progress.update(st.pnum)
+                yield "zero", pos, base + pos, st.pnum
                 pos = end
                 continue
             while pos < end:
                 n = min(end - pos, IO_BUF_SIZE)
-                self.copy_data(src, pos, base + pos, n)
-                self.progress.update(n)
+                yield "data", pos, base + pos, n
                 pos += n
+
+    def copy(self, src: BlockDriverState, base: int) -> None:
+        for kind, pos, dst, n in self.extents(src, base):
+            if kind == "zero":
+                self.write_zeroes(dst, n)
+            else:
+                self.copy_data(src, pos, dst, n)
+            self.progress.update(n)
 
 
 def _cache_flags(cache: str | None) -> int:

@@ -122,7 +122,7 @@ def hexdump_context(a: bytes, b: bytes, base: int, at: int, width: int = 16) -> 
     return "\n".join(lines)
 
 
-def _first_diff(a: bytes, b: bytes) -> int:
+def first_diff(a: bytes, b: bytes) -> int:
     # Binary search on slices: memcmp speed instead of a Python byte loop.
     lo, hi = 0, min(len(a), len(b))
     if a[:hi] == b[:hi]:
@@ -166,7 +166,7 @@ def compare_files(a, b, fmt: str = "raw", check_size: bool = True) -> Difference
             rb = fb.read(plen).ljust(plen, b"\0")
             na, nb = fn(ra), fn(rb)
             if na != nb:
-                i = _first_diff(na, nb)
+                i = first_diff(na, nb)
                 return Difference(i, f"normalized {fmt} files differ at offset {i:#x} "
                                   f"(inside the first {plen:#x} bytes)",
                                   hexdump_context(na, nb, 0, i))
@@ -181,7 +181,7 @@ def compare_files(a, b, fmt: str = "raw", check_size: bool = True) -> Difference
                 da = fa.read(n).ljust(n, b"\0")
                 db = fb.read(n).ljust(n, b"\0")
                 if da != db:
-                    i = _first_diff(da, db)
+                    i = first_diff(da, db)
                     return Difference(pos + i, f"files differ at offset {pos + i:#x}",
                                       hexdump_context(da, db, pos, pos + i))
                 pos += n
@@ -225,7 +225,7 @@ def compare_guest(a, b, fmt_a: str | None = None, fmt_b: str | None = None,
                 da = bytes(n) if za else bytes(bs_a.pread(pos, n))
                 db = bytes(n) if zb else bytes(bs_b.pread(pos, n))
                 if da != db:
-                    i = _first_diff(da, db)
+                    i = first_diff(da, db)
                     return Difference(pos + i, f"guest data differ at offset {pos + i:#x}",
                                       hexdump_context(da, db, pos, pos + i))
                 pos += n

@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .compare import data_extents
+
 
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 QEMU_IO = os.environ.get("QEMU_IO", "qemu-io")
@@ -309,15 +311,8 @@ def sparse_copy(src, dst) -> None:
     template copies in milliseconds."""
     src, dst = os.fspath(src), os.fspath(dst)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
-        fd = fi.fileno()
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
+        size = os.fstat(fi.fileno()).st_size
+        for start, end in data_extents(src):
             fi.seek(start)
             fo.seek(start)
             left = end - start
@@ -327,7 +322,6 @@ def sparse_copy(src, dst) -> None:
                     break
                 fo.write(block)
                 left -= len(block)
-            pos = end
         fo.truncate(size)
     shutil.copymode(src, dst)
 

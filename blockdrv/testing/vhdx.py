@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 import struct
 
+from .compare import data_extents
+
 HEADER_OFFSETS = (64 * 1024, 128 * 1024)
 REGION_TABLE_OFFSET = 192 * 1024
 METADATA_GUID = bytes.fromhex("06a27c8b90479a4bb8fe575f050f886e")
@@ -118,21 +120,6 @@ def structure_end(path: str) -> int:
             _, off, length = struct.unpack_from("<16sQI", head, REGION_TABLE_OFFSET + 16 + 32 * i)
             end = max(end, off + length)
     return end
-
-
-def data_extents(path: str) -> list[tuple[int, int]]:
-    """(start, end) of the non-hole ranges of a file, via SEEK_DATA/SEEK_HOLE."""
-    out = []
-    with open(path, "rb") as f:
-        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:     # ENXIO: only a hole remains
-                break
-            pos = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, pos))
-    return out
 
 
 def compare_vhdx_files(a: str, b: str, chunk: int = 8 << 20) -> list[str]:

@@ -19,7 +19,7 @@ import io
 import os
 import random
 
-from .compare import data_extents, hexdump_context
+from .compare import data_extents, first_diff, hexdump_context
 from .qemu import _Shadow
 from .vhdx import normalize_vhdx
 
@@ -184,24 +184,12 @@ def assert_same_vhdx(a, b, extents: bool = True) -> None:
     na, nb = normalized_file(a), normalized_file(b)
     assert len(na) == len(nb), f"file sizes differ: {len(na)} != {len(nb)}"
     if na != nb:
-        i = next(i for i in range(len(na)) if na[i] != nb[i]) if len(na) < 4096 else \
-            _first(na, nb)
+        i = first_diff(na, nb)
         raise AssertionError(f"normalized files differ at {i:#x}:\n"
                              + hexdump_context(na, nb, 0, i))
     if extents:
         ea, eb = data_extents(a), data_extents(b)
         assert ea == eb, f"allocation maps differ:\n {ea}\n {eb}"
-
-
-def _first(a: bytes, b: bytes) -> int:
-    lo, hi = 0, min(len(a), len(b))
-    while hi - lo > 64:
-        mid = (lo + hi) // 2
-        if a[lo:mid] != b[lo:mid]:
-            hi = mid
-        else:
-            lo = mid
-    return next(i for i in range(lo, hi) if a[i] != b[i])
 
 
 def run_blockdrv(*args) -> tuple[int, str, str]:

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from blockdrv.cli import main
+from blockdrv.testing.compare import data_extents
 
 pytestmark = pytest.mark.interop
 
@@ -33,26 +34,6 @@ def same_error(ours_err: str, qemu_err: str) -> None:
     o = " ".join(line.removeprefix("blockdrv: ") for line in ours_err.splitlines()
                  if not line.startswith("Try "))
     assert o == q
-
-
-def holes_map(path: str) -> list[tuple[int, int]]:
-    """The file's data extents by SEEK_DATA/SEEK_HOLE."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, hole))
-            pos = hole
-    finally:
-        os.close(fd)
-    return out
 
 
 def sparse_file(path, size, extents):
@@ -85,7 +66,7 @@ def test_create_line_and_file(tmp_path, capsys, qemu_img):
             os.chdir(cwd)
         assert (oc, oout) == (qc, qout.replace("'a.raw'", "'b.raw'"))
         assert a.read_bytes() == b.read_bytes()
-        assert holes_map(str(a)) == holes_map(str(b))
+        assert data_extents(str(a)) == data_extents(str(b))
 
 
 @pytest.mark.parametrize("args", [["-f", "raw", "-o", "help"], ["-f", "raw", "x.raw", "1Q"],
@@ -199,9 +180,9 @@ def test_convert_same_bytes_and_holes(tmp_path, capsys, qemu_img, holes, sparse)
     assert ours(capsys, "convert", "-f", "raw", "-O", "raw", *extra, holes, o)[:2] == (0, "")
     with open(q, "rb") as fq, open(o, "rb") as fo:
         assert fq.read() == fo.read()
-    assert holes_map(o) == holes_map(q)
+    assert data_extents(o) == data_extents(q)
     if sparse != "0":
-        assert len(holes_map(o)) > 1
+        assert len(data_extents(o)) > 1
 
 
 def test_convert_scattered_zero_runs(tmp_path, capsys, qemu_img):
@@ -223,7 +204,7 @@ def test_convert_scattered_zero_runs(tmp_path, capsys, qemu_img):
         assert main(["convert", "-S", sparse, "-O", "raw", str(src), o]) == 0
         with open(o, "rb") as f:
             assert f.read() == data
-        assert holes_map(o) == holes_map(q), sparse
+        assert data_extents(o) == data_extents(q), sparse
 
 
 def test_convert_n_into_existing(tmp_path, capsys, qemu_img, holes):
@@ -236,7 +217,7 @@ def test_convert_n_into_existing(tmp_path, capsys, qemu_img, holes):
     assert ours(capsys, "convert", "-n", "-f", "raw", "-O", "raw", holes, o)[0] == 0
     with open(q, "rb") as fq, open(o, "rb") as fo:
         assert fq.read() == fo.read()
-    assert holes_map(o) == holes_map(q)
+    assert data_extents(o) == data_extents(q)
 
 
 @pytest.mark.parametrize("steps", [
@@ -254,7 +235,7 @@ def test_resize_matches(tmp_path, capsys, qemu_img, steps):
         assert (oc, oout) == (qc, qout), step
         same_error(oerr, qerr)
         assert os.path.getsize(o) == os.path.getsize(q)
-        assert holes_map(o) == holes_map(q)
+        assert data_extents(o) == data_extents(q)
 
 
 def test_probed_raw_warning_matches(tmp_path, qemu_img):

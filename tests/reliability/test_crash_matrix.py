@@ -41,6 +41,7 @@ from blockdrv.errors import BlockDriverError
 from blockdrv.node import O_RDWR
 from blockdrv.plugins import get_registry
 from blockdrv.protocols import blkdebug
+from blockdrv.testing.qemu import sparse_copy
 from blockdrv.testing.tools import require_tool
 
 MiB = 1 << 20
@@ -207,26 +208,6 @@ def plan_resize_fixed(seed: int = 9) -> Plan:
 # --------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------
-
-def sparse_copy(src: str, dst: str) -> None:
-    """Copy keeping holes (VHDX payload is sparse; copies stay cheap)."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        fd = fin.fileno()
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            while data < hole:
-                chunk = os.pread(fd, min(hole - data, 4 * MiB), data)
-                os.pwrite(fout.fileno(), chunk, data)
-                data += len(chunk)
-            pos = hole
-        fout.truncate(size)
-
 
 def make_base(path: str, plan: Plan) -> None:
     blockdrv.create_image(path, "vhdx", plan.size, **plan.create).close()

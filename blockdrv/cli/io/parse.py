@@ -165,7 +165,7 @@ def parse_offset_count(operands: list[str], warn: Warn | None = None, *,
 
 
 def getopt(args: list[str], optstring: str, prog: str,
-            longopts: dict[str, tuple[str, bool]] | None = None):
+           longopts: dict[str, tuple[str, bool]] | None = None):
     """Returns (options, operands, error message or None).
 
     ``options`` are ``(char, arg)`` in order up to the first error.

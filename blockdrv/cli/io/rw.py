@@ -40,44 +40,32 @@ def _timed(what: str, request: Callable[[], object]) -> float:
 
 
 def read_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
+    # -p is accepted and ignored, for backwards compatibility.
     opts, operands, error = getopt(args, "bCl:pP:qs:v", cmd.name)
-    cflag = qflag = vflag = bflag = pflag = lflag = sflag = False
-    pattern = 0
-    pattern_offset = pattern_count = 0
-    for ch, val in opts:
-        if ch == "b":
-            bflag = True
-        elif ch == "C":
-            cflag = True
-        elif ch == "l":
-            lflag = True
+    given = {ch for ch, _ in opts}
+    pflag, qflag = "P" in given, "q" in given
+    pattern = pattern_offset = pattern_count = 0
+    for ch, val in opts:        # in order: the first bad value is the one reported
+        if ch == "l":
             pattern_count = qio.num(val)
-        elif ch == "p":
-            pass                    # ignored for backwards compatibility
         elif ch == "P":
-            pflag = True
             pattern = parse_pattern(val)
-        elif ch == "q":
-            qflag = True
         elif ch == "s":
-            sflag = True
             pattern_offset = qio.num(val)
-        elif ch == "v":
-            vflag = True
     expect_operands(error, operands, 2)
     offset, count = parse_offset_count(operands, qio.warn)
-    if not pflag and (lflag or sflag):
+    if not pflag and given & {"l", "s"}:
         raise UsageError()
-    if not lflag:
+    if "l" not in given:
         pattern_count = count - pattern_offset
     if pattern_count < 0 or pattern_count + pattern_offset > count:
         raise CommandError("pattern verification range exceeds end of read data")
-    if bflag:
+    if "b" in given:
         raise CommandError(f"read failed: {os.strerror(_errno.ENOTSUP)}")
 
     t0 = time.perf_counter()
     mismatch = False
-    dump = DumpSpool() if vflag and not qflag else None
+    dump = DumpSpool() if "v" in given and not qflag else None
     try:
         _check_range(qio, offset, count)
         if count == 0:
@@ -108,7 +96,7 @@ def read_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
         return not mismatch
     if dump is not None:
         dump.write_to(qio.out)
-    report(qio.out, "read", elapsed, offset, count, count, 1, cflag)
+    report(qio.out, "read", elapsed, offset, count, count, 1, "C" in given)
     return not mismatch
 
 
@@ -136,36 +124,21 @@ def _all_byte(view, value: int) -> bool:
 
 
 def write_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
+    # -p is accepted and ignored, for backwards compatibility.
     opts, operands, error = getopt(args, "bcCfnpP:qs:uz", cmd.name)
-    bflag = cflag = Cflag = qflag = zflag = Pflag = sflag = False
+    given = {ch for ch, _ in opts}
+    bflag, cflag, zflag = "b" in given, "c" in given, "z" in given
     flags = 0
+    for ch, flag in (("f", WRITE_FUA), ("n", WRITE_NO_FALLBACK), ("u", WRITE_UNMAP)):
+        if ch in given:
+            flags |= flag
     pattern = 0xCD
     source = None
-    for ch, val in opts:
-        if ch == "b":
-            bflag = True
-        elif ch == "c":
-            cflag = True
-        elif ch == "C":
-            Cflag = True
-        elif ch == "f":
-            flags |= WRITE_FUA
-        elif ch == "n":
-            flags |= WRITE_NO_FALLBACK
-        elif ch == "p":
-            pass
-        elif ch == "P":
-            Pflag = True
+    for ch, val in opts:        # in order: the first bad -P is reported, the last wins
+        if ch == "P":
             pattern = parse_pattern(val)
-        elif ch == "q":
-            qflag = True
         elif ch == "s":
-            sflag = True
             source = val
-        elif ch == "u":
-            flags |= WRITE_UNMAP
-        elif ch == "z":
-            zflag = True
     expect_operands(error, operands, 2)
     if bflag and zflag:
         raise CommandError("-b and -z cannot be specified at the same time")
@@ -175,7 +148,7 @@ def write_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
         raise CommandError("-n requires -z to be specified")
     if flags & WRITE_UNMAP and not zflag:
         raise CommandError("-u requires -z to be specified")
-    if zflag + Pflag + sflag > 1:
+    if len(given & {"z", "P", "s"}) > 1:
         raise CommandError("Only one of -z, -P, and -s can be specified at the same time")
     offset, count = parse_offset_count(operands, qio.warn, hint=" without -n",
                                        unlimited=bool(flags & WRITE_NO_FALLBACK))
@@ -186,7 +159,7 @@ def write_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
             raise CommandError(f"{count} is not a sector-aligned value for 'count'")
     vec = None
     if not zflag:
-        if sflag:
+        if "s" in given:
             data = _load_source(qio, source, count)
             if data is None:
                 return False
@@ -205,8 +178,8 @@ def write_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
             qio.bs.flush()
 
     elapsed = _timed("write", request)
-    if not qflag:
-        report(qio.out, "wrote", elapsed, offset, count, count, 1, Cflag)
+    if "q" not in given:
+        report(qio.out, "wrote", elapsed, offset, count, count, 1, "C" in given)
     return True
 
 
@@ -245,11 +218,10 @@ def _pattern_vector(pattern: int, count: int) -> IOVector:
 
 def discard_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
     opts, operands, error = getopt(args, "Cq", cmd.name)
-    cflag = any(ch == "C" for ch, _ in opts)
-    qflag = any(ch == "q" for ch, _ in opts)
+    given = {ch for ch, _ in opts}
     expect_operands(error, operands, 2)
     offset, count = parse_offset_count(operands, qio.warn)
     elapsed = _timed("discard", lambda: qio.bs.pdiscard(offset, count))
-    if not qflag:
-        report(qio.out, "discard", elapsed, offset, count, count, 1, cflag)
+    if "q" not in given:
+        report(qio.out, "discard", elapsed, offset, count, count, 1, "C" in given)
     return True

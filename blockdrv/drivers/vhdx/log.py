@@ -638,9 +638,9 @@ class LogWriter:
         """Journal ``data`` at file ``offset`` (steps 1-7 in the class docs)."""
         if len(data) > self.log_length:
             raise InvalidArgumentError("VHDX log write larger than the log")
-        # (the flush of step 1 is write_sectors_and_flush's first action)
-        return self.write_sectors_and_flush(file, merge_sectors(file, offset, data),
-                                            set_log_guid, new_guid=new_guid)
+        file.flush()
+        return self._journal(file, merge_sectors(file, offset, data), (), set_log_guid,
+                             new_guid)
 
     def entry_fits(self, data_sectors: int, descriptors: int) -> bool:
         """Whether one entry with these counts fits the ring (see write_entry)."""
@@ -655,8 +655,11 @@ class LogWriter:
         as :meth:`write_and_flush`: ``updates`` are ``(file_offset, 4 KiB)``
         pairs, ``zeros`` ``(file_offset, length)`` ranges (4 KiB multiples)
         applied before the data sectors, as replay does."""
-        zeros = list(zeros)
         file.flush()
+        return self._journal(file, updates, list(zeros), set_log_guid, new_guid)
+
+    def _journal(self, file, updates, zeros, set_log_guid, new_guid) -> LogEntry:
+        """Steps 2-7, once step 1's flush is done."""
         guid = new_guid if new_guid is not None else uuid.uuid4().bytes
         size = file.getlength()
         seq = self.sequence

@@ -61,7 +61,6 @@ from .constants import (ALIGNMENT, BAT_GUID, HEADER_SECTION_SIZE, MAX_VIRTUAL_SI
                         PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS, VIRTUAL_DISK_SIZE_GUID)
 from .log import SECTOR, merge_sectors
 
-_OFFSET_MASK = ~(ALIGNMENT - 1) & ((1 << 64) - 1)
 _ZERO_SECTOR = bytes(SECTOR)
 
 
