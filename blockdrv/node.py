@@ -97,6 +97,11 @@ class BlockDriverState:
         self.growable = False         # protocol child of a format: may grow on write
         self.probed_raw = False       # format guessed as raw (the CLI warns)
         self.closed = False
+        # QEMU's write_gen/flushed_gen: writes completed on this node, and
+        # that count as of the last successful flush.  A protocol node whose
+        # counts match has nothing to make durable and skips its flush.
+        self.write_gen = 0
+        self.flushed_gen = 0
         self._rmw_lock: CoLock | None = None
         # Bind the hot hooks once; attribute lookups on the node are cheap.
         self._readv = drv.bdrv_co_readv
@@ -176,13 +181,21 @@ class BlockDriverState:
             # driver (qemu's vhdx takes it as the session's first visible
             # write and renews the DataWriteGuid); an unaligned one does not.
             if offset % max(self.request_alignment, 1) == 0:
-                await self._writev(self, offset, 0, qiov, flags)
+                try:
+                    await self._writev(self, offset, 0, qiov, flags)
+                finally:
+                    self.write_gen += 1
             return
         align = self.request_alignment
-        if align == 1 or (offset % align == 0 and nbytes % align == 0):
-            await self._writev(self, offset, nbytes, qiov, flags)
-        else:
-            await self._rmw_write(offset, nbytes, qiov, flags)
+        try:
+            if align == 1 or (offset % align == 0 and nbytes % align == 0):
+                await self._writev(self, offset, nbytes, qiov, flags)
+            else:
+                await self._rmw_write(offset, nbytes, qiov, flags)
+        finally:
+            # After the write, as bdrv_co_write_req_finish: a flush that
+            # started while it was in flight does not count it as flushed.
+            self.write_gen += 1
         if self.growable and offset + nbytes > self.total_size:
             self.total_size = offset + nbytes
 
@@ -220,7 +233,10 @@ class BlockDriverState:
         fn = self.drv.bdrv_co_pwrite_zeroes
         if fn is not None and offset % align == 0 and nbytes % align == 0:
             try:
-                await fn(self, offset, nbytes, flags)
+                try:
+                    await fn(self, offset, nbytes, flags)
+                finally:
+                    self.write_gen += 1
                 if self.growable and offset + nbytes > self.total_size:
                     self.total_size = offset + nbytes
                 return
@@ -241,7 +257,10 @@ class BlockDriverState:
         self._check_request(offset, nbytes)
         if nbytes == 0 or self.drv.bdrv_co_pdiscard is None:
             return
-        await self.drv.bdrv_co_pdiscard(self, offset, nbytes)
+        try:
+            await self.drv.bdrv_co_pdiscard(self, offset, nbytes)
+        finally:
+            self.write_gen += 1
 
     async def co_flush(self) -> None:
         """Flush this node, then its file child (QEMU flushes down the chain)."""
@@ -249,11 +268,20 @@ class BlockDriverState:
             return
         # cache=unsafe (QEMU's BDRV_O_NO_FLUSH): a format still writes out what
         # it caches; only the protocol's flush to stable storage is skipped.
-        if self.drv.bdrv_co_flush is not None and not (
-                self.open_flags & O_NO_FLUSH and self.file is None):
-            await self.drv.bdrv_co_flush(self)
+        # So is a protocol flush with no write completed since the last
+        # successful one (QEMU's flushed_gen check): everything it would make
+        # durable already is.  This is what keeps an allocating write in
+        # writethrough mode at qemu's 7 flushes -- the request's own flush
+        # comes right after the journal's last header flush.
+        gen = self.write_gen
+        if self.drv.bdrv_co_flush is not None:
+            if self.file is not None:
+                await self.drv.bdrv_co_flush(self)
+            elif not self.open_flags & O_NO_FLUSH and self.flushed_gen != gen:
+                await self.drv.bdrv_co_flush(self)
         if self.file is not None:
             await self.file.co_flush()
+        self.flushed_gen = gen
 
     async def co_truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         self._check_writable()
@@ -266,7 +294,10 @@ class BlockDriverState:
         if size % max(self.request_alignment, 1) and not self.growable:
             raise self._error(InvalidArgumentError(
                 f"Size must be a multiple of {self.request_alignment} bytes"))
-        await fn(self, size, exact, prealloc)
+        try:
+            await fn(self, size, exact, prealloc)
+        finally:
+            self.write_gen += 1
 
     # -- allocation ----------------------------------------------------------
 

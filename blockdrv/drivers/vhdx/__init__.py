@@ -24,7 +24,7 @@ from .create import CREATE_OPTS, create_vhdx
 if TYPE_CHECKING:
     from .image import VHDXImage
 
-# As image.ABSENT_STATES; .image (and numpy with it) is imported on the first
+# As image.ABSENT_STATES; .image (and the log module with it) is imported on the first
 # open, so `create` starts without it.
 ABSENT_STATES = frozenset((PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
                            PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,

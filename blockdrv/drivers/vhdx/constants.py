@@ -7,7 +7,14 @@ Comparing raw bytes avoids converting every table entry we read.
 
 from __future__ import annotations
 
-import uuid
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import uuid
+
+# The uuid module (and the platform module it imports, ~1.5 ms) is loaded only
+# by guid_from_bytes; parsing, formatting and new GUIDs need no UUID objects.
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -85,21 +92,41 @@ PARAM_LEAVE_BLOCKS_ALLOCATED = 0x1
 PARAM_HAS_PARENT = 0x2
 
 
+def _swap(raw: bytes) -> bytes:
+    """Big-endian UUID bytes <-> Microsoft on-disk GUID bytes (an involution)."""
+    return raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:]
+
+
 def guid_to_bytes(value: uuid.UUID | str) -> bytes:
     """The 16 on-disk bytes of a GUID given as ``uuid.UUID`` or string."""
     if isinstance(value, str):
-        value = uuid.UUID(value)
+        text = value.strip().removeprefix("urn:").removeprefix("uuid:").strip("{}")
+        raw = bytes.fromhex(text.replace("-", ""))
+        if len(raw) != 16:
+            raise ValueError("badly formed hexadecimal UUID string")
+        return _swap(raw)
     return value.bytes_le
 
 
 def guid_from_bytes(raw: bytes) -> uuid.UUID:
     """The ``uuid.UUID`` whose Microsoft on-disk form is ``raw``."""
+    import uuid
     return uuid.UUID(bytes_le=bytes(raw))
 
 
+def guid_str(raw: bytes) -> str:
+    """``str(guid_from_bytes(raw))`` without a UUID object."""
+    h = _swap(bytes(raw)).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def new_guid() -> bytes:
-    """A random version-4 GUID in on-disk form (reads back as a v4 UUID)."""
-    return uuid.uuid4().bytes_le
+    """A random version-4 GUID in on-disk form (reads back as a v4 UUID),
+    as ``uuid.uuid4().bytes_le``."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40          # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80          # RFC 4122 variant
+    return _swap(bytes(raw))
 
 
 ZERO_GUID = bytes(16)

@@ -31,7 +31,6 @@ place.  These rules are exercised by tests/reliability/test_concurrency.py.
 from __future__ import annotations
 
 import errno
-import uuid
 from typing import TYPE_CHECKING
 
 from blockdrv.coroutine import CoLock
@@ -45,7 +44,7 @@ from .constants import (ALIGNMENT, FILE_SIGNATURE, HEADER1_OFFSET, HEADER2_OFFSE
                         PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
                         PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095,
                         PAYLOAD_BLOCK_ZERO, REGION_TABLE1_OFFSET, REGION_TABLE2_OFFSET,
-                        REGION_TABLE_SIZE, ZERO_GUID)
+                        REGION_TABLE_SIZE, ZERO_GUID, new_guid)
 from .checksum import seal
 from .header import FileIdentifier, Header, select_current_header
 from .metadata import read_metadata
@@ -75,7 +74,7 @@ class VHDXImage:
         self.lock = CoLock()
         self.headers: list[Header] = []
         self.curr_header = 0
-        self.session_guid = uuid.uuid4().bytes_le
+        self.session_guid = new_guid()
         self.first_visible_write = True
         self.overlay: vlog.ReplayOverlay | None = None   # read-only log replay
         self.log_replayed_on_open = False
@@ -220,7 +219,7 @@ class VHDXImage:
         target.sequence_number = (active.sequence_number + 1) & ((1 << 64) - 1)
         target.file_write_guid = self.session_guid
         if new_data_guid:
-            target.data_write_guid = uuid.uuid4().bytes_le
+            target.data_write_guid = new_guid()
         if log_guid is not None:
             target.log_guid = log_guid
         offset = HEADER_OFFSETS[idx]
@@ -361,7 +360,7 @@ class VHDXImage:
     # ------------------------------------------------------------------ info
 
     def format_specific(self) -> dict:
-        from .constants import guid_from_bytes
+        from .constants import guid_str
         counts = self.bat.count_states()
         names = {0: "not-present", 1: "undefined", 2: "zero", 3: "unmapped",
                  5: "unmapped", 6: "fully-present", 7: "partially-present"}
@@ -376,9 +375,9 @@ class VHDXImage:
             "log-size": h.log_length,
             "logical-sector-size": self.logical_sector_size,
             "physical-sector-size": self.params.physical_sector_size,
-            "page83-id": str(guid_from_bytes(self.params.page83)),
-            "data-write-guid": str(guid_from_bytes(h.data_write_guid)),
-            "file-write-guid": str(guid_from_bytes(h.file_write_guid)),
+            "page83-id": guid_str(self.params.page83),
+            "data-write-guid": guid_str(h.data_write_guid),
+            "file-write-guid": guid_str(h.file_write_guid),
             "log-pending": self.overlay is not None,
             "creator": self.creator,
             "blocks": by_state,
