@@ -214,7 +214,14 @@ class Bat:
         the module docstring), in index order -- or None when the table has
         no such background or more than ``limit`` differing entries."""
         q, buf = self._q, self.buf
-        if q is None or not isinstance(buf, (bytes, bytearray)):
+        if q is None:
+            return None
+        if isinstance(buf, (bytes, bytearray)):
+            starts = buf.startswith
+        elif hasattr(buf, "find"):          # mmap: a bounded find is a memcmp
+            def starts(sub, pos, _find=buf.find):
+                return _find(sub, pos, pos + len(sub)) == pos
+        else:
             return None
         n = self._payload_end()
         if n == 0:
@@ -232,7 +239,7 @@ class Bat:
         while todo:
             lo, hi = todo.pop()
             ph = (lo % step) * 8
-            if buf.startswith(tmpl[ph:ph + (hi - lo) * 8], lo * 8):
+            if starts(tmpl[ph:ph + (hi - lo) * 8], lo * 8):
                 continue
             if hi - lo > _BG_LEAF:
                 mid = (lo + hi) // 2
