@@ -104,6 +104,9 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
     if img.overlay is not None:
         result.corruptions += 1
         result.messages.append("VHDX log needs to be replayed (open read-write or use -r all)")
+    for message in getattr(img, "region_overlaps", ()):
+        result.corruptions += 1
+        result.messages.append(message)
     writable = not img.read_only and img.overlay is None
     try:
         found = _analyse(img)

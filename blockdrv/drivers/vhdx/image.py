@@ -163,7 +163,13 @@ class VHDXImage:
                 rt = RegionTable.parse(self._read(REGION_TABLE2_OFFSET, REGION_TABLE_SIZE))
             except CorruptImageError:
                 raise first from None
-        rt.validate(header.log_offset, header.log_length, file_size=length)
+        # A read-only check counts overlapping regions as corruptions; any
+        # other open refuses them (writing the log or BAT could then
+        # overwrite other metadata, so no repair is attempted either).
+        self.region_overlaps: list[str] = []
+        counting = self.check_mode and self.read_only
+        rt.validate(header.log_offset, header.log_length, file_size=length,
+                    overlaps=self.region_overlaps if counting else None)
         if header.log_length and header.log_offset + header.log_length > length:
             raise CorruptImageError("VHDX log lies beyond the end of the file")
         self.region_table = rt

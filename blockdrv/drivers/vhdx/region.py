@@ -90,11 +90,14 @@ class RegionTable:
         return entry
 
     def validate(self, log_offset: int = 0, log_length: int = 0,
-                 file_size: int | None = None) -> None:
+                 file_size: int | None = None,
+                 overlaps: list[str] | None = None) -> None:
         """Check the entries against each other, the header section and the log.
 
         Raises CorruptImageError, or UnsupportedError for an unknown region
-        marked required (the spec says we must refuse to open those).
+        marked required (the spec says we must refuse to open those).  With
+        ``overlaps`` (a list, from ``check``), overlapping regions are appended
+        there as messages instead of raised, so they can be counted.
         """
         seen: set[bytes] = set()
         spans = [(0, HEADER_SECTION_SIZE, "header section")]
@@ -118,4 +121,7 @@ class RegionTable:
         spans.sort()
         for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
             if s2 < e1:
-                raise CorruptImageError(f"VHDX {n1} and {n2} regions overlap")
+                message = f"VHDX {n1} and {n2} regions overlap"
+                if overlaps is None:
+                    raise CorruptImageError(message)
+                overlaps.append(message)

@@ -314,3 +314,33 @@ def test_struct_helpers_agree_with_driver(image):
     v = Vhdx.load(image)
     assert v.block(0) == (6, 8 * MiB)
     assert struct.unpack_from("<Q", v.data, v.bat_offset)[0] == 8 * MiB | 6
+
+
+# --------------------------------------------------------------------------- regions
+
+@pytest.mark.parametrize("region", ["bat", "log"])
+def test_overlapping_regions_count_as_corruptions_read_only(region, image):
+    """A read-only check opens an image whose regions overlap and counts the
+    overlap (ordinary opens refuse it); a repairing check refuses, writing
+    nothing, since journaling into overlapping metadata could destroy more."""
+    def move(v):
+        if region == "bat":
+            v.set_region(_bat_guid(), file_offset=v.metadata_offset)
+        else:   # the log grows over the BAT that follows it
+            v.set_header(log_length=v.header(v.current)["log_length"] + MiB)
+    mutate(image, move)
+    before = sha(image)
+    with pytest.raises(blockdrv.CorruptImageError, match="overlap"):
+        blockdrv.open_image(image, "vhdx")
+    r = run_check(image)
+    assert r.corruptions >= 1
+    assert any("overlap" in m for m in r.messages)
+    with pytest.raises(blockdrv.CorruptImageError, match="overlap"):
+        run_check(image, FIX_ALL)
+    assert sha(image) == before
+
+
+def _bat_guid():
+    from blockdrv.drivers.vhdx.constants import BAT_GUID
+    return BAT_GUID
+
