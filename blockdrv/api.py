@@ -90,12 +90,18 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, readonly: bool =
     return Image(block.open_node(os.fspath(path), fmt, flags, options))
 
 
-def create_image(path: str | os.PathLike, fmt: str, size: int | str,
+def create_image(path: str | os.PathLike, fmt: str, size: int | str | None = None,
                  readonly: bool = False, **options: Any) -> Image:
-    """Create an image (options as qemu-img ``-o``) and return it opened."""
-    if size is None:
+    """Create an image (options as qemu-img ``-o``) and return it opened.
+
+    ``backing_file=`` (and ``backing_fmt=``) make a differencing image, as
+    ``qemu-img create -b ... -F ...``: a relative name is taken against the
+    new image's directory, and ``size=None`` inherits the backing file's size.
+    """
+    if size is None and not options.get("backing_file"):
         raise InvalidArgumentError("Image creation needs a size parameter")
-    opts = {"size": parse_size(size)}
-    opts.update({k: v for k, v in options.items()})
+    opts = {} if size is None else {"size": parse_size(size)}
+    opts.update({k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                 for k, v in options.items()})
     block.create(os.fspath(path), fmt, opts)
     return open_image(path, fmt, readonly=readonly)

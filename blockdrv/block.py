@@ -27,6 +27,18 @@ def split_protocol(filename: str) -> tuple[str, str]:
     return "file", filename
 
 
+def path_combine(base: str | None, name: str) -> str:
+    """QEMU's path_combine: ``name`` relative to the directory of the image
+    ``base`` (how backing file names are resolved); absolute names unchanged."""
+    if os.path.isabs(name) or not base:
+        return name
+    proto, rest = split_protocol(base)
+    if proto != "file":
+        rest = rest.rsplit(":", 1)[-1]
+    d = os.path.dirname(rest)
+    return os.path.join(d, name) if d else name
+
+
 def open_protocol(filename: str, flags: int = 0, options: dict[str, Any] | None = None,
                   protocol: str | None = None) -> BlockDriverState:
     reg = get_registry()

@@ -10,7 +10,12 @@ generic rules QEMU applies on top, reproduced by :func:`co_block_status`:
 * a ``DATA`` range with a valid offset into another node is also ``ZERO``
   when that node reads as zeros there (a hole in the host file), and the
   answer is cut where the host file's answer changes;
-* ``EOF`` when the range reaches the end of the node.
+* ``EOF`` when the range reaches the end of the node;
+* a range the node leaves unallocated (neither DATA nor ZERO) is answered by
+  its backing node, and so on down the chain (QEMU's
+  ``bdrv_block_status_above``); without a backing node, or past its end, it
+  reads as zeros.  :func:`co_block_status_depth` also tells which layer
+  answered (``qemu-img map``'s ``depth``).
 
 :func:`map_entries` then walks a node like ``qemu-img map`` and merges
 adjacent ranges with the same properties.
@@ -28,7 +33,38 @@ from .coroutine import run_sync
 
 async def co_block_status(bs: BlockDriverState, offset: int, nbytes: int,
                           want_zero: bool = True) -> BlockStatus:
-    """QEMU's ``bdrv_co_block_status`` for ``bs`` (no backing chain)."""
+    """QEMU's ``bdrv_block_status_above`` for ``bs`` and its backing chain."""
+    return (await co_block_status_depth(bs, offset, nbytes, want_zero))[0]
+
+
+async def co_block_status_depth(bs: BlockDriverState, offset: int, nbytes: int,
+                                want_zero: bool = True) -> tuple[BlockStatus, int]:
+    """(status, depth): the first layer of the chain that allocates the range
+    at ``offset`` (0 = ``bs``), its answer cut to what every layer above
+    leaves unallocated."""
+    depth, node = 0, bs
+    while True:
+        st = await _co_block_status_node(node, offset, nbytes, want_zero)
+        if st.pnum == 0 or st.flags & BLOCK_ALLOCATED:
+            break
+        backing = getattr(node, "backing", None)
+        if backing is None:
+            if st.flags & (BLOCK_DATA | BLOCK_ZERO) == 0 and node.file is not None:
+                st = st._replace(flags=st.flags | BLOCK_ZERO)
+            break
+        nbytes = st.pnum
+        depth += 1
+        if offset >= backing.total_size:
+            # past the end of the backing file: zeros
+            st = BlockStatus(BLOCK_ZERO, nbytes)
+            break
+        node = backing
+    return st._replace(flags=(st.flags & ~BLOCK_EOF) | _eof(bs, offset, st.pnum)), depth
+
+
+async def _co_block_status_node(bs: BlockDriverState, offset: int, nbytes: int,
+                                want_zero: bool = True) -> BlockStatus:
+    """QEMU's ``bdrv_co_block_status`` for ``bs`` alone."""
     st = await bs.co_block_status(offset, nbytes, want_zero)
     if st.pnum == 0:
         return st
@@ -64,7 +100,7 @@ async def _file_status(file: BlockDriverState, host: int, nbytes: int,
     if host >= file.total_size:
         return BlockStatus(BLOCK_ZERO | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_EOF,
                            nbytes, host, file)
-    return await co_block_status(file, host, nbytes, want_zero)
+    return await _co_block_status_node(file, host, nbytes, want_zero)
 
 
 def block_status(bs: BlockDriverState, offset: int, nbytes: int,
@@ -101,12 +137,12 @@ class MapEntry:
 
 
 def get_map_entry(bs: BlockDriverState, offset: int, nbytes: int) -> MapEntry:
-    st = block_status(bs, offset, nbytes)
+    st, depth = run_sync(co_block_status_depth(bs, offset, nbytes))
     has_offset = bool(st.flags & BLOCK_OFFSET_VALID)
     return MapEntry(
         start=offset, length=st.pnum,
         data=bool(st.flags & BLOCK_DATA), zero=bool(st.flags & BLOCK_ZERO),
-        present=bool(st.flags & BLOCK_ALLOCATED), depth=0,
+        present=bool(st.flags & BLOCK_ALLOCATED), depth=depth,
         offset=st.map if has_offset else None,
         filename=(st.file.filename if st.file is not None else None) if has_offset else None)
 

@@ -21,6 +21,7 @@ from .plugins import BoundDriver
 # Open flags (QEMU's BDRV_O_*).
 O_RDWR = 0x0002
 O_NOCACHE = 0x0020
+O_NO_BACKING = 0x0100 # do not open the backing chain (qemu-img info)
 O_NO_FLUSH = 0x0200   # cache=unsafe: flushes and FUA never reach the disk
 O_CHECK = 0x1000      # opened by `check`: the driver may defer repairs to bdrv_check
 O_UNMAP = 0x4000
@@ -92,6 +93,12 @@ class BlockDriverState:
         self.options = dict(options or {})
         self.opaque: Any = None
         self.file: BlockDriverState | None = None
+        # QEMU's backing child (read-only, owned by this node) and the names
+        # `info` prints; set by formats with a backing chain.
+        self.backing: BlockDriverState | None = None
+        self.backing_file: str | None = None
+        self.full_backing_file: str | None = None
+        self.backing_format: str | None = None
         self.total_size = 0
         self.request_alignment = 1
         self.growable = False         # protocol child of a format: may grow on write
@@ -388,8 +395,12 @@ class BlockDriverState:
                 self.drv.bdrv_close(self)
         finally:
             self.closed = True
-            if self.file is not None:
-                self.file.close()
+            try:
+                if self.file is not None:
+                    self.file.close()
+            finally:
+                if self.backing is not None:
+                    self.backing.close()
 
     # -- synchronous conveniences (no event loop needed) -----------------------
 

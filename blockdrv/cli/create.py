@@ -87,6 +87,21 @@ def prepare_create(filename: str, fmt: str, items: list[tuple[str, str | None]],
     return parsed, formatting_line(filename, fmt, opts, parsed, given)
 
 
+def backing_size(filename: str, opts: dict[str, Any]) -> int:
+    """The size a new image inherits from its backing file (qemu-img opens it;
+    a relative name is taken against the new image's directory)."""
+    path = block.path_combine(filename, str(opts["backing_file"]))
+    try:
+        bs = block.open_node(path, opts.get("backing_fmt"), 0)
+    except (BlockDriverError, OSError) as exc:
+        why = exc.message if isinstance(exc, BlockDriverError) else (exc.strerror or str(exc))
+        raise CliError(f"{filename}: Could not open backing file '{path}': {why}") from None
+    try:
+        return bs.total_size
+    finally:
+        bs.close()
+
+
 def do_create(filename: str, fmt: str, parsed: dict[str, Any]) -> None:
     try:
         block.create(filename, fmt, parsed)
@@ -116,7 +131,18 @@ def run(argv: list[str]) -> int:
         usage_error(f"Unexpected argument: {a.args[2]}")
     size = cvtnum("image size", a.args[1]) if len(a.args) > 1 else None
     if a.backing or a.backing_fmt:
-        raise CliError(f"{filename}: Backing file not supported for file format '{a.fmt}'")
+        drv = get_registry().formats.get(a.fmt)
+        names = {o.name for o in drv.create_opts()} if drv and drv.bdrv_create else set()
+        if "backing_file" not in names:
+            raise CliError(f"{filename}: Backing file not supported for file format '{a.fmt}'")
+        # qemu-img: -b/-F are the backing_file/backing_fmt options
+        if a.backing:
+            items.append(("backing_file", a.backing))
+        if a.backing_fmt:
+            items.append(("backing_fmt", a.backing_fmt))
+    if size is None and any(k == "backing_file" for k, _ in items) \
+            and not any(k == "size" for k, _ in items):
+        size = backing_size(filename, dict(items))
     parsed, line = prepare_create(filename, a.fmt, items, size)
     qprint(a.quiet, line)
     do_create(filename, a.fmt, parsed)

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..errors import BlockDriverError
-from ..node import FIX_ERRORS, FIX_LEAKS, BlockDriverState, CheckResult
+from ..node import FIX_ERRORS, FIX_LEAKS, O_NO_BACKING, BlockDriverState, CheckResult
 from .common import (ArgParser, CliError, add_output_option, describe, dump_human,
                      open_image, output_format, qjson, qprint, size_to_str, usage_error)
 
@@ -27,6 +27,12 @@ def image_info(bs: BlockDriverState, filename: str) -> dict[str, Any]:
     info["virtual-size"] = bs.total_size
     if drv_info is not None and drv_info.cluster_size:
         info["cluster-size"] = drv_info.cluster_size
+    if bs.backing_file:
+        info["backing-filename"] = bs.backing_file
+        if bs.full_backing_file:
+            info["full-backing-filename"] = bs.full_backing_file
+        if bs.backing_format:
+            info["backing-filename-format"] = bs.backing_format
     if drv_info is not None and drv_info.format_specific:
         spec = drv_info.format_specific
         if set(spec) != {"type", "data"}:
@@ -47,6 +53,16 @@ def human_info(info: dict[str, Any]) -> str:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if info.get("dirty-flag"):
         lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
     spec = info.get("format-specific")
     if spec is not None:
         lines.append("Format specific information:")
@@ -67,7 +83,8 @@ def run_info(argv: list[str]) -> int:
         usage_error("Expecting one image file name")
     fmt = output_format(a.output)
     filename = a.args[0]
-    bs = open_image(filename, a.fmt)
+    # as qemu-img info: the backing chain is named, not opened
+    bs = open_image(filename, a.fmt, flags=O_NO_BACKING)
     try:
         info = image_info(bs, filename)
     finally:

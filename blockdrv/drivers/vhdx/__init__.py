@@ -10,7 +10,7 @@ from __future__ import annotations
 from blockdrv.block import create_file
 from blockdrv.hookspecs import hookimpl
 from blockdrv.node import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO,
-                           O_CHECK, O_RDWR, BlockStatus, DriverInfo)
+                           O_CHECK, O_NO_BACKING, O_RDWR, BlockStatus, DriverInfo)
 from blockdrv.options import CreateOption
 
 from typing import TYPE_CHECKING
@@ -31,7 +31,7 @@ ABSENT_STATES = frozenset((PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
                            PAYLOAD_BLOCK_UNMAPPED_V095))
 
 _CREATE_KEYS = ("subformat", "block_size", "log_size", "block_state_zero",
-                "logical_sector_size", "physical_sector_size")
+                "logical_sector_size", "physical_sector_size", "backing_file", "backing_fmt")
 
 
 class VHDXFormat:
@@ -48,7 +48,14 @@ class VHDXFormat:
     def bdrv_open(self, bs, options, flags) -> None:
         from .image import VHDXImage
         img = VHDXImage(bs.file, read_only=not flags & O_RDWR, check=bool(flags & O_CHECK))
-        img.open()
+        img.on_validated = lambda img: _open_backing(bs, img, options, flags)
+        try:
+            img.open()
+        except BaseException:
+            if bs.backing is not None:
+                bs.backing.close()
+                bs.backing = None
+            raise
         bs.opaque = img
         bs.total_size = img.virtual_size
         bs.request_alignment = img.logical_sector_size
@@ -87,12 +94,26 @@ class VHDXFormat:
 
     @hookimpl
     async def bdrv_co_truncate(self, bs, offset, exact, prealloc) -> None:
+        if bs.opaque.differencing:
+            from blockdrv.errors import UnsupportedError
+            raise UnsupportedError("Resizing VHDX differencing images is not supported")
         from .resize import truncate
         await truncate(bs, offset, exact, prealloc)
 
     @hookimpl
     async def bdrv_co_block_status(self, bs, want_zero, offset, nbytes) -> BlockStatus:
         img: VHDXImage = bs.opaque
+        if img.differencing:
+            from . import differencing as d
+            kind, host, n = d.block_status(img, offset, nbytes)
+            if kind == d.DATA:
+                return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID,
+                                   n, host, bs.file)
+            if kind == d.PARENT:
+                return BlockStatus(0, n)          # unallocated: the backing chain decides
+            if kind == d.ZERO:
+                return BlockStatus(BLOCK_ZERO | BLOCK_ALLOCATED, n)
+            return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, n)
         state, host, n = img.block_status(offset, nbytes)
         if state == PAYLOAD_BLOCK_FULLY_PRESENT:
             return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID,
@@ -117,6 +138,8 @@ class VHDXFormat:
     @hookimpl
     def bdrv_has_zero_init(self, bs) -> bool:
         img: VHDXImage = bs.opaque
+        if img.differencing:
+            return False                  # reads come from the parent
         # As qemu: a dynamic image reads zeros until written; a fixed one
         # (first BAT entry present) reads whatever the file holds.
         if img.bat.total_entries == 0:
@@ -131,15 +154,56 @@ class VHDXFormat:
         size = options.get("size")
         from .create import plan_vhdx
         from blockdrv.errors import InvalidArgumentError
-        if size is None:
-            raise InvalidArgumentError("Image creation needs a size parameter")
-        plan_vhdx(size, **kwargs)          # validate before touching the file
-        file_bs = create_file(filename)
+        backing = kwargs.pop("backing_file", None)
+        backing_fmt = kwargs.pop("backing_fmt", None)
+        parent = None
+        if backing is not None:
+            from .create_child import child_options
+            parent, kwargs, size = child_options(filename, backing, backing_fmt, size, kwargs)
+        elif backing_fmt is not None:
+            raise InvalidArgumentError("backing_fmt needs backing_file")
         try:
-            create_vhdx(file_bs, size, **kwargs)
-            file_bs.flush()
+            if size is None:
+                raise InvalidArgumentError("Image creation needs a size parameter")
+            plan = {k: v for k, v in kwargs.items() if k != "parent_locator"}
+            plan_vhdx(size, differencing="parent_locator" in kwargs, **plan)  # no I/O yet
+            file_bs = create_file(filename)
+            try:
+                create_vhdx(file_bs, size, **kwargs)
+                file_bs.flush()
+            finally:
+                file_bs.close()
         finally:
-            file_bs.close()
+            if parent is not None:
+                parent.close()
+
+
+def _open_backing(bs, img: "VHDXImage", options, flags) -> None:
+    """Runs inside VHDXImage.open once the image is validated, before any
+    write: validate the parent locator and open the parent read-only."""
+    if not img.differencing:
+        return
+    from . import parent as vparent
+    locator = img.params.parent_locator
+    vparent.validate_locator(locator)
+    cands = vparent.candidates(bs.filename, locator)
+    if options.get("backing"):
+        bs.backing_file = bs.full_backing_file = options["backing"]
+    elif cands:
+        bs.backing_file, bs.full_backing_file = cands[0]
+    bs.backing_format = "vhdx"
+    if flags & O_NO_BACKING:
+        return
+    own = vparent._real(bs.filename) if bs.filename else None
+    parent, ref = vparent.open_parent(bs.filename, locator, options, own)
+    bs.backing = parent
+    img.parent, img.parent_ref = parent, ref
+    bs.backing_file, bs.full_backing_file = ref.backing_filename, ref.full_backing_filename
+    if parent.opaque.logical_sector_size != img.logical_sector_size:
+        from blockdrv.errors import CorruptImageError
+        raise CorruptImageError(
+            f"VHDX parent '{ref.full_backing_filename}' has {parent.opaque.logical_sector_size}"
+            f"-byte logical sectors, this image {img.logical_sector_size} (they must be equal)")
 
 
 driver = VHDXFormat()

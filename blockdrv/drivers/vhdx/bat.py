@@ -207,6 +207,15 @@ class Bat:
             self.entries[i] = value
         return i
 
+    def set_raw_at(self, index: int, value: int) -> None:
+        """Store a raw entry at BAT index ``index`` (sector bitmap entries)."""
+        if not 0 <= index < self.total_entries:
+            raise IndexError(f"BAT index {index} out of range")
+        if self._q is not None:
+            self._q[index] = value
+        else:
+            self.entries[index] = value
+
     # --- numpy-free scan ------------------------------------------------
     def background_scan(self, limit: int = _BG_LIMIT):
         """(background payload value, [(BAT index, raw entry), ...]) for the

@@ -58,6 +58,9 @@ CREATE_OPTS = [
                  "Logical sector size, 512 or 4096 (qemu can only create 512). Default 512."),
     CreateOption("physical_sector_size", "size",
                  "Physical sector size, 512 or 4096. Default: the logical sector size."),
+    # beyond qemu: differencing images (qcow2's names and help texts)
+    CreateOption("backing_file", "string", "File name of a base image"),
+    CreateOption("backing_fmt", "string", "Image format of the base image"),
 ]
 
 
@@ -112,8 +115,11 @@ def _qemu_empty_disk_entries(block_size: int, lss: int) -> int:
 def plan_vhdx(size: int, *, subformat: str | None = "dynamic", block_size: int = 0,
               log_size: int | None = DEFAULT_LOG_SIZE, block_state_zero: bool | None = True,
               logical_sector_size: int | None = 512,
-              physical_sector_size: int | None = None) -> VhdxLayout:
-    """Validate and round the options exactly as qemu-img 7.2; no I/O."""
+              physical_sector_size: int | None = None,
+              differencing: bool = False) -> VhdxLayout:
+    """Validate and round the options exactly as qemu-img 7.2; no I/O.
+
+    ``differencing``: the BAT holds whole chunks (spec 2.5)."""
     subformat = "dynamic" if subformat is None else subformat
     if subformat not in ("dynamic", "fixed"):
         raise InvalidArgumentError(f"Parameter 'subformat' does not accept value '{subformat}'")
@@ -142,7 +148,7 @@ def plan_vhdx(size: int, *, subformat: str | None = "dynamic", block_size: int =
     if block_size & (block_size - 1):
         raise InvalidArgumentError("Block size must be a power of two")
 
-    entries = _bat.total_entries(size, block_size, lss)
+    entries = _bat.total_entries(size, block_size, lss, differencing=differencing)
     bat_offset = HEADER_SECTION_SIZE + log_size
     bat_length = _bat.region_length(entries or _qemu_empty_disk_entries(block_size, lss))
     metadata_offset = bat_offset + bat_length
@@ -200,7 +206,7 @@ def _present_bat_slices(layout: VhdxLayout, step: int):
 def create_vhdx(file, size: int, *, subformat: str | None = "dynamic", block_size: int = 0,
                 log_size: int | None = DEFAULT_LOG_SIZE, block_state_zero: bool | None = True,
                 logical_sector_size: int | None = 512, physical_sector_size: int | None = None,
-                creator: str = DEFAULT_CREATOR) -> VhdxLayout:
+                creator: str = DEFAULT_CREATOR, parent_locator=None) -> VhdxLayout:
     """Write a new VHDX image to ``file`` (``pwrite``, ``truncate``, ``flush``).
 
     Raises InvalidArgumentError (qemu's messages) before writing anything.
@@ -209,7 +215,8 @@ def create_vhdx(file, size: int, *, subformat: str | None = "dynamic", block_siz
     layout = plan_vhdx(size, subformat=subformat, block_size=block_size, log_size=log_size,
                        block_state_zero=block_state_zero,
                        logical_sector_size=logical_sector_size,
-                       physical_sector_size=physical_sector_size)
+                       physical_sector_size=physical_sector_size,
+                       differencing=parent_locator is not None)
     ident = FileIdentifier(creator).pack()
     region = RegionTable([RegionEntry(BAT_GUID, layout.bat_offset, layout.bat_length),
                           RegionEntry(METADATA_GUID, layout.metadata_offset,
@@ -218,7 +225,8 @@ def create_vhdx(file, size: int, *, subformat: str | None = "dynamic", block_siz
         block_size=layout.block_size, virtual_size=layout.virtual_size,
         logical_sector_size=layout.logical_sector_size,
         physical_sector_size=layout.physical_sector_size, page83=new_guid(),
-        leave_blocks_allocated=layout.fixed))
+        leave_blocks_allocated=layout.fixed, has_parent=parent_locator is not None,
+        parent_locator=parent_locator))
     # qemu: a random 32-bit sequence number, header 2 one higher; both share
     # fresh file/data write GUIDs; no log GUID.
     header = Header(sequence_number=int.from_bytes(os.urandom(4), "little"),

@@ -80,6 +80,16 @@ class VHDXImage:
         self.log_replayed_on_open = False
         self.log_writer: vlog.LogWriter | None = None
         self.creator = ""
+        # Differencing images (see .differencing, .parent, .bitmap): the
+        # parent node (None until opened, or when opened without backing),
+        # where it came from, and the sector bitmaps.  ``on_validated`` runs
+        # once the image is validated and before open writes anything (the
+        # driver opens and checks the parent there).
+        self.differencing = False
+        self.parent = None
+        self.parent_ref = None
+        self.bitmaps = None
+        self.on_validated = None
 
     # ------------------------------------------------------------------ open
 
@@ -131,6 +141,8 @@ class VHDXImage:
             # read-only open keeps the in-memory replay and writes nothing.
             self.overlay = vlog.replay_log_in_memory(file, current)
         self._open_regions(current)
+        if self.on_validated is not None:
+            self.on_validated(self)
         if not self.read_only and self.overlay is not None:
             replayed = self._replay_log(self.overlay)
             sequence = replayed.sequence_number + 1
@@ -175,30 +187,39 @@ class VHDXImage:
         self.region_table = rt
         meta = rt.metadata
         self.metadata_table, self.params = read_metadata(
-            lambda off, n: self._read(meta.file_offset + off, n), meta.length)
+            lambda off, n: self._read(meta.file_offset + off, n), meta.length,
+            allow_differencing=True)
         p = self.params
         self.block_size = p.block_size
         self.logical_sector_size = p.logical_sector_size
         self.virtual_size = p.virtual_size
         self.fixed = p.leave_blocks_allocated
         bat_rt = rt.bat
-        entries = total_entries(p.virtual_size, p.block_size, p.logical_sector_size)
+        self.differencing = diff = p.has_parent
+        entries = total_entries(p.virtual_size, p.block_size, p.logical_sector_size,
+                                differencing=diff)
         if entries * 8 > bat_rt.length:
             raise CorruptImageError(
                 f"VHDX BAT region ({bat_rt.length} bytes) is too small for "
                 f"{entries} entries")
         self.bat_offset = bat_rt.file_offset
         self.bat = Bat(self._read_into(bat_rt.file_offset, entries * 8),
-                       p.virtual_size, p.block_size, p.logical_sector_size)
+                       p.virtual_size, p.block_size, p.logical_sector_size,
+                       differencing=diff)
         self.regions = [(header.log_offset, header.log_length),
                         (bat_rt.file_offset, bat_rt.length),
                         (meta.file_offset, meta.length)]
         self.regions += [(e.file_offset, e.length) for e in rt.entries
                          if e not in (bat_rt, meta)]
+        if diff:
+            from . import bitmap
+            self.bitmaps = bitmap.SectorBitmaps(self)
         # Like qemu: a present block overlapping the header, log or a region
         # is refused at open (reads would return metadata as guest data).
         if self.check_mode:
             return
+        if diff:
+            bitmap.open_check(self)
         # Only what open refuses, chunked: the full Bat.check (for `check`)
         # allocates several arrays the size of the table.
         in_meta, beyond = self.bat.open_check(length, self.regions)
@@ -260,6 +281,10 @@ class VHDXImage:
                                  errno=errno.EIO)
 
     async def readv(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        if self.differencing:
+            from . import differencing
+            await differencing.readv(self, offset, nbytes, qiov)
+            return
         bsize = self.block_size
         file = self.file
         done = 0
@@ -302,6 +327,10 @@ class VHDXImage:
                 if self.first_visible_write:
                     self.update_headers(True, None)
                     self.first_visible_write = False
+        if self.differencing:
+            from . import differencing
+            await differencing.writev(self, offset, nbytes, qiov)
+            return
         done = 0
         while done < nbytes:
             pos = offset + done
@@ -387,7 +416,14 @@ class VHDXImage:
             "log-pending": self.overlay is not None,
             "creator": self.creator,
             "blocks": by_state,
+            **self._parent_info(),
         }
+
+    def _parent_info(self) -> dict:
+        locator = self.params.parent_locator if self.differencing else None
+        if locator is None:
+            return {}
+        return {"parent-locator": dict(locator.entries)}
 
 
 def _table_buffer(nbytes: int):

@@ -1,0 +1,164 @@
+"""Sector bitmap blocks of differencing images (spec 2.4, 2.5.1.2).
+
+One 1 MiB sector bitmap block per chunk (2**23 logical sectors); its BAT
+entry follows the chunk's ``chunk_ratio`` payload entries.  Bit ``i`` (bit 0
+of byte 0 first) says where logical sector ``i`` of the chunk lives: 1 in
+this file (inside its PARTIALLY_PRESENT payload block), 0 in the parent.
+Each payload block owns ``block_size / sector_size / 8`` consecutive bytes
+(``1 MiB / chunk_ratio``).
+
+Sector bitmap blocks are VHDX metadata, not payload (spec 2.3: the log "MUST
+be used to perform updates to all metadata except the header and MUST NOT be
+used for updates to the payload blocks"), so every bitmap change is
+journaled -- in the same log entry as the BAT entries it goes with, so an
+allocation (payload entry, bitmap entry, bitmap bits) replays or vanishes as
+one.  Bits only ever go from 0 to 1; the in-memory copy is updated once the
+journal entry is durable, like the BAT (see :mod:`.image`).
+"""
+
+from __future__ import annotations
+
+from blockdrv.errors import CorruptImageError
+
+from .bat import bitmap_index
+from .constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, HEADER_SECTION_SIZE,
+                        SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
+
+SECTOR = 4096            # log update granularity
+
+
+class SectorBitmaps:
+    """Cached access to the bitmap bytes of each payload block."""
+
+    def __init__(self, img) -> None:
+        self.img = img
+        self.ratio = img.bat.chunk_ratio
+        self.lss = img.logical_sector_size
+        self.sectors_per_block = img.block_size // self.lss
+        self.bytes_per_block = self.sectors_per_block // 8
+        self._cache: dict[int, bytearray] = {}
+
+    # ---------------------------------------------------------------- entries
+    def entry_index(self, block: int) -> int:
+        return bitmap_index(block // self.ratio, self.ratio)
+
+    def entry(self, block: int) -> int:
+        return self.img.bat.raw_at(self.entry_index(block))
+
+    def present(self, block: int) -> bool:
+        return self.entry(block) & BAT_STATE_MASK == SB_BLOCK_PRESENT
+
+    def block_offset(self, block: int) -> int:
+        """File offset of ``block``'s bytes inside its chunk's bitmap block."""
+        return (self.entry(block) & BAT_OFFSET_MASK) + (block % self.ratio) * self.bytes_per_block
+
+    # ------------------------------------------------------------------- bits
+    def bits(self, block: int) -> bytearray | None:
+        """The block's bitmap bytes, or None when its chunk has no bitmap
+        block (every sector then comes from the parent)."""
+        cached = self._cache.get(block)
+        if cached is not None:
+            return cached
+        if not self.present(block):
+            return None
+        data = bytearray(self.img._read(self.block_offset(block), self.bytes_per_block))
+        self._cache[block] = data
+        return data
+
+    def runs(self, block: int, first: int, count: int) -> list[tuple[bool, int]]:
+        """(in this file?, sectors) runs covering sectors ``[first, first+count)``
+        of ``block``, adjacent runs of the same kind merged."""
+        bits = self.bits(block)
+        if bits is None:
+            return [(False, count)]
+        import numpy as np
+        lo, hi = first // 8, -(-(first + count) // 8)
+        arr = np.unpackbits(np.frombuffer(bytes(bits[lo:hi]), np.uint8), bitorder="little")
+        arr = arr[first - lo * 8:first - lo * 8 + count]
+        edges = np.flatnonzero(arr[1:] != arr[:-1]) + 1
+        starts = [0, *edges.tolist()]
+        ends = [*edges.tolist(), count]
+        return [(bool(arr[s]), e - s) for s, e in zip(starts, ends)]
+
+    def all_set(self, block: int, first: int, count: int) -> bool:
+        runs = self.runs(block, first, count)
+        return len(runs) == 1 and runs[0][0]
+
+    def with_bits_set(self, block: int, first: int, count: int) -> bytearray:
+        """A copy of the block's bitmap bytes with sectors ``[first, first+count)`` set."""
+        bits = self.bits(block)
+        out = bytearray(self.bytes_per_block) if bits is None else bytearray(bits)
+        value = int.from_bytes(out, "little")
+        value |= ((1 << count) - 1) << first
+        return bytearray(value.to_bytes(self.bytes_per_block, "little"))
+
+    def sector_updates(self, file, bitmap_file_offset: int, new: bytes) -> list[tuple[int, bytes]]:
+        """The 4 KiB sectors of the bitmap block to journal so that ``new``
+        lands at ``bitmap_file_offset`` (other blocks' bytes kept)."""
+        out = []
+        end = bitmap_file_offset + len(new)
+        first = bitmap_file_offset - bitmap_file_offset % SECTOR
+        for sec in range(first, end, SECTOR):
+            lo, hi = max(sec, bitmap_file_offset), min(sec + SECTOR, end)
+            if lo == sec and hi == sec + SECTOR:
+                buf = bytes(new[sec - bitmap_file_offset:sec - bitmap_file_offset + SECTOR])
+            else:
+                cur = bytearray(file.pread(sec, SECTOR)) if sec < file.getlength() \
+                    else bytearray(SECTOR)
+                cur[lo - sec:hi - sec] = new[lo - bitmap_file_offset:hi - bitmap_file_offset]
+                buf = bytes(cur)
+            out.append((sec, buf))
+        return out
+
+    def publish(self, block: int, new: bytes) -> None:
+        """The journaled bits are durable: make them visible."""
+        self._cache[block] = bytearray(new)
+
+
+def bitmap_problems(img, partial: bool = True) -> list[str]:
+    """Sector bitmap entries of a differencing image that violate 2.5.1.2: a
+    bitmap block in the header section, in a region, or past the end of the
+    file; with ``partial``, a PARTIALLY_PRESENT block whose chunk has no
+    bitmap block."""
+    bat = img.bat
+    if not bat.differencing:
+        return []
+    ratio = bat.chunk_ratio
+    flen = img.overlay.length if img.overlay is not None else img.file.getlength()
+    out: list[str] = []
+    chunks = -(-bat.data_blocks // ratio)
+    absent_chunks = []
+    for chunk in range(chunks):
+        idx = bitmap_index(chunk, ratio)
+        raw = bat.raw_at(idx)
+        state, off = raw & BAT_STATE_MASK, raw & BAT_OFFSET_MASK
+        if state == SB_BLOCK_PRESENT:
+            if off < HEADER_SECTION_SIZE:
+                out.append(f"VHDX BAT entry {idx} (sector bitmap) points into the header")
+            elif any(length and off < s + length and off + SECTOR_BITMAP_BLOCK_SIZE > s
+                     for s, length in img.regions):
+                out.append(f"VHDX BAT entry {idx} (sector bitmap) points into the header, "
+                           "log, BAT or metadata")
+            elif off + SECTOR_BITMAP_BLOCK_SIZE > flen:
+                out.append(f"VHDX BAT entry {idx} (sector bitmap) points after the end of "
+                           f"file ({flen})")
+        elif state == SB_BLOCK_NOT_PRESENT:
+            absent_chunks.append(chunk)
+    if partial and absent_chunks:
+        import numpy as np
+        states = bat.states()
+        pp = np.flatnonzero(states == 7)
+        if len(pp):
+            hit = np.isin(pp // ratio, np.array(absent_chunks))
+            for block in pp[hit][:50].tolist():
+                out.append(f"VHDX block {block} is PARTIALLY_PRESENT but its chunk has "
+                           f"no sector bitmap block (BAT entry "
+                           f"{bitmap_index(block // ratio, ratio)})")
+    return out
+
+
+def open_check(img) -> None:
+    """Refuse at open what would make reads return metadata as bitmap bits."""
+    problems = bitmap_problems(img, partial=False)
+    if problems:
+        raise CorruptImageError(problems[0])

@@ -1,0 +1,88 @@
+"""Crash-safe repairs of what the analysis found; every BAT change is journaled."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..constants import MiB, PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS
+from ..image import VHDXImage
+from .analysis import _Findings
+from .entries import _RESERVED_MASK, _STATE_MASK, _bat_geometry, _block_lengths, _offsets
+
+_SECTORS_PER_LOG_ENTRY = 64
+_COPY_CHUNK = 1 * MiB
+
+
+def _repair(img: VHDXImage, f: _Findings) -> None:
+    file = img.file
+    entries, idx, is_bitmap, block, _ = _bat_geometry(img)
+    assert np.array_equal(idx, f.idx)
+    new = entries.copy()
+    off = _offsets(entries)
+
+    # 1. region table copies: rewrite a bad copy from the one open used
+    if f.region_copies_bad:
+        good = img.region_table.pack()
+        for i in f.region_copies_bad:
+            file.pwrite(REGION_TABLE_OFFSETS[i], good)
+        file.flush()
+
+    # 2. entries nothing could read: NOT_PRESENT
+    drop = (f.past_eof | f.in_metadata | f.bad_state) & ~is_bitmap
+    new[drop] = np.uint64(PAYLOAD_BLOCK_NOT_PRESENT)
+    # 3. stray bitmap entries and reserved bits
+    new[f.stray_bitmap] = np.uint64(0)
+    keep_bits = ~f.stray_bitmap & ~drop & f.reserved
+    new[keep_bits] &= ~_RESERVED_MASK
+
+    # 4. blocks cut short by a truncation: extend the file over them
+    cut = f.cut_short & ~drop
+    if cut.any():
+        lengths = _block_lengths(img, block)
+        need = int((off[cut] + lengths[cut]).max())
+        if need > file.getlength():
+            file.truncate(need)
+            file.flush()
+
+    # 5. overlapping blocks: give each later one its own copy of the data
+    for i in np.flatnonzero(f.overlapping & ~drop):
+        i = int(i)
+        length = int(_block_lengths(img, block[i:i + 1])[0])
+        src = int(off[i])
+        dst = -(-file.getlength() // MiB) * MiB
+        file.truncate(dst + img.block_size)
+        pos = 0
+        while pos < length:
+            n = min(_COPY_CHUNK, length - pos)
+            file.pwrite(dst + pos, bytes(file.pread(src + pos, n)))
+            pos += n
+        file.flush()
+        new[i] = np.uint64(dst) | (entries[i] & _STATE_MASK)
+
+    _journal_bat(img, idx, new)
+
+
+def _journal_bat(img: VHDXImage, idx: np.ndarray, values: np.ndarray) -> None:
+    """Set BAT entries ``idx`` to ``values`` through the log, whole sectors at a
+    time (at most 64 sectors per log entry); nothing the size of the BAT is copied."""
+    old = img.bat.entries
+    moved = values != old[idx]
+    changed, values = idx[moved], values[moved]
+    if not len(changed):
+        return
+    per_sector = 4096 // 8
+    sectors = np.unique(changed // per_sector)
+    runs: list[list[int]] = []
+    for s in sectors.tolist():
+        if runs and s == runs[-1][-1] + 1 and len(runs[-1]) < _SECTORS_PER_LOG_ENTRY:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    for run in runs:
+        first, last = run[0] * per_sector, min((run[-1] + 1) * per_sector, len(old))
+        lo, hi = np.searchsorted(changed, [first, last])
+        chunk = np.array(old[first:last])
+        chunk[changed[lo:hi] - first] = values[lo:hi]
+        img.log_writer.write_and_flush(img.file, img.bat_offset + first * 8,
+                                       chunk.astype("<u8").tobytes(), img._set_log_guid)
+        old[first:last] = chunk        # the in-memory BAT follows the disk
