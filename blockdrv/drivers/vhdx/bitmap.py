@@ -24,7 +24,6 @@ from .bat import bitmap_index
 from .constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, HEADER_SECTION_SIZE,
                         SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
 
-SECTOR = 4096            # log update granularity
 
 
 class SectorBitmaps:
@@ -95,20 +94,8 @@ class SectorBitmaps:
     def sector_updates(self, file, bitmap_file_offset: int, new: bytes) -> list[tuple[int, bytes]]:
         """The 4 KiB sectors of the bitmap block to journal so that ``new``
         lands at ``bitmap_file_offset`` (other blocks' bytes kept)."""
-        out = []
-        end = bitmap_file_offset + len(new)
-        first = bitmap_file_offset - bitmap_file_offset % SECTOR
-        for sec in range(first, end, SECTOR):
-            lo, hi = max(sec, bitmap_file_offset), min(sec + SECTOR, end)
-            if lo == sec and hi == sec + SECTOR:
-                buf = bytes(new[sec - bitmap_file_offset:sec - bitmap_file_offset + SECTOR])
-            else:
-                cur = bytearray(file.pread(sec, SECTOR)) if sec < file.getlength() \
-                    else bytearray(SECTOR)
-                cur[lo - sec:hi - sec] = new[lo - bitmap_file_offset:hi - bitmap_file_offset]
-                buf = bytes(cur)
-            out.append((sec, buf))
-        return out
+        from .log import merge_sectors
+        return merge_sectors(file, bitmap_file_offset, new)
 
     def publish(self, block: int, new: bytes) -> None:
         """The journaled bits are durable: make them visible."""
