@@ -47,9 +47,11 @@ async def co_block_status_depth(bs: BlockDriverState, offset: int, nbytes: int,
         st = await _co_block_status_node(node, offset, nbytes, want_zero)
         if st.pnum == 0 or st.flags & BLOCK_ALLOCATED:
             break
-        backing = getattr(node, "backing", None)
+        backing = node.backing
         if backing is None:
-            if st.flags & (BLOCK_DATA | BLOCK_ZERO) == 0 and node.file is not None:
+            # Not allocated here (the node sets ALLOCATED with DATA or ZERO):
+            # an unallocated range of a format node with no backing reads zeros.
+            if node.file is not None:
                 st = st._replace(flags=st.flags | BLOCK_ZERO)
             break
         nbytes = st.pnum

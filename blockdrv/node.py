@@ -183,17 +183,12 @@ class BlockDriverState:
         """Write ``qiov`` at ``offset`` (QEMU's bdrv_co_pwritev)."""
         self._check_writable()
         self._check_request(offset, nbytes)
-        if nbytes == 0:
+        align = self.request_alignment
+        if nbytes == 0 and offset % align:
             # As block/io.c: an aligned zero-length write still reaches the
             # driver (qemu's vhdx takes it as the session's first visible
             # write and renews the DataWriteGuid); an unaligned one does not.
-            if offset % max(self.request_alignment, 1) == 0:
-                try:
-                    await self._writev(self, offset, 0, qiov, flags)
-                finally:
-                    self.write_gen += 1
             return
-        align = self.request_alignment
         try:
             if align == 1 or (offset % align == 0 and nbytes % align == 0):
                 await self._writev(self, offset, nbytes, qiov, flags)
@@ -203,7 +198,7 @@ class BlockDriverState:
             # After the write, as bdrv_co_write_req_finish: a flush that
             # started while it was in flight does not count it as flushed.
             self.write_gen += 1
-        if self.growable and offset + nbytes > self.total_size:
+        if self.growable and offset + nbytes > self.total_size and nbytes:
             self.total_size = offset + nbytes
 
     async def _rmw_write(self, offset: int, nbytes: int, qiov: IOVector, flags: int) -> None:
@@ -365,7 +360,13 @@ class BlockDriverState:
         flags = (self.open_flags & ~O_RDWR) | (0 if read_only else O_RDWR)
         if flags == self.open_flags:
             return
-        nodes = [n for n in (self.file, self) if n is not None]
+        # Children first, down the whole ``file`` chain (format -> filter -> protocol).
+        nodes: list[BlockDriverState] = []
+        node: BlockDriverState | None = self
+        while node is not None:
+            nodes.append(node)
+            node = node.file
+        nodes.reverse()
         prepared: list[BlockDriverState] = []
         try:
             for node in nodes:
@@ -388,11 +389,15 @@ class BlockDriverState:
         if self.closed:
             return
         try:
-            if not self.read_only:
-                # As QEMU's bdrv_close: whatever was written is durable after close.
-                run_sync(self.co_flush())
-            if self.drv.bdrv_close is not None:
-                self.drv.bdrv_close(self)
+            try:
+                if not self.read_only:
+                    # As QEMU's bdrv_close: whatever was written is durable after close.
+                    run_sync(self.co_flush())
+            finally:
+                # A failed flush is reported, but the driver still releases
+                # what it holds (the file protocol its descriptor).
+                if self.drv.bdrv_close is not None:
+                    self.drv.bdrv_close(self)
         finally:
             self.closed = True
             try:

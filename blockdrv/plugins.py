@@ -138,9 +138,7 @@ class DriverRegistry:
             self.register(load_entry_point(value))
         for name, target in _BUILTIN.items():
             if name not in seen and name not in self.formats and name not in self.protocols:
-                module, _, attr = target.partition(":")
-                mod = __import__(module, fromlist=[attr])
-                self.register(getattr(mod, attr))
+                self.register(load_entry_point(target))
 
     # -- lookups -----------------------------------------------------------
 

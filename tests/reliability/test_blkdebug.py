@@ -194,3 +194,24 @@ def test_bad_filename_and_missing_config(tmp_path):
     with pytest.raises(InvalidArgumentError):
         open_protocol(f"blkdebug:{tmp_path}/missing.ini:{tmp_path}/x", 0)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_reopen_of_a_top_level_filter_reopens_its_child_once(tmp_path):
+    """The generic layer walks the whole ``file`` chain on reopen, so a
+    filter need not forward the transaction (doing both reopened the child
+    twice and closed its new descriptor)."""
+    from blockdrv.block import open_node
+    from blockdrv.node import O_RDWR
+    path = tmp_path / "x.img"
+    path.write_bytes(b"\xab" * 4096)
+    bs = open_node(f"blkdebug::{path}", "blkdebug", O_RDWR)
+    try:
+        bs.reopen(True)
+        assert bs.read_only and bs.file.read_only
+        assert bytes(bs.pread(0, 16)) == b"\xab" * 16
+        bs.reopen(False)
+        bs.pwrite(0, b"\xcd" * 16)
+        bs.flush()
+    finally:
+        bs.close()
+    assert path.read_bytes()[:16] == b"\xcd" * 16

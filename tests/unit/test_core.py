@@ -317,3 +317,28 @@ def test_raw_size_is_rounded_to_sectors(tmp_path):
     finally:
         bs.close()
     assert path.stat().st_size == 1024
+
+
+def test_close_releases_the_driver_even_when_its_flush_fails(tmp_path):
+    """A flush error at close is raised, and the file descriptor is still closed."""
+    import os
+    from blockdrv.block import open_node
+    from blockdrv.errors import BlockIOError
+    from blockdrv.node import O_RDWR
+    path = tmp_path / "x.img"
+    path.write_bytes(bytes(4096))
+    bs = open_node(os.fspath(path), "raw", O_RDWR)
+    bs.pwrite(0, b"x")
+    fd = bs.file.opaque.fd
+
+    async def failing_flush(node):
+        raise BlockIOError("injected flush failure")
+    orig = bs.file.drv.bdrv_co_flush
+    bs.file.drv.bdrv_co_flush = failing_flush
+    try:
+        with pytest.raises(BlockIOError):
+            bs.close()
+    finally:
+        bs.file.drv.bdrv_co_flush = orig
+    with pytest.raises(OSError):
+        os.fstat(fd)

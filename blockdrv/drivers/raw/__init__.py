@@ -84,15 +84,14 @@ class RawFormat:
 
     @hookimpl
     def bdrv_create(self, filename, options) -> None:
-        size = -(-options.get("size", 0) // 512) * 512  # file-posix rounds up to sectors
+        size = _round_sector(options.get("size", 0))   # file-posix rounds up to sectors
         prealloc = options.get("preallocation") or "off"
         if prealloc not in PREALLOC_MODES:
             raise InvalidArgumentError(f"invalid parameter value: {prealloc}")
         file_bs = create_file(filename)
         try:
             file_bs.truncate(size, prealloc=prealloc)
-            file_bs.flush()
-        finally:
+        finally:        # close() flushes
             file_bs.close()
 
 

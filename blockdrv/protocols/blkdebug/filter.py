@@ -7,16 +7,9 @@ from typing import Any
 from ...errors import UnsupportedError
 from ...hookspecs import hookimpl
 from ...iov import IOVector
-from ...node import BLOCK_ZERO, O_PROTOCOL, WRITE_FUA, BlockDriverState, BlockStatus
+from ...node import BLOCK_ZERO, WRITE_FUA, BlockDriverState, BlockStatus
 from .config import _GLOBAL_KEYS, _OWN_OPTIONS, parse_config, split_filename
 from .events import BlkdebugState, _clip_pending, _event, _maybe_suspend
-
-
-def _forward(child: BlockDriverState, hook: str, flags: int) -> None:
-    """Call ``hook`` of the child's driver, if it has one."""
-    impl = getattr(child.drv, hook)
-    if impl is not None:
-        impl(child, flags)
 
 
 class BlkdebugFilter:
@@ -57,22 +50,6 @@ class BlkdebugFilter:
             pending, s.pending = s.pending, []
             for offset, data in pending:        # a clean shutdown writes the cache back
                 bs.file.pwrite(offset, data)
-
-    # Reopen is the child's business; commit also records the new flags on it,
-    # keeping its O_PROTOCOL bit.
-    @hookimpl
-    def bdrv_reopen_prepare(self, bs, flags) -> None:
-        _forward(bs.file, "bdrv_reopen_prepare", flags)
-
-    @hookimpl
-    def bdrv_reopen_commit(self, bs, flags) -> None:
-        child = bs.file
-        _forward(child, "bdrv_reopen_commit", flags | (child.open_flags & O_PROTOCOL))
-        child.open_flags = flags | (child.open_flags & O_PROTOCOL)
-
-    @hookimpl
-    def bdrv_reopen_abort(self, bs, flags) -> None:
-        _forward(bs.file, "bdrv_reopen_abort", flags)
 
     @hookimpl
     async def bdrv_co_readv(self, bs, offset, nbytes, qiov: IOVector) -> None:
@@ -156,8 +133,7 @@ class BlkdebugFilter:
         child = bs.file
         if offset >= child.total_size:
             return BlockStatus(BLOCK_ZERO, nbytes)
-        return await child.co_block_status(offset, min(nbytes, child.total_size - offset),
-                                           want_zero)
+        return await child.co_block_status(offset, nbytes, want_zero)
 
     @hookimpl
     def bdrv_has_zero_init(self, bs) -> bool:
