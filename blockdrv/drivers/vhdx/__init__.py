@@ -15,20 +15,13 @@ from blockdrv.options import CreateOption
 
 from typing import TYPE_CHECKING
 
-from .constants import (FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT,
-                        PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
-                        PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095,
-                        PAYLOAD_BLOCK_ZERO)
+from .constants import (ABSENT_STATES, BAT_STATE_MASK, FILE_SIGNATURE,
+                        PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
+                        PAYLOAD_BLOCK_UNDEFINED)
 from .create import CREATE_OPTS, create_vhdx
 
 if TYPE_CHECKING:
     from .image import VHDXImage
-
-# As image.ABSENT_STATES; .image (and the log module with it) is imported on the first
-# open, so `create` starts without it.
-ABSENT_STATES = frozenset((PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
-                           PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
-                           PAYLOAD_BLOCK_UNMAPPED_V095))
 
 _CREATE_KEYS = ("subformat", "block_size", "log_size", "block_state_zero",
                 "logical_sector_size", "physical_sector_size", "backing_file", "backing_fmt")
@@ -76,13 +69,11 @@ class VHDXFormat:
 
     @hookimpl
     def bdrv_reopen_commit(self, bs, flags) -> None:
-        from . import log as vlog
         img: VHDXImage = bs.opaque
         was_ro = img.read_only
         img.read_only = not flags & O_RDWR
         if was_ro and not img.read_only:
-            img.log_writer = vlog.LogWriter(img.header.log_offset, img.header.log_length)
-            img.update_headers(False, None)
+            img._start_writing()
 
     @hookimpl
     async def bdrv_co_readv(self, bs, offset, nbytes, qiov) -> None:
@@ -144,7 +135,7 @@ class VHDXFormat:
         # (first BAT entry present) reads whatever the file holds.
         if img.bat.total_entries == 0:
             return True
-        if img.bat.raw_at(0) & 7 == PAYLOAD_BLOCK_FULLY_PRESENT:
+        if img.bat.raw_at(0) & BAT_STATE_MASK == PAYLOAD_BLOCK_FULLY_PRESENT:
             return bs.file.has_zero_init()
         return True
 

@@ -25,7 +25,7 @@ from blockdrv.errors import CorruptImageError
 from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK,
                         HEADER_SECTION_SIZE, MAX_SECTORS_PER_BLOCK, MiB,
                         PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
-                        SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
+                        SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE, round_up)
 
 
 
@@ -73,7 +73,7 @@ def total_entries(virtual_size: int, block_size: int, logical_sector_size: int, 
 
 def region_length(entries: int) -> int:
     """BAT region length qemu uses: entries rounded up to 1 MiB (at least 1 MiB)."""
-    return max(ALIGNMENT, -(-entries * 8 // ALIGNMENT) * ALIGNMENT)
+    return max(ALIGNMENT, round_up(entries * 8, ALIGNMENT))
 
 
 def payload_index(block: int, ratio: int) -> int:
@@ -84,6 +84,22 @@ def payload_index(block: int, ratio: int) -> int:
 def bitmap_index(chunk: int, ratio: int) -> int:
     """BAT index of the sector bitmap entry of chunk ``chunk``."""
     return chunk * (ratio + 1) + ratio
+
+
+def entry_run(first: int, last: int, ratio: int, state: int, base: int | None = None,
+              base_block: int = 0, block_size: int = 0):
+    """BAT entries ``[first, last)`` as a numpy ``<u8`` array: payload entries
+    in ``state`` -- at file offset ``base + (block - base_block) * block_size``
+    when ``base`` is given -- and sector bitmap entries 0."""
+    idx = np.arange(first, last, dtype=np.int64)
+    chunk, pos = np.divmod(idx, ratio + 1)
+    values = np.full(len(idx), state, dtype="<u8")
+    if base is not None:
+        block = chunk * ratio + pos
+        values |= (np.uint64(base)
+                   + (block - base_block).astype(np.uint64) * np.uint64(block_size))
+    values[pos == ratio] = 0
+    return values
 
 
 def encode_entry(state: int, file_offset: int = 0) -> int:

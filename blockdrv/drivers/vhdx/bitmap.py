@@ -22,7 +22,8 @@ from blockdrv.errors import CorruptImageError
 
 from .bat import bitmap_index
 from .constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, HEADER_SECTION_SIZE,
-                        SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
+                        PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT,
+                        SECTOR_BITMAP_BLOCK_SIZE)
 
 
 
@@ -91,12 +92,6 @@ class SectorBitmaps:
         value |= ((1 << count) - 1) << first
         return bytearray(value.to_bytes(self.bytes_per_block, "little"))
 
-    def sector_updates(self, file, bitmap_file_offset: int, new: bytes) -> list[tuple[int, bytes]]:
-        """The 4 KiB sectors of the bitmap block to journal so that ``new``
-        lands at ``bitmap_file_offset`` (other blocks' bytes kept)."""
-        from .log import merge_sectors
-        return merge_sectors(file, bitmap_file_offset, new)
-
     def publish(self, block: int, new: bytes) -> None:
         """The journaled bits are durable: make them visible."""
         self._cache[block] = bytearray(new)
@@ -111,7 +106,7 @@ def bitmap_problems(img, partial: bool = True) -> list[str]:
     if not bat.differencing:
         return []
     ratio = bat.chunk_ratio
-    flen = img.overlay.length if img.overlay is not None else img.file.getlength()
+    flen = img.file_length()
     out: list[str] = []
     chunks = -(-bat.data_blocks // ratio)
     absent_chunks = []
@@ -134,7 +129,7 @@ def bitmap_problems(img, partial: bool = True) -> list[str]:
     if partial and absent_chunks:
         import numpy as np
         states = bat.states()
-        pp = np.flatnonzero(states == 7)
+        pp = np.flatnonzero(states == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
         if len(pp):
             hit = np.isin(pp // ratio, np.array(absent_chunks))
             for block in pp[hit][:50].tolist():

@@ -70,6 +70,13 @@ PAYLOAD_BLOCK_UNMAPPED = 3
 PAYLOAD_BLOCK_UNMAPPED_V095 = 5  # pre-1.0 spec value, still found in old files (qemu accepts it)
 PAYLOAD_BLOCK_FULLY_PRESENT = 6
 PAYLOAD_BLOCK_PARTIALLY_PRESENT = 7
+# Payload states that read as zeros and get a new block on write (dynamic and
+# fixed images); ZERO_STATES are those that read as zeros in a differencing
+# image too (NOT_PRESENT reads from the parent there).
+ABSENT_STATES = frozenset((PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
+                           PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
+                           PAYLOAD_BLOCK_UNMAPPED_V095))
+ZERO_STATES = ABSENT_STATES - {PAYLOAD_BLOCK_NOT_PRESENT}
 
 # --- Sector bitmap BAT entry states (spec 2.5.1.2) ---
 SB_BLOCK_NOT_PRESENT = 0
@@ -90,6 +97,11 @@ META_IS_REQUIRED = 0x4
 # --- File parameters flags (spec 2.6.2.1) ---
 PARAM_LEAVE_BLOCKS_ALLOCATED = 0x1
 PARAM_HAS_PARENT = 0x2
+
+
+def round_up(value: int, align: int) -> int:
+    """``value`` rounded up to a multiple of ``align``."""
+    return -(-value // align) * align
 
 
 def _swap(raw: bytes) -> bytes:

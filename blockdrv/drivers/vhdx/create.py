@@ -30,7 +30,8 @@ from . import bat as _bat
 from .constants import (BAT_GUID, BLOCK_SIZE_MAX, DEFAULT_LOG_SIZE, FILE_ID_OFFSET, GiB,
                         HEADER1_OFFSET, HEADER2_OFFSET, HEADER_SECTION_SIZE, MAX_VIRTUAL_SIZE,
                         METADATA_GUID, METADATA_TABLE_SIZE, MiB, PAYLOAD_BLOCK_FULLY_PRESENT,
-                        PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS, SECTOR_SIZES, TiB, new_guid)
+                        PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS, SECTOR_SIZES, TiB, new_guid,
+                        round_up)
 from .header import FileIdentifier, Header
 from .metadata import DiskParameters, build_metadata
 from .region import RegionEntry, RegionTable
@@ -95,10 +96,6 @@ def auto_block_size(size: int) -> int:
     return 8 * MiB
 
 
-def _round_up(value: int, align: int) -> int:
-    return -(-value // align) * align
-
-
 def _qemu_empty_disk_entries(block_size: int, lss: int) -> int:
     """BAT entries qemu 7.2 computes for a 0-byte disk.
 
@@ -136,15 +133,15 @@ def plan_vhdx(size: int, *, subformat: str | None = "dynamic", block_size: int =
     # qemu silently rounds: size up to a sector (512; we use the logical
     # sector so 4K disks stay valid), log and block size up to 1 MiB, the
     # block size down to 256 MiB; block_size 0 means automatic.
-    size = _round_up(size, lss)
+    size = round_up(size, lss)
     if size > MAX_VIRTUAL_SIZE:
         raise InvalidArgumentError("Image size too large; max of 64TB")
-    log_size = _round_up(DEFAULT_LOG_SIZE if log_size is None else log_size, MiB)
+    log_size = round_up(DEFAULT_LOG_SIZE if log_size is None else log_size, MiB)
     if log_size > 0xFFFFFFFF:
         raise InvalidArgumentError("Log size must be smaller than 4 GB")
     if log_size < MiB:
         raise InvalidArgumentError("Log size must be a multiple of 1 MB")
-    block_size = min(_round_up(block_size or 0, MiB), BLOCK_SIZE_MAX) or auto_block_size(size)
+    block_size = min(round_up(block_size or 0, MiB), BLOCK_SIZE_MAX) or auto_block_size(size)
     if block_size & (block_size - 1):
         raise InvalidArgumentError("Block size must be a power of two")
 
@@ -187,19 +184,14 @@ def _bat_slices(layout: VhdxLayout, step: int = 1 << 20):
 
 
 def _present_bat_slices(layout: VhdxLayout, step: int):
-    import numpy as np
-
-    state = PAYLOAD_BLOCK_FULLY_PRESENT
     ratio = _bat.chunk_ratio(layout.block_size, layout.logical_sector_size)
     for first in range(0, layout.bat_entries, step):
-        index = np.arange(first, min(first + step, layout.bat_entries), dtype=np.uint64)
-        chunk, pos = np.divmod(index, np.uint64(ratio + 1))
-        values = np.full(len(index), state, dtype="<u8")
         # block n sits at data_offset + n * block_size (qemu rounds each
-        # to 1 MiB, a no-op since both terms are MiB multiples)
-        block = chunk * np.uint64(ratio) + pos
-        values |= np.uint64(layout.data_offset) + block * np.uint64(layout.block_size)
-        values[pos == ratio] = 0            # sector bitmap entries stay NOT_PRESENT
+        # to 1 MiB, a no-op since both terms are MiB multiples); sector
+        # bitmap entries stay NOT_PRESENT
+        values = _bat.entry_run(first, min(first + step, layout.bat_entries), ratio,
+                                PAYLOAD_BLOCK_FULLY_PRESENT, layout.data_offset, 0,
+                                layout.block_size)
         yield layout.bat_offset + first * 8, values.tobytes()
 
 

@@ -70,8 +70,7 @@ def child_options(filename: str, backing: str, backing_fmt: str | None, size: in
         if size is None:
             size = parent.total_size
         out["parent_locator"] = vparent.build_locator(
-            rest if proto == "file" else filename, path if proto == "file" else path,
-            pimg.header.data_write_guid)
+            rest if proto == "file" else filename, path, pimg.header.data_write_guid)
         return parent, out, size
     except BaseException:
         parent.close()

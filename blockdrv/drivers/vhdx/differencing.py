@@ -38,15 +38,11 @@ import struct
 
 from blockdrv.iov import IOVector
 
-from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK, MiB,
+from .constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, LOG_SECTOR_SIZE,
                         PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
-                        PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
-                        PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095,
-                        PAYLOAD_BLOCK_ZERO, SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
+                        PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_PRESENT,
+                        SECTOR_BITMAP_BLOCK_SIZE, ZERO_STATES)
 
-ZERO_STATES = frozenset((PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
-                         PAYLOAD_BLOCK_UNMAPPED_V095, PAYLOAD_BLOCK_UNDEFINED))
-_SECTOR = 4096
 _U64 = struct.Struct("<Q")
 
 # block_status kinds
@@ -54,13 +50,6 @@ DATA, PARENT, ZERO, BAD = "data", "parent", "zero", "bad"
 
 
 # ------------------------------------------------------------------- reads
-
-async def _read_file(img, host: int, n: int, part: IOVector) -> None:
-    if img.overlay is not None:
-        part.scatter(0, img.overlay.pread(img.file, host, n))
-    else:
-        await img.file.co_preadv(host, n, part)
-
 
 async def read_parent(img, pos: int, n: int, part: IOVector) -> None:
     parent = img.parent
@@ -72,17 +61,14 @@ async def read_parent(img, pos: int, n: int, part: IOVector) -> None:
 
 
 async def readv(img, offset: int, nbytes: int, qiov: IOVector) -> None:
-    bsize, lss = img.block_size, img.logical_sector_size
-    done = 0
-    while done < nbytes:
+    lss = img.logical_sector_size
+    for done, block, in_block, n in img._pieces(offset, nbytes):
         pos = offset + done
-        block, in_block = divmod(pos, bsize)
-        n = min(bsize - in_block, nbytes - done)
         raw = img.entry(block)
         state = raw & BAT_STATE_MASK
         part = qiov.slice(done, n)
         if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-            await _read_file(img, (raw & BAT_OFFSET_MASK) + in_block, n, part)
+            await img._read_data((raw & BAT_OFFSET_MASK) + in_block, n, part)
         elif state == PAYLOAD_BLOCK_NOT_PRESENT:
             await read_parent(img, pos, n, part)
         elif state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
@@ -92,7 +78,7 @@ async def readv(img, offset: int, nbytes: int, qiov: IOVector) -> None:
                 length = count * lss
                 sub = part.slice(at, length)
                 if mine:
-                    await _read_file(img, host + at, length, sub)
+                    await img._read_data(host + at, length, sub)
                 else:
                     await read_parent(img, pos + at, length, sub)
                 at += length
@@ -100,7 +86,6 @@ async def readv(img, offset: int, nbytes: int, qiov: IOVector) -> None:
             part.memset(0, n)
         else:
             raise img._bad_state(block, state)
-        done += n
 
 
 def _first_run(img, block: int, in_block: int, limit: int):
@@ -154,12 +139,7 @@ def _needs_lock(img, block: int, in_block: int, n: int) -> int | None:
 
 
 async def writev(img, offset: int, nbytes: int, qiov: IOVector) -> None:
-    bsize = img.block_size
-    done = 0
-    while done < nbytes:
-        pos = offset + done
-        block, in_block = divmod(pos, bsize)
-        n = min(bsize - in_block, nbytes - done)
+    for done, block, in_block, n in img._pieces(offset, nbytes):
         part = qiov.slice(done, n)
         state = img.entry(block) & BAT_STATE_MASK
         if state not in (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
@@ -170,7 +150,6 @@ async def writev(img, offset: int, nbytes: int, qiov: IOVector) -> None:
             await img.file.co_pwritev(host, n, part)
         else:
             await _allocating_write(img, block, in_block, n, part)
-        done += n
 
 
 class _BatPatch:
@@ -182,21 +161,14 @@ class _BatPatch:
 
     def set(self, index: int, value: int) -> None:
         off = self.img.bat_offset + index * 8
-        sec = off - off % _SECTOR
+        sec = off - off % LOG_SECTOR_SIZE
         buf = self.sectors.get(sec)
         if buf is None:
-            buf = self.sectors[sec] = bytearray(self.img.file.pread(sec, _SECTOR))
+            buf = self.sectors[sec] = bytearray(self.img.file.pread(sec, LOG_SECTOR_SIZE))
         _U64.pack_into(buf, off - sec, value)
 
     def updates(self) -> list[tuple[int, bytes]]:
         return [(sec, bytes(buf)) for sec, buf in sorted(self.sectors.items())]
-
-
-def _grow(file, nbytes: int) -> int:
-    """Extend the file by ``nbytes`` at the next 1 MiB boundary; returns the offset."""
-    at = -(-file.getlength() // ALIGNMENT) * ALIGNMENT
-    file.truncate(at + nbytes)
-    return at
 
 
 async def _allocating_write(img, block: int, in_block: int, n: int, part: IOVector) -> None:
@@ -205,17 +177,17 @@ async def _allocating_write(img, block: int, in_block: int, n: int, part: IOVect
         if host is not None:
             await img.file.co_pwritev(host, n, part)
             return
+        from .log import merge_sectors
         file, bitmaps, bat = img.file, img.bitmaps, img.bat
         lss = img.logical_sector_size
         first, count = in_block // lss, n // lss
         raw = img.entry(block)
         state = raw & BAT_STATE_MASK
-        patch = _BatPatch(img)
         if state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
             base = raw & BAT_OFFSET_MASK
             await file.co_pwritev(base + in_block, n, part)
             new_bits = bitmaps.with_bits_set(block, first, count)
-            updates = bitmaps.sector_updates(file, bitmaps.block_offset(block), new_bits)
+            updates = merge_sectors(file, bitmaps.block_offset(block), new_bits)
             img.log_writer.write_sectors_and_flush(file, updates, img._set_log_guid)
             bitmaps.publish(block, new_bits)
             return
@@ -223,26 +195,23 @@ async def _allocating_write(img, block: int, in_block: int, n: int, part: IOVect
         whole = in_block == 0 and n >= block_len
         if state in ZERO_STATES or whole:
             # The rest of the block must read zeros (or there is no rest).
-            base = _grow(file, img.block_size)
-            await file.co_pwritev(base + in_block, n, part)
-            patch.set(bat.index(block), base | PAYLOAD_BLOCK_FULLY_PRESENT)
-            img.log_writer.write_sectors_and_flush(file, patch.updates(), img._set_log_guid)
-            bat.set(block, PAYLOAD_BLOCK_FULLY_PRESENT, base)
+            await img._allocate_full(block, in_block, n, part)
             return
         # NOT_PRESENT, partial write: PARTIALLY_PRESENT with bitmap bits.
-        base = _grow(file, img.block_size)
+        patch = _BatPatch(img)
+        base = img._grow_file(img.block_size)
         sb_index = bitmaps.entry_index(block)
         sb_raw = bat.raw_at(sb_index)
         new_sb = None
         if sb_raw & BAT_STATE_MASK != SB_BLOCK_PRESENT:
-            new_sb = _grow(file, SECTOR_BITMAP_BLOCK_SIZE)
+            new_sb = img._grow_file(SECTOR_BITMAP_BLOCK_SIZE)
             sb_raw = new_sb | SB_BLOCK_PRESENT
             patch.set(sb_index, sb_raw)
         await file.co_pwritev(base + in_block, n, part)
         new_bits = bitmaps.with_bits_set(block, first, count)
         bits_at = (sb_raw & BAT_OFFSET_MASK) + (block % bitmaps.ratio) * bitmaps.bytes_per_block
         patch.set(bat.index(block), base | PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-        updates = patch.updates() + bitmaps.sector_updates(file, bits_at, new_bits)
+        updates = patch.updates() + merge_sectors(file, bits_at, new_bits)
         img.log_writer.write_sectors_and_flush(file, updates, img._set_log_guid)
         # Durable: publish bitmap entry and bits before the payload entry, so
         # a lock-free reader that sees PARTIALLY_PRESENT finds its bits.
@@ -252,5 +221,4 @@ async def _allocating_write(img, block: int, in_block: int, n: int, part: IOVect
         bat.set(block, PAYLOAD_BLOCK_PARTIALLY_PRESENT, base)
 
 
-__all__ = ["readv", "writev", "block_status", "read_parent", "ZERO_STATES",
-           "DATA", "PARENT", "ZERO", "BAD", "MiB"]
+__all__ = ["readv", "writev", "block_status", "read_parent", "DATA", "PARENT", "ZERO", "BAD"]

@@ -31,20 +31,20 @@ place.  These rules are exercised by tests/reliability/test_concurrency.py.
 from __future__ import annotations
 
 import errno
+from types import MethodType
 from typing import TYPE_CHECKING
 
 from blockdrv.coroutine import CoLock
-from blockdrv.errors import BlockDriverError, CorruptImageError, UnsupportedError
+from blockdrv.errors import BlockDriverError, CorruptImageError
 from blockdrv.iov import IOVector
 
 from .bat import Bat, encode_entry, total_entries
-from .constants import (ALIGNMENT, FILE_SIGNATURE, HEADER1_OFFSET, HEADER2_OFFSET,
-                        HEADER_SECTION_SIZE, HEADER_SIZE, MiB,
-                        PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
-                        PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
-                        PAYLOAD_BLOCK_UNMAPPED, PAYLOAD_BLOCK_UNMAPPED_V095,
-                        PAYLOAD_BLOCK_ZERO, REGION_TABLE1_OFFSET, REGION_TABLE2_OFFSET,
-                        REGION_TABLE_SIZE, ZERO_GUID, new_guid)
+from .constants import (ABSENT_STATES, ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK,
+                        FILE_SIGNATURE, HEADER1_OFFSET, HEADER2_OFFSET, HEADER_OFFSETS,
+                        HEADER_SECTION_SIZE, HEADER_SIZE, PAYLOAD_BLOCK_FULLY_PRESENT,
+                        PAYLOAD_BLOCK_PARTIALLY_PRESENT, REGION_TABLE1_OFFSET,
+                        REGION_TABLE2_OFFSET, REGION_TABLE_SIZE, ZERO_GUID, new_guid,
+                        round_up)
 from .checksum import seal
 from .header import FileIdentifier, Header, select_current_header
 from .metadata import read_metadata
@@ -52,14 +52,6 @@ from .region import RegionTable
 
 if TYPE_CHECKING:
     from . import log as vlog
-
-HEADER_OFFSETS = (HEADER1_OFFSET, HEADER2_OFFSET)
-# Payload states that read as zeros and get a new block on write.
-ABSENT_STATES = frozenset((PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
-                           PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
-                           PAYLOAD_BLOCK_UNMAPPED_V095))
-_OFFSET_MASK = ~(MiB - 1) & ((1 << 64) - 1)
-_STATE_MASK = 7
 
 
 class VHDXImage:
@@ -116,6 +108,15 @@ class VHDXImage:
             self.file.preadv(offset, IOVector.from_buffer(buf))
         return buf
 
+    def file_length(self) -> int:
+        """The file's length, as replayed when a log is replayed only in memory."""
+        return self.overlay.length if self.overlay is not None else self.file.getlength()
+
+    def structure_spans(self) -> list[tuple[int, int]]:
+        """(start, end) of the header section, then of the log and every
+        region (those of non-zero length)."""
+        return [(0, HEADER_SECTION_SIZE)] + [(s, s + n) for s, n in self.regions if n]
+
     def open(self) -> None:
         file = self.file
         if file.getlength() < HEADER_SECTION_SIZE:
@@ -128,12 +129,11 @@ class VHDXImage:
         self.curr_header, current = select_current_header(h1, h2)
         self.headers = [_parse_or(h1, current), _parse_or(h2, current)]
         sequence = 1
-        if current.has_log or not self.read_only:
-            # The log module (7 dataclasses) only when a log is pending or
-            # the image is writable: a read-only open of a clean image is
-            # the common case of info, map and convert sources.
-            from . import log as vlog
+        # The log module (7 dataclasses) only when a log is pending or the
+        # image is writable (_start_writing): a read-only open of a clean
+        # image is the common case of info, map and convert sources.
         if current.has_log:
+            from . import log as vlog
             # Replay into memory first, read-only or not: everything below is
             # validated on the image as it will be after replay, and a
             # read-write open writes nothing (headers, replay) until the whole
@@ -147,9 +147,15 @@ class VHDXImage:
             replayed = self._replay_log(self.overlay)
             sequence = replayed.sequence_number + 1
         if not self.read_only:
-            self.log_writer = vlog.LogWriter(self.header.log_offset, self.header.log_length,
-                                             sequence=sequence)
-            self.update_headers(False, None)
+            self._start_writing(sequence)
+
+    def _start_writing(self, sequence: int = 1) -> None:
+        """Become writable: a log writer numbering from ``sequence``, and both
+        headers rewritten with the session's FileWriteGuid (spec 2.2.2.1)."""
+        from . import log as vlog
+        self.log_writer = vlog.LogWriter(self.header.log_offset, self.header.log_length,
+                                         sequence=sequence)
+        self.update_headers(False, None)
 
     def _replay_log(self, overlay: "vlog.ReplayOverlay"):
         # qemu marks the session's first user-visible write before replaying:
@@ -157,8 +163,7 @@ class VHDXImage:
         # The overlay was computed (and the image validated through it) by
         # open(); from here the file holds what the overlay showed.
         from . import log as vlog
-        self.first_visible_write = False
-        self.update_headers(True, None)
+        self._mark_data_write()
         vlog.apply_overlay(self.file, overlay)
         self.overlay = None
         self.update_headers(False, ZERO_GUID)
@@ -166,7 +171,7 @@ class VHDXImage:
         return overlay.sequence
 
     def _open_regions(self, header: Header) -> None:
-        length = self.overlay.length if self.overlay else self.file.getlength()
+        length = self.file_length()
         try:
             rt = RegionTable.parse(self._read(REGION_TABLE1_OFFSET, REGION_TABLE_SIZE))
         except CorruptImageError as first:
@@ -212,16 +217,20 @@ class VHDXImage:
         self.regions += [(e.file_offset, e.length) for e in rt.entries
                          if e not in (bat_rt, meta)]
         if diff:
-            from . import bitmap
+            from . import bitmap, differencing
             self.bitmaps = bitmap.SectorBitmaps(self)
+            # guest I/O of differencing images, bound once (see .differencing)
+            self.readv = MethodType(differencing.readv, self)
+            self._write_blocks = MethodType(differencing.writev, self)
         # Like qemu: a present block overlapping the header, log or a region
         # is refused at open (reads would return metadata as guest data).
         if self.check_mode:
             return
         if diff:
             bitmap.open_check(self)
-        # Only what open refuses, chunked: the full Bat.check (for `check`)
-        # allocates several arrays the size of the table.
+        # Only what open refuses, chunked: a full audit (Bat.check, now used
+        # by tests only; `check` has its own in .check) allocates several
+        # arrays the size of the table.
         in_meta, beyond = self.bat.open_check(length, self.regions)
         if in_meta is not None:
             raise CorruptImageError(
@@ -280,111 +289,131 @@ class VHDXImage:
         return CorruptImageError(f"VHDX block {block} has invalid BAT state {state}",
                                  errno=errno.EIO)
 
+    # readv and _write_blocks are those of dynamic and fixed images; a
+    # differencing image binds .differencing's at open (_open_regions).
+
     async def readv(self, offset: int, nbytes: int, qiov: IOVector) -> None:
-        if self.differencing:
-            from . import differencing
-            await differencing.readv(self, offset, nbytes, qiov)
-            return
         bsize = self.block_size
-        file = self.file
         done = 0
         while done < nbytes:
             pos = offset + done
             block, in_block = divmod(pos, bsize)
             n = min(bsize - in_block, nbytes - done)
             raw = self.entry(block)
-            state = raw & _STATE_MASK
+            state = raw & BAT_STATE_MASK
             part = qiov.slice(done, n)
             if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-                base = raw & _OFFSET_MASK
+                base = raw & BAT_OFFSET_MASK
                 host = base + in_block
                 # Coalesce following blocks stored right after this one.
                 expected = base + bsize
                 while done + n < nbytes:
                     nxt = self.entry(block + 1)
-                    if nxt & _STATE_MASK != PAYLOAD_BLOCK_FULLY_PRESENT or \
-                            nxt & _OFFSET_MASK != expected:
+                    if nxt & BAT_STATE_MASK != PAYLOAD_BLOCK_FULLY_PRESENT or \
+                            nxt & BAT_OFFSET_MASK != expected:
                         break
                     block += 1
                     expected += bsize
                     n += min(bsize, nbytes - done - n)
-                part = qiov.slice(done, n)
-                if self.overlay is not None:
-                    part.scatter(0, self.overlay.pread(file, host, n))
-                else:
-                    await file.co_preadv(host, n, part)
+                await self._read_data(host, n, qiov.slice(done, n))
             elif state in ABSENT_STATES:
                 part.memset(0, n)
             else:
                 raise self._bad_state(block, state)
             done += n
 
+    async def _read_data(self, host: int, n: int, part: IOVector) -> None:
+        """``n`` bytes of this file at ``host`` into ``part`` (through the
+        in-memory replay when there is one)."""
+        if self.overlay is not None:
+            part.scatter(0, self.overlay.pread(self.file, host, n))
+        else:
+            await self.file.co_preadv(host, n, part)
+
     async def writev(self, offset: int, nbytes: int, qiov: IOVector) -> None:
-        bsize = self.block_size
-        file = self.file
         if self.first_visible_write:
             async with self.lock:
-                if self.first_visible_write:
-                    self.update_headers(True, None)
-                    self.first_visible_write = False
-        if self.differencing:
-            from . import differencing
-            await differencing.writev(self, offset, nbytes, qiov)
-            return
+                self._mark_data_write()
+        await self._write_blocks(offset, nbytes, qiov)
+
+    def _mark_data_write(self) -> None:
+        """Lock held: the session's first guest-visible change rewrites both
+        headers with a new DataWriteGuid (once per session)."""
+        if self.first_visible_write:
+            self.update_headers(True, None)
+            self.first_visible_write = False
+
+    def _pieces(self, offset: int, nbytes: int):
+        """(done, block, in_block, n): the request split at block boundaries."""
+        bsize = self.block_size
         done = 0
         while done < nbytes:
-            pos = offset + done
-            block, in_block = divmod(pos, bsize)
+            block, in_block = divmod(offset + done, bsize)
             n = min(bsize - in_block, nbytes - done)
+            yield done, block, in_block, n
+            done += n
+
+    async def _write_blocks(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        for done, block, in_block, n in self._pieces(offset, nbytes):
             part = qiov.slice(done, n)
             raw = self.entry(block)
-            state = raw & _STATE_MASK
+            state = raw & BAT_STATE_MASK
             if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-                await file.co_pwritev((raw & _OFFSET_MASK) + in_block, n, part)
+                await self.file.co_pwritev((raw & BAT_OFFSET_MASK) + in_block, n, part)
             elif state in ABSENT_STATES:
                 await self._allocating_write(block, in_block, n, part)
             else:
                 raise self._bad_state(block, state)
-            done += n
 
     async def _allocating_write(self, block: int, in_block: int, n: int,
                                 part: IOVector) -> None:
         async with self.lock:
             raw = self.entry(block)
-            state = raw & _STATE_MASK
-            if state == PAYLOAD_BLOCK_FULLY_PRESENT:     # allocated while we waited
-                await self.file.co_pwritev((raw & _OFFSET_MASK) + in_block, n, part)
+            if raw & BAT_STATE_MASK == PAYLOAD_BLOCK_FULLY_PRESENT:   # allocated while we waited
+                await self.file.co_pwritev((raw & BAT_OFFSET_MASK) + in_block, n, part)
                 return
-            file = self.file
-            new_offset = -(-file.getlength() // ALIGNMENT) * ALIGNMENT
-            file.truncate(new_offset + self.block_size)
-            idx = self.bat.index(block)
-            entry = encode_entry(PAYLOAD_BLOCK_FULLY_PRESENT, new_offset).to_bytes(8, "little")
-            await file.co_pwritev(new_offset + in_block, n, part)
-            self.log_writer.write_and_flush(file, self.bat_offset + idx * 8, entry,
-                                            self._set_log_guid)
-            # Publish the entry only now that it is durable: until then other
-            # requests see the block absent (readers get zeros, writers queue
-            # on the lock), so no write can land in -- and no flush can
-            # complete over -- a block whose BAT entry is not yet on disk,
-            # and a failed allocation has nothing to revert.
-            self.bat.set(block, PAYLOAD_BLOCK_FULLY_PRESENT, new_offset)
+            await self._allocate_full(block, in_block, n, part)
+
+    def _grow_file(self, nbytes: int) -> int:
+        """Extend the file by ``nbytes`` at the next 1 MiB boundary; returns that offset."""
+        at = round_up(self.file.getlength(), ALIGNMENT)
+        self.file.truncate(at + nbytes)
+        return at
+
+    async def _allocate_full(self, block: int, in_block: int, n: int,
+                             part: IOVector) -> None:
+        """Lock held: give ``block`` a new FULLY_PRESENT block at the end of the
+        file holding the guest's ``n`` bytes at ``in_block`` (the rest reads
+        zeros), journal its BAT sector, then publish the entry."""
+        file = self.file
+        new_offset = self._grow_file(self.block_size)
+        idx = self.bat.index(block)
+        entry = encode_entry(PAYLOAD_BLOCK_FULLY_PRESENT, new_offset).to_bytes(8, "little")
+        await file.co_pwritev(new_offset + in_block, n, part)
+        self.log_writer.write_and_flush(file, self.bat_offset + idx * 8, entry,
+                                        self._set_log_guid)
+        # Publish the entry only now that it is durable: until then other
+        # requests see the block absent (readers get zeros, writers queue
+        # on the lock), so no write can land in -- and no flush can
+        # complete over -- a block whose BAT entry is not yet on disk,
+        # and a failed allocation has nothing to revert.
+        self.bat.set(block, PAYLOAD_BLOCK_FULLY_PRESENT, new_offset)
 
     def block_status(self, offset: int, nbytes: int):
         """(state, host offset or None, length) for the run starting at offset."""
         bsize = self.block_size
         block, in_block = divmod(offset, bsize)
         raw = self.entry(block)
-        state = raw & _STATE_MASK
+        state = raw & BAT_STATE_MASK
         n = min(bsize - in_block, nbytes)
-        host = (raw & _OFFSET_MASK) + in_block if state == PAYLOAD_BLOCK_FULLY_PRESENT else None
+        host = (raw & BAT_OFFSET_MASK) + in_block if state == PAYLOAD_BLOCK_FULLY_PRESENT else None
         # Extend over following blocks with the same kind of answer.
         while n < nbytes:
             nxt = self.entry(block + 1)
-            nstate = nxt & _STATE_MASK
+            nstate = nxt & BAT_STATE_MASK
             if host is not None:
                 if (nstate != PAYLOAD_BLOCK_FULLY_PRESENT
-                        or (nxt & _OFFSET_MASK) != host + n):
+                        or (nxt & BAT_OFFSET_MASK) != host + n):
                     break
             elif nstate != state:
                 break
@@ -448,4 +477,4 @@ def _parse_or(buf, fallback: Header) -> Header:
         return Header(**{k: getattr(fallback, k) for k in fallback.__dataclass_fields__})
 
 
-__all__ = ["VHDXImage", "ABSENT_STATES", "UnsupportedError"]
+__all__ = ["VHDXImage"]

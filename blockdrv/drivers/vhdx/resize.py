@@ -55,17 +55,14 @@ import numpy as np
 
 from blockdrv.errors import InvalidArgumentError, UnsupportedError
 
-from .bat import Bat, chunk_ratio, region_length, total_entries
-from .constants import (ALIGNMENT, BAT_GUID, HEADER_SECTION_SIZE, MAX_VIRTUAL_SIZE,
-                        PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
-                        PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS, VIRTUAL_DISK_SIZE_GUID)
+from .bat import Bat, chunk_ratio, entry_run, region_length, total_entries
+from .constants import (ALIGNMENT, MAX_VIRTUAL_SIZE, PAYLOAD_BLOCK_FULLY_PRESENT,
+                        PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS,
+                        VIRTUAL_DISK_SIZE_GUID, round_up)
 from .log import SECTOR, merge_sectors
+from .log.replay import _write_zeros
 
 _ZERO_SECTOR = bytes(SECTOR)
-
-
-def _round_up(n: int, align: int = ALIGNMENT) -> int:
-    return -(-n // align) * align
 
 
 def _absent_state(img) -> int:
@@ -74,22 +71,6 @@ def _absent_state(img) -> int:
     zero = counts.get(PAYLOAD_BLOCK_ZERO, 0)
     return PAYLOAD_BLOCK_ZERO if zero and zero >= counts.get(PAYLOAD_BLOCK_NOT_PRESENT, 0) \
         else PAYLOAD_BLOCK_NOT_PRESENT
-
-
-def _new_entries(first: int, last: int, ratio: int, state: int,
-                 payload_base: int | None, first_new_block: int, block_size: int) -> bytes:
-    """Raw BAT entries ``[first, last)``: payload entries in ``state`` (with
-    consecutive offsets from ``payload_base`` for a fixed image), bitmap
-    entries 0."""
-    idx = np.arange(first, last, dtype=np.int64)
-    chunk, pos = np.divmod(idx, ratio + 1)
-    values = np.full(len(idx), state, dtype="<u8")
-    if payload_base is not None:
-        block = chunk * ratio + pos
-        values |= (np.uint64(payload_base)
-                   + (block - first_new_block).astype(np.uint64) * np.uint64(block_size))
-    values[pos == ratio] = 0
-    return values.tobytes()
 
 
 def _sector_diff(file, base: int, old: bytes, new: bytes):
@@ -110,18 +91,6 @@ def _sector_diff(file, base: int, old: bytes, new: bytes):
         else:
             updates.append((off, bytes(sec)))
     return updates, zeros
-
-
-def _structures(img, bat_offset: int, bat_length: int) -> list[tuple[int, int]]:
-    """(start, end) of header section, log and every region (BAT as given)."""
-    h = img.header
-    spans = [(0, HEADER_SECTION_SIZE), (h.log_offset, h.log_offset + h.log_length)]
-    for e in img.region_table.entries:
-        if e.guid == BAT_GUID:
-            spans.append((bat_offset, bat_offset + bat_length))
-        else:
-            spans.append((e.file_offset, e.file_offset + e.length))
-    return [(s, e) for s, e in spans if e > s]
 
 
 def _present_spans(bat: Bat, block_size: int, skip: int | None = None):
@@ -148,10 +117,8 @@ async def truncate(bs, size: int, exact: bool = True, prealloc: str = "off") -> 
     async with img.lock:
         if size == img.virtual_size:
             return
-        if img.first_visible_write:
-            # a guest-visible change: renew the DataWriteGuid first, as a write does
-            img.update_headers(True, None)
-            img.first_visible_write = False
+        # a guest-visible change: renew the DataWriteGuid first, as a write does
+        img._mark_data_write()
         _resize(img, size)
         bs.total_size = img.virtual_size
 
@@ -184,7 +151,7 @@ def _resize(img, new_size: int) -> None:
                 # the short last block becomes (more) reachable: it must be
                 # whole and read zeros past the old end
                 starts, ends = _present_spans(old_bat, bsize, skip=last)
-                spans = _structures(img, bat_rt.file_offset, bat_rt.length)
+                spans = img.structure_spans()
                 clash = bool(np.any((starts < off + bsize) & (ends > off))) or any(
                     s < off + bsize and e > off for s, e in spans)
                 if clash:
@@ -198,9 +165,12 @@ def _resize(img, new_size: int) -> None:
             first_new_block = old_blocks
             if img.fixed:
                 state = PAYLOAD_BLOCK_FULLY_PRESENT
-                payload_base = _round_up(flen)
-            new_buf[old_total * 8:] = _new_entries(old_total, new_total, ratio, state,
-                                                   payload_base, first_new_block, bsize)
+                payload_base = round_up(flen, ALIGNMENT)
+            # payload entries in ``state`` (with consecutive offsets from
+            # ``payload_base`` for a fixed image), bitmap entries 0
+            new_buf[old_total * 8:] = entry_run(old_total, new_total, ratio, state,
+                                                payload_base, first_new_block,
+                                                bsize).tobytes()
     payload_end = flen if payload_base is None else \
         payload_base + (new_blocks - old_blocks) * bsize
 
@@ -217,7 +187,7 @@ def _resize(img, new_size: int) -> None:
     bat_zeros: list = []
     if not relocate:
         lo, hi = min(old_total, new_total) * 8, max(old_total, new_total) * 8
-        first, end = lo - lo % SECTOR, _round_up(hi, SECTOR)
+        first, end = lo - lo % SECTOR, round_up(hi, SECTOR)
         end = min(end, bat_rt.length)
         if end > first:
             cur = bytes(file.pread(bat_rt.file_offset + first, end - first))
@@ -238,7 +208,7 @@ def _resize(img, new_size: int) -> None:
     rt_updates: list = []
     new_bat_offset, new_bat_length = bat_rt.file_offset, bat_rt.length
     if relocate:
-        new_bat_offset = _round_up(max(payload_end, flen))
+        new_bat_offset = round_up(max(payload_end, flen), ALIGNMENT)
         new_bat_length = region_length(new_total)
         if new_bat_length >= 1 << 32:
             raise UnsupportedError("VHDX BAT region would exceed 4 GiB")
@@ -257,12 +227,7 @@ def _resize(img, new_size: int) -> None:
         off, zero_from = tail_fix
         if file.getlength() < off + bsize:
             file.truncate(off + bsize)
-        pos = off + zero_from
-        zeros = bytes(min(bsize - zero_from, 1 << 20))
-        while pos < off + bsize:
-            n = min(len(zeros), off + bsize - pos)
-            file.pwrite(pos, zeros[:n])
-            pos += n
+        _write_zeros(file, off + zero_from, off + bsize)
     if payload_base is not None and file.getlength() < payload_end:
         file.truncate(payload_end)
     if relocate:
@@ -303,9 +268,9 @@ def _trim_tail(img, old_bat: Bat, new_blocks: int, old_blocks: int) -> None:
         return
     file = img.file
     starts, ends = _present_spans(img.bat, img.block_size)
-    end = max([e for _, e in _structures(img, img.bat_offset, img.region_table.bat.length)]
+    end = max([e for _, e in img.structure_spans()]
               + ([int(ends.max())] if len(ends) else []))
-    end = _round_up(end)
+    end = round_up(end, ALIGNMENT)
     if end < file.getlength():
         file.truncate(end)
         file.flush()

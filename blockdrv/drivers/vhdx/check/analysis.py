@@ -15,7 +15,7 @@ from ..constants import (HEADER_SECTION_SIZE, MiB, PAYLOAD_BLOCK_FULLY_PRESENT,
 from ..image import VHDXImage
 from ..region import RegionTable
 from .entries import (_INT64_MAX, _OFF_MASK, _RESERVED_MASK, _bat_geometry, _block_lengths,
-                      _file_length, _metadata_spans, _offsets, _states)
+                      _offsets, _states)
 
 _VALID_STATES = (0, 1, 2, 3, 5, 6, 7)
 _MAX_MESSAGES = 200
@@ -46,7 +46,9 @@ class _Findings:
 
 
 def _analyse(img: VHDXImage) -> _Findings:
-    flen = _file_length(img)
+    flen = img.file_length()
+    # the log and the regions: structure_spans without the header section
+    regions = img.structure_spans()[1:]
     bsize = img.block_size
     entries, idx, is_bitmap, block, ratio = _bat_geometry(img)
     state = _states(entries)
@@ -75,7 +77,7 @@ def _analyse(img: VHDXImage) -> _Findings:
     q_region_checked[fp_pos] = (np.arange(len(fp_pos)) % (ratio + 1)) != ratio
     end_full = off + bsize
     q_region = np.zeros(len(entries), bool)
-    for s, e in _metadata_spans(img):
+    for s, e in regions:
         q_region |= (off < e) & (end_full > s)
     q_region &= q_region_checked & fp
     qemu_count = (overflow.astype(np.int64) + past_eof + q_cut + q_region)
@@ -86,7 +88,7 @@ def _analyse(img: VHDXImage) -> _Findings:
     cut_short = present & ~past_eof & ~overflow & (off + true_len > flen)
     past_eof_ours = present & (overflow | (off >= flen))
     in_meta = present & (off < HEADER_SECTION_SIZE)
-    for s, e in _metadata_spans(img):
+    for s, e in regions:
         in_meta |= present & (off < e) & (off + bsize > s)
     partial = payload & (state == PAYLOAD_BLOCK_PARTIALLY_PRESENT) & (not img.bat.differencing)
     bad_state = ~np.isin(state, _VALID_STATES) & payload

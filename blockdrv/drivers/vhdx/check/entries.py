@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import MiB
+from ..constants import BAT_OFFSET_MASK, BAT_OFFSET_SHIFT, BAT_STATE_MASK
 from ..image import VHDXImage
 
-_OFF_MASK = np.uint64(~(MiB - 1) & ((1 << 64) - 1))
-_STATE_MASK = np.uint64(7)
-_RESERVED_MASK = np.uint64((MiB - 1) & ~7)
+_OFF_MASK = np.uint64(BAT_OFFSET_MASK)
+_STATE_MASK = np.uint64(BAT_STATE_MASK)
+_RESERVED_MASK = np.uint64(((1 << BAT_OFFSET_SHIFT) - 1) & ~BAT_STATE_MASK)
 _INT64_MAX = (1 << 63) - 1
-
-
-def _file_length(img: VHDXImage) -> int:
-    return img.overlay.length if img.overlay is not None else img.file.getlength()
 
 
 def _bat_geometry(img: VHDXImage):
@@ -52,6 +48,3 @@ def _block_lengths(img: VHDXImage, block: np.ndarray) -> np.ndarray:
     rest = img.virtual_size - block * img.block_size
     return np.clip(rest, 0, img.block_size)
 
-
-def _metadata_spans(img: VHDXImage) -> list[tuple[int, int]]:
-    return [(s, s + n) for s, n in img.regions if n]

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..constants import (HEADER_SECTION_SIZE, MiB, PAYLOAD_BLOCK_FULLY_PRESENT,
-                         PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+from ..constants import (MiB, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+                         round_up)
 from ..image import VHDXImage
-from .entries import _bat_geometry, _file_length, _metadata_spans, _offsets, _states
+from .entries import _bat_geometry, _offsets, _states
 
 # qemu and blockdrv leave 4 MiB between the metadata region and the first block.
 _QEMU_DATA_GAP = 4 * MiB
@@ -23,7 +23,7 @@ class _Leaks:
 
 
 def _leaks(img: VHDXImage) -> _Leaks:
-    flen = _file_length(img)
+    flen = img.file_length()
     eof_units = -(-flen // MiB)
     entries, idx, is_bitmap, block, _ = _bat_geometry(img)
     state = _states(entries)
@@ -34,8 +34,8 @@ def _leaks(img: VHDXImage) -> _Leaks:
     inside = starts < flen
     starts, ends = starts[inside], ends[inside]
 
-    spans = [(0, HEADER_SECTION_SIZE)] + _metadata_spans(img)
-    struct_end = -(-max(e for _, e in spans) // MiB) * MiB
+    spans = img.structure_spans()
+    struct_end = round_up(max(e for _, e in spans), MiB)
     payload_start = struct_end + _QEMU_DATA_GAP
     above = starts[(starts >= struct_end) & ~is_bitmap[present][inside]]
     if len(above):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import MiB, PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS
+from ..constants import LOG_SECTOR_SIZE, MiB, PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS
 from ..image import VHDXImage
 from .analysis import _Findings
 from .entries import _RESERVED_MASK, _STATE_MASK, _bat_geometry, _block_lengths, _offsets
@@ -49,8 +49,7 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
         i = int(i)
         length = int(_block_lengths(img, block[i:i + 1])[0])
         src = int(off[i])
-        dst = -(-file.getlength() // MiB) * MiB
-        file.truncate(dst + img.block_size)
+        dst = img._grow_file(img.block_size)
         pos = 0
         while pos < length:
             n = min(_COPY_CHUNK, length - pos)
@@ -70,7 +69,7 @@ def _journal_bat(img: VHDXImage, idx: np.ndarray, values: np.ndarray) -> None:
     changed, values = idx[moved], values[moved]
     if not len(changed):
         return
-    per_sector = 4096 // 8
+    per_sector = LOG_SECTOR_SIZE // 8
     sectors = np.unique(changed // per_sector)
     runs: list[list[int]] = []
     for s in sectors.tolist():

@@ -13,13 +13,9 @@ from typing import Iterable
 
 from blockdrv.errors import BlockIOError, CorruptImageError, UnsupportedError
 
-from ..constants import ZERO_GUID, MiB
+from ..constants import ZERO_GUID, MiB, round_up
 from .entry import MAX_FILE_OFFSET, SECTOR, ZeroDescriptor
 from .sequence import LogSequence, find_active_sequence
-
-
-def _round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
 
 
 @dataclass
@@ -125,7 +121,7 @@ def replay_log_in_memory(file, header) -> ReplayOverlay | None:
         # extend (1 MiB rounded) only when it is short.
         last = entry.header.last_file_offset
         if ov.length < last:
-            ov.length = _round_up(last, MiB)
+            ov.length = round_up(last, MiB)
     ov.zeros = _merge(ov.zeros)
     return ov
 

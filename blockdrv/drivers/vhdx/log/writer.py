@@ -18,11 +18,11 @@ the installed binary, see tests/interop/test_vhdx_log.py):
 
 from __future__ import annotations
 
-import uuid
 from typing import Callable, Iterable
 
 from blockdrv.errors import InvalidArgumentError
 
+from .. import constants
 from ..constants import ZERO_GUID, MiB
 from .entry import (SECTOR, LogEntry, LogEntryHeader, ZeroDescriptor, build_entry,
                     descriptor_sectors, split_sector)
@@ -130,7 +130,7 @@ class LogWriter:
 
     def _journal(self, file, updates, zeros, set_log_guid, new_guid) -> LogEntry:
         """Steps 2-7, once step 1's flush is done."""
-        guid = new_guid if new_guid is not None else uuid.uuid4().bytes
+        guid = new_guid if new_guid is not None else constants.new_guid()
         size = file.getlength()
         seq = self.sequence
         entry = build_entry(seq, guid, self.tail, updates, zeros=zeros,
