@@ -49,13 +49,20 @@ Modules:
   and unaligned), ``sparse_copy``.
 * :mod:`blockdrv.testing.compare` -- ``register_normalizer(fmt, fn, prefix)``
   (raw: identity; vhdx: ``blockdrv.testing.vhdx.normalize_vhdx``, looked up
-  lazily), ``compare_files(a, b, fmt)`` (sparse-aware, first differing offset
-  with hexdump context), ``compare_guest(a, b, fmt_a, fmt_b)`` (streamed through
-  blockdrv, skips ranges both report as zero), ``data_extents(path)``.
+  lazily), ``compare_files(a, b, fmt, extents=None|"all"|"payload")``
+  (sparse-aware, first differing offset with hexdump context; ``extents``:
+  the allocation maps must match too), ``compare_guest(a, b, fmt_a, fmt_b)``
+  (streamed through blockdrv, skips ranges both report as zero),
+  ``data_extents(path)``, ``file_digest(path, mtime=False)``.
 * :mod:`blockdrv.testing.conformance` -- ``ProtocolConformance``.
 * :mod:`blockdrv.testing.plugin` -- the fixtures above; ``Replay``.
 * :mod:`blockdrv.testing.tools` -- ``require_tool`` (skip on a laptop, fail in CI).
-* :mod:`blockdrv.testing.vhdx` -- the VHDX normalizer.
+* :mod:`blockdrv.testing.vhdx` -- the VHDX normalizer; ``PosixFile``.
+* :mod:`blockdrv.testing.vhdx_scripts` -- VHDX qemu-io scripts, ``verify_reads``,
+  qemu-made dirty logs (``make_dirty``, ``dirty_log_case``), ``run_blockdrv``,
+  ``vhdiinfo_fields``.
+* :mod:`blockdrv.testing.vhdx_corrupt` -- ``Vhdx``: one targeted mutation of a
+  valid image (checksums re-sealed); ``make_dirty_log``.
 * :func:`blockdrv.cli.io.normalize_qemu_io_output` masks the timing figures of
   qemu-io's report lines so outputs compare.
 '''

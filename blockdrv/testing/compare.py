@@ -18,6 +18,7 @@ many.  ``raw`` is the identity; ``vhdx`` is looked up lazily in
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -64,12 +65,6 @@ def get_normalizer(fmt: str) -> tuple[Normalizer | None, Callable[[str], int] | 
             _REGISTRY[fmt] = _Entry(fn, getattr(mod, prefix_name, None))
     entry = _REGISTRY.get(fmt, _Entry(None, 0))
     return entry.fn, entry.prefix
-
-
-def normalize(fmt: str, data: bytes) -> bytes:
-    """Apply ``fmt``'s normalizer to in-memory image bytes."""
-    fn, _ = get_normalizer(fmt)
-    return bytes(data) if fn is None else fn(data)
 
 
 @dataclass
@@ -139,12 +134,19 @@ def first_diff(a: bytes, b: bytes) -> int:
     return hi
 
 
-def compare_files(a, b, fmt: str = "raw", check_size: bool = True) -> Difference | None:
+def compare_files(a, b, fmt: str = "raw", check_size: bool = True,
+                  extents: str | None = None) -> Difference | None:
     """Compare two image files byte for byte after ``fmt``'s normalization.
 
     Returns None when identical, else the first :class:`Difference` (offset,
-    message, hexdump context).  Holes compare as zeros.
+    message, hexdump context).  Holes compare as zeros, unless ``extents``
+    asks for the allocation maps (SEEK_DATA/SEEK_HOLE) to match as well:
+    ``"all"`` the whole files', ``"payload"`` only beyond the normalized
+    prefix (where a format's structures lie, which one tool may write as
+    zeros and another leave as holes).
     """
+    if extents not in (None, "all", "payload"):
+        raise ValueError(f"extents must be None, 'all' or 'payload', not {extents!r}")
     a, b = os.fspath(a), os.fspath(b)
     size_a, size_b = os.path.getsize(a), os.path.getsize(b)
     if check_size and size_a != size_b:
@@ -171,7 +173,8 @@ def compare_files(a, b, fmt: str = "raw", check_size: bool = True) -> Difference
                                   f"(inside the first {plen:#x} bytes)",
                                   hexdump_context(na, nb, 0, i))
         end = max(size_a, size_b)
-        for start, stop in _merge(data_extents(a) + data_extents(b)):
+        ext_a, ext_b = data_extents(a), data_extents(b)
+        for start, stop in _merge(ext_a + ext_b):
             pos = max(start, plen)
             stop = min(stop, end)
             while pos < stop:
@@ -185,12 +188,16 @@ def compare_files(a, b, fmt: str = "raw", check_size: bool = True) -> Difference
                     return Difference(pos + i, f"files differ at offset {pos + i:#x}",
                                       hexdump_context(da, db, pos, pos + i))
                 pos += n
+    if extents == "payload":
+        ext_a = [e for e in ext_a if e[1] > plen]
+        ext_b = [e for e in ext_b if e[1] > plen]
+    if extents and ext_a != ext_b:
+        i = next(i for i, (x, y) in enumerate(zip(ext_a + [None], ext_b + [None])) if x != y)
+        at = min(e[0] for e in (ext_a[i:i + 1] + ext_b[i:i + 1]))
+        return Difference(at, f"allocation maps differ ({extents}) from extent {i} on: "
+                          f"{a} has {ext_a[i:i + 4]}, {b} has {ext_b[i:i + 4]} "
+                          f"({len(ext_a)} and {len(ext_b)} extents)")
     return None
-
-
-def assert_files_equal(a, b, fmt: str = "raw") -> None:
-    diff = compare_files(a, b, fmt)
-    assert diff is None, f"{a} != {b}: {diff}"
 
 
 def compare_guest(a, b, fmt_a: str | None = None, fmt_b: str | None = None,
@@ -236,11 +243,17 @@ def compare_guest(a, b, fmt_a: str | None = None, fmt_b: str | None = None,
     return None
 
 
-def assert_guest_equal(a, b, fmt_a: str | None = None, fmt_b: str | None = None) -> None:
-    diff = compare_guest(a, b, fmt_a, fmt_b)
-    assert diff is None, f"{a} != {b}: {diff}"
+def file_digest(path, mtime: bool = False) -> str | tuple[str, int]:
+    """SHA-256 of a file's bytes (hex); with ``mtime``, ``(digest,
+    st_mtime_ns)`` -- for asserting that an operation left a file untouched."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+        if not mtime:
+            return h.hexdigest()
+        return h.hexdigest(), os.fstat(f.fileno()).st_mtime_ns
 
 
-__all__ = ["register_normalizer", "get_normalizer", "normalize", "Difference",
-           "data_extents", "compare_files", "assert_files_equal", "compare_guest",
-           "assert_guest_equal", "hexdump_context"]
+__all__ = ["register_normalizer", "get_normalizer", "Difference", "data_extents",
+           "compare_files", "compare_guest", "file_digest", "hexdump_context"]

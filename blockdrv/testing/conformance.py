@@ -13,10 +13,10 @@ a fresh image of your protocol; pytest collects the inherited tests::
 
 ``new_filename`` returns a filename for which
 ``open_protocol(filename, O_RDWR, {"create": True})`` creates an empty
-image.  Override ``supports_truncate`` / ``holes_read_as_zero`` /
-``discard_zeroes`` for drivers that lack those capabilities.  The tests run
-through the generic layer (:class:`blockdrv.node.BlockDriverState`), so they
-also pin down what the layer guarantees on top of a driver.
+image.  Override ``supports_truncate`` / ``discard_zeroes`` for drivers
+that lack those capabilities.  The tests run through the generic layer
+(:class:`blockdrv.node.BlockDriverState`), so they also pin down what the
+layer guarantees on top of a driver.
 """
 
 from __future__ import annotations

@@ -19,14 +19,17 @@ blockdrv -- the creator string and the unused tail of log descriptor sectors
 Everything else -- region tables, metadata, BAT, payload -- is compared as is.
 The parsers here are deliberately lenient: a damaged image normalizes without
 raising, so a test still gets a byte diff to look at.
+
+Files are compared with ``blockdrv.testing.compare.compare_files(a, b,
+"vhdx")``, which normalizes the prefix up to :func:`structure_end` and reads
+the payload extent by extent.  :class:`PosixFile` is the node interface over
+a host file, for driving the driver's create and log code directly.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-
-from .compare import data_extents
 
 HEADER_OFFSETS = (64 * 1024, 128 * 1024)
 REGION_TABLE_OFFSET = 192 * 1024
@@ -122,38 +125,34 @@ def structure_end(path: str) -> int:
     return end
 
 
-def compare_vhdx_files(a: str, b: str, chunk: int = 8 << 20) -> list[str]:
-    """Differences between two VHDX files after normalization ([] = identical).
+class PosixFile:
+    """The node interface the VHDX driver's pieces (``create_vhdx``, the log
+    reader and writer) need, over a host file; ``writes`` counts the calls
+    that change the file (pwrite, truncate), so a test can assert none."""
 
-    Reads only the structure prefix plus the data extents of either file, so
-    40 TiB sparse images compare in milliseconds.
-    """
-    problems = []
-    size_a, size_b = os.path.getsize(a), os.path.getsize(b)
-    if size_a != size_b:
-        problems.append(f"file size {size_a} != {size_b}")
-    prefix = min(max(structure_end(a), structure_end(b)), max(size_a, size_b))
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        na, nb = normalize_vhdx(fa.read(prefix)), normalize_vhdx(fb.read(prefix))
-        if na != nb:
-            first = next(i for i in range(min(len(na), len(nb)) + 1)
-                         if i >= min(len(na), len(nb)) or na[i] != nb[i])
-            problems.append(f"normalized structures differ, first at byte {first:#x}")
-        merged: list[list[int]] = []
-        for start, end in sorted(data_extents(a) + data_extents(b)):
-            if merged and start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        for start, end in merged:
-            pos = max(start, prefix)
-            while pos < end:
-                n = min(chunk, end - pos)
-                fa.seek(pos)
-                fb.seek(pos)
-                da, db = fa.read(n), fb.read(n)
-                if da.ljust(n, b"\0") != db.ljust(n, b"\0"):
-                    problems.append(f"payload differs in [{pos:#x}, {pos + n:#x})")
-                    break
-                pos += n
-    return problems
+    def __init__(self, path, writable: bool = True, create: bool = False) -> None:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        self.fd = os.open(path, flags, 0o644)
+        self.writes = 0
+
+    def pread(self, offset: int, nbytes: int) -> bytes:
+        return os.pread(self.fd, nbytes, offset)
+
+    def pwrite(self, offset: int, data) -> None:
+        self.writes += 1
+        os.pwrite(self.fd, data, offset)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def getlength(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, length: int) -> None:
+        self.writes += 1
+        os.ftruncate(self.fd, length)
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -6,9 +6,13 @@
 * :func:`log_wrap_script` -- more allocating writes than a 1 MiB log holds
   (each BAT update is one 8 KiB log entry: 128 fill the log), so the writer
   wraps around the circular log in one session;
-* :func:`assert_same_vhdx` -- whole-file comparison through ``normalize_vhdx``
-  plus the files' allocation maps (SEEK_DATA/SEEK_HOLE);
+* :func:`make_dirty` -- a qemu-made image whose log holds an entry qemu did
+  not apply (blkdebug fails the BAT write); :func:`dirty_log_case` makes one
+  of the two standard ones (:data:`DIRTY_LOG_CASES`);
+* :func:`current_header` / :func:`log_sequences` -- the header in force and
+  the log entries of an image file;
 * :func:`run_blockdrv` -- the ``blockdrv`` command in-process, output captured;
+* :func:`vhdiinfo_fields` -- libvhdi's ``vhdiinfo`` report as a dict;
 * :func:`guest_bytes` -- the whole guest disk through ``blockdrv.open_image``.
 """
 
@@ -19,14 +23,11 @@ import io
 import os
 import random
 
-from .compare import data_extents, first_diff, hexdump_context
-from .qemu import _Shadow
-from .vhdx import normalize_vhdx
+from .qemu import _Shadow, qemu_img_create, run_qemu_img, run_qemu_io
 
 MiB = 1 << 20
 # One BAT update = descriptor sector + one data sector = 8 KiB of log.
 LOG_ENTRY_SIZE = 8192
-WHOLE_FILE_LIMIT = 128 * MiB
 
 
 def _fit(size: int, start: int, length: int) -> tuple[int, int] | None:
@@ -142,54 +143,72 @@ def verify_reads(script: list[str], size: int) -> list[str]:
     return reads
 
 
-def log_sequences(path) -> list[tuple[int, int]]:
-    """(file offset, sequence number) of every log entry header in the
-    current header's log, in file order: a log that wrapped shows a drop."""
-    import struct
+def current_header(path):
+    """``(index, VhdxHeader)`` of the header in force in an image file."""
     from ..drivers.vhdx.header import select_current_header
     with open(path, "rb") as f:
         f.seek(64 * 1024)
         h1 = f.read(4096)
         f.seek(128 * 1024)
         h2 = f.read(4096)
-        header = select_current_header(h1, h2)[1]
+    return select_current_header(h1, h2)
+
+
+def log_sequences(path) -> list[tuple[int, int]]:
+    """(file offset, sequence number) of every log entry header in the
+    current header's log, in file order: a log that wrapped shows a drop."""
+    import struct
+    header = current_header(path)[1]
+    with open(path, "rb") as f:
         f.seek(header.log_offset)
         log = f.read(header.log_length)
     return [(header.log_offset + off, struct.unpack_from("<Q", log, off + 16)[0])
             for off in range(0, len(log), 4096) if log[off:off + 4] == b"loge"]
 
 
-def normalized_file(path) -> bytes:
-    with open(path, "rb") as f:
-        return normalize_vhdx(f.read())
+def make_dirty(directory, name: str, size: str, block_size: str, writes: list[str],
+               bat_sector: int) -> str:
+    """qemu leaves an un-replayed log: EIO on the first write touching ``bat_sector``.
 
-
-def assert_same_vhdx(a, b, extents: bool = True) -> None:
-    """Files equal after ``normalize_vhdx`` (and, with ``extents``, allocated
-    in the same places).
-
-    Files up to ``WHOLE_FILE_LIMIT`` are normalized whole; larger (sparse)
-    ones -- 256 MiB blocks, 40 TiB disks -- through the harness's
-    ``compare_files``: the normalized structure prefix, then every data
-    extent of either file byte for byte.
+    ``qemu-img create`` makes ``directory/name``, then qemu-io runs ``writes``
+    through blkdebug, which fails the first write to ``bat_sector`` (in
+    512-byte units, blkdebug's ``sector`` filter) -- after the log entry was
+    written and flushed, before the BAT update landed.  The last of
+    ``writes`` must be the one whose BAT update fails.  Returns the path.
     """
-    if max(os.path.getsize(a), os.path.getsize(b)) > WHOLE_FILE_LIMIT:
-        from .compare import compare_files
-        diff = compare_files(a, b, "vhdx")
-        assert diff is None, f"files differ: {diff}"
-        if extents:
-            ea, eb = data_extents(a), data_extents(b)
-            assert ea == eb, f"allocation maps differ:\n {ea}\n {eb}"
-        return
-    na, nb = normalized_file(a), normalized_file(b)
-    assert len(na) == len(nb), f"file sizes differ: {len(na)} != {len(nb)}"
-    if na != nb:
-        i = first_diff(na, nb)
-        raise AssertionError(f"normalized files differ at {i:#x}:\n"
-                             + hexdump_context(na, nb, 0, i))
-    if extents:
-        ea, eb = data_extents(a), data_extents(b)
-        assert ea == eb, f"allocation maps differ:\n {ea}\n {eb}"
+    img = os.path.join(os.fspath(directory), name)
+    conf = img + ".blkdebug"
+    with open(conf, "w") as f:
+        f.write('[inject-error]\nevent = "pwritev"\n'
+                f'sector = "{bat_sector}"\nerrno = "5"\nonce = "on"\n')
+    qemu_img_create(img, "vhdx", size, block_size=block_size)
+    rc, out, err = run_qemu_io(f"blkdebug:{conf}:{img}", writes, "vhdx")
+    assert "Input/output error" in out + err, (rc, out, err)
+    rc, out, err = run_qemu_img("info", img)
+    assert rc != 0 and "needs to be replayed" in err, (rc, out, err)
+    assert current_header(img)[1].has_log
+    return img
+
+
+# name -> (make_dirty arguments, guest offset of the 64 KiB of 0xab that the
+# pending entry makes readable).  "wrapped": 129 BAT updates fill the 1 MiB
+# ring (8 KiB each) and wrap to offset 0; the 130th (block 512: BAT sector
+# 0x201000 = 512-byte sector 4104) fails.  The ring then holds the active
+# entry among stale ones with other GUIDs.
+DIRTY_LOG_CASES = {
+    "simple": (dict(size="64M", block_size="1M", writes=["write -P 0xab 0 64k"],
+                    bat_sector=4096), 0),
+    "wrapped": (dict(size="1G", block_size="1M",
+                     writes=[f"write -P {i % 250 + 1} {i}M 4k" for i in range(129)]
+                     + ["write -P 0xab 512M 64k"], bat_sector=4104), 512 * MiB),
+}
+
+
+def dirty_log_case(directory, case: str) -> tuple[str, int]:
+    """``make_dirty`` for one of :data:`DIRTY_LOG_CASES` -> (path, offset of
+    the 64 KiB of 0xab the pending log entry holds)."""
+    kwargs, offset = DIRTY_LOG_CASES[case]
+    return make_dirty(directory, f"{case}.vhdx", **kwargs), offset
 
 
 def run_blockdrv(*args) -> tuple[int, str, str]:
@@ -199,6 +218,22 @@ def run_blockdrv(*args) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
     return rc, out.getvalue(), err.getvalue()
+
+
+def vhdiinfo_fields(path, vhdiinfo: str = "vhdiinfo") -> dict[str, str]:
+    """``vhdiinfo PATH`` (libvhdi) as ``{field: value}``, e.g. ``"Disk type":
+    "Dynamic"``, ``"Media size": "10 MiB (10486272 bytes)"``; asserts exit 0."""
+    import re
+    import subprocess
+    res = subprocess.run([vhdiinfo, os.fspath(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    fields = {}
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s+([^:]+?)\s*:\s*(.*)$", line)
+        if m:
+            fields[m.group(1)] = m.group(2)
+    return fields
 
 
 def guest_bytes(path, fmt: str | None = None, chunk: int = 8 * MiB) -> bytes:
@@ -212,5 +247,7 @@ def guest_bytes(path, fmt: str | None = None, chunk: int = 8 * MiB) -> bytes:
     return b"".join(parts)
 
 
-__all__ = ["edge_script", "log_wrap_script", "log_sequences", "verify_reads", "assert_same_vhdx", "normalized_file",
-           "run_blockdrv", "guest_bytes", "LOG_ENTRY_SIZE"]
+__all__ = ["edge_script", "log_wrap_script", "current_header", "log_sequences", "verify_reads",
+           "make_dirty", "DIRTY_LOG_CASES", "dirty_log_case", "run_blockdrv", "vhdiinfo_fields",
+           "guest_bytes",
+           "LOG_ENTRY_SIZE"]

@@ -1,6 +1,6 @@
 """``check`` against qemu-img 7.2 on the same corrupted files.
 
-Images are made by qemu-img/qemu-io, corrupted with tests/unit/vhdx/corrupt.py,
+Images are made by qemu-img/qemu-io, corrupted with blockdrv.testing.vhdx_corrupt,
 then checked by both tools.  Where qemu detects a problem, exit code and
 counts must be equal; where it does not (problems only blockdrv detects),
 the test records qemu's answer so a change in either tool shows up.
@@ -9,7 +9,6 @@ the test records qemu's answer so a change in either tool shows up.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,24 +17,10 @@ import pytest
 
 from blockdrv.block import open_node
 from blockdrv.node import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit", "vhdx"))
-from corrupt import MiB, Vhdx, make_dirty_log  # noqa: E402
+from blockdrv.testing.qemu import qemu_img_check, run_qemu_img, run_qemu_io
+from blockdrv.testing.vhdx_corrupt import MiB, Vhdx, make_dirty_log
 
 pytestmark = pytest.mark.interop
-
-
-def run(*args):
-    return subprocess.run(args, capture_output=True, text=True, timeout=120)
-
-
-def qemu_check(qemu_img, path, repair=None):
-    args = [qemu_img, "check", "--output=json"]
-    if repair:
-        args += ["-r", repair]
-    res = run(*args, path)
-    data = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
-    return res.returncode, data
 
 
 def our_check(path, fix=0):
@@ -68,7 +53,10 @@ def as_json(r) -> dict:
     return out
 
 
-def qemu_json(data: dict) -> dict:
+def qemu_json(data: dict | None) -> dict | None:
+    """qemu-img check's JSON without the fields blockdrv's result lacks."""
+    if data is None:
+        return None
     return {k: v for k, v in data.items() if k not in ("filename", "format")}
 
 
@@ -77,11 +65,11 @@ def qbase(tmp_path_factory, qemu_img, qemu_io) -> Vhdx:
     """qemu-made: 64 MiB, 1 MiB blocks, blocks 0, 3 and 5 written (at 8, 9, 10 MiB)."""
     d = tmp_path_factory.mktemp("qbase")
     path = str(d / "base.vhdx")
-    assert run(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", path,
-               "64M").returncode == 0
-    res = run(qemu_io, "-f", "vhdx", "-c", "write -P 0x41 0 1M", "-c", "write -P 0x42 3M 4k",
-              "-c", "write -P 0x43 5M 512", path)
-    assert res.returncode == 0, res
+    assert run_qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", path,
+                        "64M")[0] == 0
+    res = run_qemu_io(path, ["write -P 0x41 0 1M", "write -P 0x42 3M 4k",
+                             "write -P 0x43 5M 512"], "vhdx")
+    assert res[0] == 0, res
     v = Vhdx.load(path)
     assert [v.block(b)[1] for b in (0, 3, 5)] == [8 * MiB, 9 * MiB, 10 * MiB]
     return v
@@ -122,8 +110,8 @@ def _make(qbase, tmp_path, name, fn):
 @pytest.mark.parametrize("name", list(QEMU_DETECTS))
 def test_same_counts_as_qemu(name, qbase, tmp_path, qemu_img):
     path = _make(qbase, tmp_path, name, QEMU_DETECTS[name])
-    q_rc, q_data = qemu_check(qemu_img, path)
-    assert q_rc == 2 and q_data.get("corruptions", 0) > 0, (q_rc, q_data)
+    q_rc, q_data = qemu_img_check(path)
+    assert q_rc == 2 and q_data and q_data.get("corruptions", 0) > 0, (q_rc, q_data)
     r = our_check(path)
     assert exit_code(r) == q_rc
     assert as_json(r) == qemu_json(q_data)
@@ -135,11 +123,11 @@ def test_repair_where_qemu_cannot(name, qbase, tmp_path, qemu_img):
     path = _make(qbase, tmp_path, name, QEMU_DETECTS[name])
     theirs = path + ".qemu"
     shutil.copyfile(path, theirs)
-    q_rc, q_data = qemu_check(qemu_img, theirs, "all")
-    assert q_rc == 2                                      # qemu repairs nothing here
+    q_rc, q_data = qemu_img_check(theirs, repair="all")
+    assert q_rc == 2 and q_data, (q_rc, q_data)                                     # qemu repairs nothing here
     r = our_check(path, FIX_LEAKS | FIX_ERRORS)
     assert r.corruptions == 0 and r.corruptions_fixed == q_data["corruptions"]
-    assert qemu_check(qemu_img, path) == (0, {"check-errors": 0, "filename": path,
+    assert qemu_img_check(path) == (0, {"check-errors": 0, "filename": path,
                                               "format": "vhdx"})
     assert exit_code(our_check(path)) == 0
 
@@ -148,15 +136,15 @@ def test_repair_where_qemu_cannot(name, qbase, tmp_path, qemu_img):
 def test_problems_only_blockdrv_detects(name, qbase, tmp_path, qemu_img):
     fn, expected = ONLY_BLOCKDRV[name]
     path = _make(qbase, tmp_path, name, fn)
-    q_rc, q_data = qemu_check(qemu_img, path)
-    assert q_rc == 0 and "corruptions" not in q_data
+    q_rc, q_data = qemu_img_check(path)
+    assert q_rc == 0 and q_data is not None and "corruptions" not in q_data, q_data
     r = our_check(path)
     assert (r.corruptions, r.leaks) == expected
     r = our_check(path, FIX_LEAKS | FIX_ERRORS)
     remaining = 1 if name == "partially-present" else 0
     assert r.corruptions == remaining and r.leaks == 0
     # after our repair qemu still finds nothing wrong
-    assert qemu_check(qemu_img, path)[0] == 0
+    assert qemu_img_check(path)[0] == 0
 
 
 def test_clean_qemu_images_agree(tmp_path, qemu_img, qemu_io):
@@ -164,10 +152,10 @@ def test_clean_qemu_images_agree(tmp_path, qemu_img, qemu_io):
                        ("subformat=fixed,block_state_zero=off", "10000000"),
                        ("block_size=1M,log_size=8M", "4G"), ("subformat=dynamic", "0")):
         path = str(tmp_path / f"clean-{len(opts)}-{size}.vhdx")
-        assert run(qemu_img, "create", "-q", "-f", "vhdx", "-o", opts, path, size).returncode == 0
+        assert run_qemu_img("create", "-q", "-f", "vhdx", "-o", opts, path, size)[0] == 0
         if size != "0":
-            run(qemu_io, "-f", "vhdx", "-c", "write -P 7 0 64k", path)
-        q_rc, q_data = qemu_check(qemu_img, path)
+            assert run_qemu_io(path, ["write -P 7 0 64k"], "vhdx")[0] == 0
+        q_rc, q_data = qemu_img_check(path)
         r = our_check(path)
         assert (exit_code(r), as_json(r)) == (q_rc, qemu_json(q_data)) == (0, {"check-errors": 0})
 
@@ -179,12 +167,12 @@ def test_dirty_log_repair_matches_qemu(tmp_path, qemu_img):
     shutil.copyfile(path, theirs)
     # read-only: qemu refuses to open (exit 1); blockdrv replays in memory and
     # reports the pending log as a corruption
-    q_rc, _ = qemu_check(qemu_img, theirs)
+    q_rc, _ = qemu_img_check(theirs)
     assert q_rc == 1
     r = our_check(path)
     assert (exit_code(r), r.corruptions) == (2, 1)
     # -r all: both replay and count one fixed corruption
-    q_rc, q_data = qemu_check(qemu_img, theirs, "all")
+    q_rc, q_data = qemu_img_check(theirs, repair="all")
     r = our_check(path, FIX_LEAKS | FIX_ERRORS)
     assert (exit_code(r), as_json(r)) == (q_rc, qemu_json(q_data)) == \
         (0, {"check-errors": 0, "corruptions-fixed": 1})
@@ -194,10 +182,10 @@ def test_dirty_log_repair_matches_qemu(tmp_path, qemu_img):
 
 
 def test_cli_check_json_matches_qemu(qbase, tmp_path, qemu_img):
-    from blockdrv.cli import main  # noqa: F401  (skip cleanly if the CLI is absent)
     for name in ("start-past-eof", "offset-overflow", "in-metadata", "end-past-eof"):
         path = _make(qbase, tmp_path, name, QEMU_DETECTS[name])
-        q_rc, q_data = qemu_check(qemu_img, path)
-        res = run(sys.executable, "-m", "blockdrv", "check", "--output=json", path)
+        q_rc, q_data = qemu_img_check(path)
+        res = subprocess.run([sys.executable, "-m", "blockdrv", "check", "--output=json", path],
+                             capture_output=True, text=True, timeout=120)
         assert res.returncode == q_rc, res
         assert json.loads(res.stdout) == q_data

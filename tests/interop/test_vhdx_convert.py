@@ -2,8 +2,8 @@
 
 * raw -> vhdx: the same raw source (data, holes, explicitly written zeros,
   zero runs inside data) converted by both tools gives files identical after
-  ``normalize_vhdx`` (whole file), with the payload allocated in the same
-  places.  The one allocation difference is the metadata area written by
+  ``normalize_vhdx`` (``compare_files(..., "vhdx")``), with the payload
+  allocated in the same places.  The one allocation difference is the metadata area written by
   create: qemu writes the whole BAT and metadata regions (zeros included),
   blockdrv leaves the all-zero parts as holes; bytes are the same, so the
   maps are compared from ``structure_end`` on.
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from blockdrv.testing.compare import data_extents
-from blockdrv.testing.qemu import qemu_img_create, replay_script
-from blockdrv.testing.vhdx import structure_end
-from blockdrv.testing.vhdx_scripts import normalized_file, run_blockdrv
+from blockdrv.testing.compare import compare_files, data_extents
+from blockdrv.testing.qemu import qemu_img_create, qemu_img_map, replay_script, run_qemu_img
+from blockdrv.testing.vhdx_scripts import run_blockdrv
 
 pytestmark = pytest.mark.interop
 
@@ -51,9 +49,8 @@ def make_raw(path, size: int) -> None:
 
 
 def qemu_convert(*args) -> None:
-    p = subprocess.run(["qemu-img", "convert", *map(os.fspath, args)], capture_output=True,
-                       text=True)
-    assert p.returncode == 0, p.stderr
+    rc, out, err = run_qemu_img("convert", *map(os.fspath, args))
+    assert rc == 0, err
 
 
 def blockdrv_convert(*args) -> None:
@@ -62,12 +59,9 @@ def blockdrv_convert(*args) -> None:
 
 
 def assert_same_vhdx_payload(a, b) -> None:
-    assert os.path.getsize(a) == os.path.getsize(b)
-    assert normalized_file(a) == normalized_file(b), "normalized files differ"
-    end = max(structure_end(a), structure_end(b))
-    pa = [e for e in data_extents(a) if e[1] > end]
-    pb = [e for e in data_extents(b) if e[1] > end]
-    assert pa == pb, f"payload allocation differs:\n {pa}\n {pb}"
+    """Same size, same bytes after normalization, payload allocated alike."""
+    diff = compare_files(a, b, "vhdx", extents="payload")
+    assert diff is None, str(diff)
 
 
 TARGETS = [
@@ -114,9 +108,7 @@ def test_raw_source_not_a_sector_multiple(interop_tmp, qemu_img, tail):
         assert f1.read() == f2.read()
     assert data_extents(qr) == data_extents(br)
     rc, out, err = run_blockdrv("map", "--output=json", "-f", "raw", src)
-    p = subprocess.run(["qemu-img", "map", "--output=json", "-f", "raw", os.fspath(src)],
-                       capture_output=True, text=True)
-    assert rc == 0 and json.loads(out) == json.loads(p.stdout)
+    assert rc == 0 and json.loads(out) == qemu_img_map(src, "raw")
 
 
 @pytest.mark.parametrize("sparse", ["0", "64k", "4k"])

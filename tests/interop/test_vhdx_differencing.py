@@ -22,15 +22,15 @@ parent) is covered by tests/unit/vhdx/test_differencing.py.
 
 from __future__ import annotations
 
-import hashlib
 import random
-import re
-import subprocess
 
 import pytest
 
 import blockdrv
+from blockdrv.testing.compare import file_digest
+from blockdrv.testing.qemu import qemu_img_check, qemu_img_create, run_qemu_io
 from blockdrv.testing.tools import in_ci
+from blockdrv.testing.vhdx_scripts import run_blockdrv, vhdiinfo_fields
 
 pytestmark = pytest.mark.interop
 
@@ -47,11 +47,6 @@ def pyvhdi():
             pytest.fail(f"CI=true but the oracle is missing: {message}")
         pytest.skip(message)
     return mod
-
-
-def sha(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def libvhdi_read(pyvhdi, chain) -> bytes:
@@ -98,30 +93,28 @@ def test_pyvhdi_reads_children_like_blockdrv(tmp_path, pyvhdi, lss):
     for level in (1, 2):
         child = tmp_path / f"child{level}.vhdx"
         blockdrv.create_image(child, "vhdx", backing_file=chain[-1].name).close()
-        before = [sha(p) for p in chain]
+        before = [file_digest(p) for p in chain]
         scribble(child, 10 + level, lss)
-        assert [sha(p) for p in chain] == before        # parents untouched
+        assert [file_digest(p) for p in chain] == before        # parents untouched
         chain.append(child)
         assert libvhdi_read(pyvhdi, chain) == ours(child)
 
 
-def test_parent_made_by_qemu(tmp_path, pyvhdi, qemu_img):
+def test_parent_made_by_qemu(tmp_path, pyvhdi, qemu_img, qemu_io):
     base = tmp_path / "base.vhdx"
-    subprocess.run([qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=2M",
-                    str(base), "24M"], check=True)
-    subprocess.run(["qemu-io", "-c", "write -P 0x5a 1M 5M", str(base)], check=True,
-                   capture_output=True)
-    before = sha(base)
+    qemu_img_create(base, "vhdx", "24M", block_size="2M")
+    rc, out, err = run_qemu_io(base, ["write -P 0x5a 1M 5M"], "vhdx")
+    assert rc == 0, out + err
+    before = file_digest(base)
     child = tmp_path / "child.vhdx"
-    rc = subprocess.run(["blockdrv", "create", "-q", "-f", "vhdx", "-b", "base.vhdx",
-                         "-F", "vhdx", str(child)], capture_output=True, text=True)
-    assert rc.returncode == 0, rc.stderr
+    rc, out, err = run_blockdrv("create", "-q", "-f", "vhdx", "-b", "base.vhdx",
+                                "-F", "vhdx", child)
+    assert rc == 0, err
     scribble(child, 3, 512)
-    assert sha(base) == before
+    assert file_digest(base) == before
     assert libvhdi_read(pyvhdi, [base, child]) == ours(child)
     # qemu still finds the parent clean
-    out = subprocess.run([qemu_img, "check", str(base)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert qemu_img_check(base, "vhdx")[0] == 0
 
 
 def test_pyvhdi_and_vhdiinfo_see_the_linkage(tmp_path, pyvhdi, vhdiinfo):
@@ -137,11 +130,9 @@ def test_pyvhdi_and_vhdiinfo_see_the_linkage(tmp_path, pyvhdi, vhdiinfo):
         loc = img.info().format_specific["parent-locator"]
     assert c.get_parent_filename() == loc["absolute_win32_path"]
     c.set_parent(p)                                   # libvhdi checks the linkage
-    out = subprocess.run([vhdiinfo, str(child)], capture_output=True, text=True,
-                         check=True).stdout
-    assert re.search(r"Disk type\s*:\s*Differential", out)
-    m = re.search(r"Parent identifier\s*:\s*(\S+)", out)
-    assert m and m.group(1) == p.get_identifier()
+    fields = vhdiinfo_fields(child, vhdiinfo)
+    assert fields["Disk type"] == "Differential", fields
+    assert fields["Parent identifier"] == p.get_identifier(), fields
     # after a write to the parent, libvhdi refuses the link as blockdrv does
     with blockdrv.open_image(base, readonly=False) as img:
         img.write(0, b"changed")

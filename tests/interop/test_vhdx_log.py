@@ -2,16 +2,15 @@
 
 Dirty logs come from qemu itself: blkdebug injects EIO on the first write to the
 BAT sector, i.e. after the log entry was written and flushed but before the BAT
-update landed (see ``make_dirty``).  Until ``blockdrv.testing.vhdx.normalize_vhdx``
-exists, files are compared byte for byte except the two 4 KiB header sectors
-(qemu updates sequence numbers and GUIDs there; the driver, not log.py, does).
+update landed (see ``blockdrv.testing.vhdx_scripts.make_dirty``).  Files are
+compared byte for byte except the two 4 KiB header sectors (qemu updates
+sequence numbers and GUIDs there; the driver, not log.py, does) -- stricter
+than ``normalize_vhdx``, which also masks log entry checksums and GUIDs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import struct
 import subprocess
 import uuid
@@ -20,8 +19,11 @@ from dataclasses import replace
 import pytest
 
 from blockdrv.drivers.vhdx import log as L
-from blockdrv.drivers.vhdx.header import select_current_header
 from blockdrv.errors import CorruptImageError
+from blockdrv.testing.compare import file_digest
+from blockdrv.testing.qemu import sparse_copy
+from blockdrv.testing.vhdx import PosixFile
+from blockdrv.testing.vhdx_scripts import DIRTY_LOG_CASES, current_header, dirty_log_case
 
 pytestmark = pytest.mark.interop
 
@@ -30,45 +32,8 @@ HEADER_SECTORS = ((64 * 1024, 68 * 1024), (128 * 1024, 132 * 1024))
 BAT_GUID = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08").bytes_le
 
 
-class PosixFile:
-    """The node interface over a host file."""
-
-    def __init__(self, path: str, writable: bool = True) -> None:
-        self.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-        self.writes = 0
-
-    def pread(self, offset, nbytes):
-        return os.pread(self.fd, nbytes, offset)
-
-    def pwrite(self, offset, data):
-        self.writes += 1
-        os.pwrite(self.fd, data, offset)
-
-    def flush(self):
-        os.fsync(self.fd)
-
-    def getlength(self):
-        return os.fstat(self.fd).st_size
-
-    def truncate(self, length):
-        self.writes += 1
-        os.ftruncate(self.fd, length)
-
-    def close(self):
-        os.close(self.fd)
-
-
 def run(*args, check=True):
     return subprocess.run(args, capture_output=True, text=True, check=check)
-
-
-def header_of(path):
-    with open(path, "rb") as fh:
-        fh.seek(64 * 1024)
-        h1 = fh.read(4096)
-        fh.seek(128 * 1024)
-        h2 = fh.read(4096)
-    return select_current_header(h1, h2)
 
 
 def bat_offset(path) -> int:
@@ -91,68 +56,26 @@ def masked(path) -> bytes:
     return bytes(data)
 
 
-def sha(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def make_dirty(tmp_path, qemu_img, qemu_io, name, size, block_size, writes, bat_sector):
-    """qemu leaves an un-replayed log: EIO on the first write touching ``bat_sector``.
-
-    ``bat_sector`` is in 512-byte units (blkdebug's ``sector`` filter).  The
-    last of ``writes`` must be the one whose BAT update fails.
-    """
-    img = str(tmp_path / name)
-    conf = tmp_path / f"{name}.blkdebug"
-    conf.write_text('[inject-error]\nevent = "pwritev"\n'
-                    f'sector = "{bat_sector}"\nerrno = "5"\nonce = "on"\n')
-    run(qemu_img, "create", "-q", "-f", "vhdx", "-o", f"block_size={block_size}", img, size)
-    cmds = []
-    for c in writes:
-        cmds += ["-c", c]
-    res = run(qemu_io, "-f", "vhdx", *cmds, f"blkdebug:{conf}:{img}", check=False)
-    assert "Input/output error" in res.stdout + res.stderr, res
-    info = run(qemu_img, "info", img, check=False)
-    assert info.returncode != 0 and "needs to be replayed" in info.stderr
-    assert header_of(img)[1].has_log
-    return img
-
-
-@pytest.fixture
-def dirty_simple(tmp_path, qemu_img, qemu_io):
-    return make_dirty(tmp_path, qemu_img, qemu_io, "simple.vhdx", "64M", "1M",
-                      ["write -P 0xab 0 64k"], 4096)
-
-
-@pytest.fixture
-def dirty_wrapped(tmp_path, qemu_img, qemu_io):
-    # 129 BAT updates fill the 1 MiB ring (8 KiB each) and wrap to offset 0; the
-    # 130th (block 512: BAT sector 0x201000 = 512-byte sector 4104) fails.  The
-    # ring then holds the active entry among stale ones with other GUIDs.
-    writes = [f"write -P {i % 250 + 1} {i}M 4k" for i in range(129)]
-    writes.append("write -P 0xab 512M 64k")
-    return make_dirty(tmp_path, qemu_img, qemu_io, "wrapped.vhdx", "1G", "1M", writes, 4104)
-
-
 def repair_both(img, qemu_img):
     ours, theirs = img + ".ours", img + ".qemu"
-    shutil.copyfile(img, ours)
-    shutil.copyfile(img, theirs)
+    sparse_copy(img, ours)
+    sparse_copy(img, theirs)
     res = run(qemu_img, "check", "-r", "all", theirs, check=False)
     assert res.returncode == 0, res
     f = PosixFile(ours)
     try:
-        seq = L.replay_log(f, header_of(ours)[1])
+        seq = L.replay_log(f, current_header(ours)[1])
     finally:
         f.close()
     return ours, theirs, seq
 
 
-@pytest.mark.parametrize("which", ["dirty_simple", "dirty_wrapped"])
-def test_replay_equals_qemu_check_repair(which, request, qemu_img):
-    img = request.getfixturevalue(which)
+@pytest.mark.parametrize("which", list(DIRTY_LOG_CASES))
+def test_replay_equals_qemu_check_repair(which, tmp_path, qemu_img, qemu_io):
+    img, _offset = dirty_log_case(tmp_path, which)
     ours, theirs, seq = repair_both(img, qemu_img)
     assert len(seq.entries) == 1
-    if which == "dirty_wrapped":
+    if which == "wrapped":
         head = seq.head
         assert (head.position, head.sequence_number, head.header.tail) == (0x2000, 130, 0x2000)
     assert os.path.getsize(ours) == os.path.getsize(theirs)
@@ -160,14 +83,13 @@ def test_replay_equals_qemu_check_repair(which, request, qemu_img):
     assert masked(ours) != masked(img)          # the replay did change the BAT
 
 
-@pytest.mark.parametrize("which,offset", [("dirty_simple", 0), ("dirty_wrapped", 512 * MiB)])
-def test_in_memory_replay_reads_like_qemu_after_repair(which, offset, request, qemu_img,
-                                                       qemu_io):
-    img = request.getfixturevalue(which)
-    before = sha(img)
+@pytest.mark.parametrize("which", list(DIRTY_LOG_CASES))
+def test_in_memory_replay_reads_like_qemu_after_repair(which, tmp_path, qemu_img, qemu_io):
+    img, offset = dirty_log_case(tmp_path, which)
+    before = file_digest(img)
     f = PosixFile(img, writable=False)
     try:
-        ov = L.replay_log_in_memory(f, header_of(img)[1])
+        ov = L.replay_log_in_memory(f, current_header(img)[1])
         bat = bat_offset(img)
         # block = offset / 1 MiB; with 1 MiB blocks the chunk ratio is 4096, so
         # for blocks < 4096 the BAT index is the block number.
@@ -179,7 +101,7 @@ def test_in_memory_replay_reads_like_qemu_after_repair(which, offset, request, q
         assert f.writes == 0
     finally:
         f.close()
-    assert sha(img) == before                   # not one byte written
+    assert file_digest(img) == before           # not one byte written
     assert data == b"\xab" * 65536
     _ours, theirs, _seq = repair_both(img, qemu_img)
     res = run(qemu_io, "-f", "vhdx", "-r", "-c", f"read -P 0xab {offset} 64k", theirs)
@@ -202,7 +124,7 @@ class HeaderUpdater:
 
     def __init__(self, path: str, f: PosixFile) -> None:
         self.f = f
-        self.index, self.current = header_of(path)
+        self.index, self.current = current_header(path)
         self.session = uuid.uuid4().bytes_le
 
     def __call__(self, log_guid: bytes) -> None:
@@ -230,14 +152,14 @@ def test_writer_matches_qemu_bat_updates(blocks, tmp_path, qemu_img, qemu_io):
     fresh = str(tmp_path / "fresh.vhdx")
     run(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", fresh, "64M")
     theirs, ours = fresh + ".qemu", fresh + ".ours"
-    shutil.copyfile(fresh, theirs)
-    shutil.copyfile(fresh, ours)
+    sparse_copy(fresh, theirs)
+    sparse_copy(fresh, ours)
     cmds = []
     for b in blocks:
         cmds += ["-c", f"write -P {b + 1} {b}M 4k"]
     run(qemu_io, "-f", "vhdx", *cmds, theirs)
 
-    hdr = header_of(ours)[1]
+    hdr = current_header(ours)[1]
     bat = bat_offset(ours)
     f = PosixFile(ours)
     try:
@@ -257,7 +179,7 @@ def test_writer_matches_qemu_bat_updates(blocks, tmp_path, qemu_img, qemu_io):
     for buf in (a, b_):
         log_mask(buf, hdr.log_offset, hdr.log_length)
     assert len(a) == len(b_) and a == b_
-    assert not header_of(ours)[1].has_log
+    assert not current_header(ours)[1].has_log
     run(qemu_img, "check", ours)
 
 
@@ -267,7 +189,7 @@ def test_qemu_replays_a_log_we_wrote(tmp_path, qemu_img, qemu_io):
     img = str(tmp_path / "ours.vhdx")
     run(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, "1G")
     run(qemu_io, "-f", "vhdx", "-c", "write -P 0x33 0 8k", img)
-    hdr = header_of(img)[1]
+    hdr = current_header(img)[1]
     bat = bat_offset(img)
     f = PosixFile(img)
     try:
@@ -309,7 +231,7 @@ def test_last_file_offset_extension_diverges_from_qemu_bug(extra, tmp_path, qemu
     extend in both cases; for the unaligned value both agree."""
     img = str(tmp_path / "ext.vhdx")
     run(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, "64M")
-    hdr = header_of(img)[1]
+    hdr = current_header(img)[1]
     f = PosixFile(img)
     try:
         guid = uuid.uuid4().bytes
@@ -341,12 +263,12 @@ def test_log_guid_without_entries_is_refused_though_qemu_opens_it(tmp_path, qemu
     run(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, "64M")
     run(qemu_io, "-f", "vhdx", "-c", "write -P 0xab 0 64k", f"blkdebug:{conf}:{img}",
         check=False)
-    assert header_of(img)[1].has_log
+    assert current_header(img)[1].has_log
     assert run(qemu_img, "check", img, check=False).returncode == 0   # qemu: "no errors"
     f = PosixFile(img, writable=False)
     try:
         with pytest.raises(CorruptImageError, match="no valid entries"):
-            L.replay_log_in_memory(f, header_of(img)[1])
+            L.replay_log_in_memory(f, current_header(img)[1])
         assert f.writes == 0
     finally:
         f.close()

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
 
 import pytest
 
 import blockdrv
 from blockdrv.testing.qemu import (qemu_img_check, qemu_img_create, qemu_img_info, qemu_img_map,
-                                   random_script, replay_script, run_qemu_io)
-from blockdrv.testing.vhdx_scripts import edge_script, guest_bytes, run_blockdrv, verify_reads
+                                   random_script, replay_script, run_qemu_img, run_qemu_io)
+from blockdrv.testing.vhdx_scripts import (edge_script, guest_bytes, run_blockdrv, vhdiinfo_fields,
+                                           verify_reads)
 
 pytestmark = pytest.mark.interop
 
@@ -60,8 +59,8 @@ def _o(opts) -> str:
 
 
 def qemu_raw(path, out) -> bytes:
-    subprocess.run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", os.fspath(path),
-                    os.fspath(out)], check=True, capture_output=True)
+    rc, _, err = run_qemu_img("convert", "-f", "vhdx", "-O", "raw", path, out)
+    assert rc == 0, err
     with open(out, "rb") as f:
         return f.read()
 
@@ -166,8 +165,8 @@ def test_info_json_matches_qemu(interop_tmp, qemu_img, qemu_io, maker, opts):
 def test_info_human_output_starts_like_qemu(interop_tmp, qemu_img):
     path = interop_tmp / "h.vhdx"
     qemu_img_create(path, "vhdx", "33M", block_size="8M")
-    q = subprocess.run(["qemu-img", "info", "-f", "vhdx", os.fspath(path)],
-                       capture_output=True, text=True, check=True).stdout
+    rc, q, err = run_qemu_img("info", "-f", "vhdx", path)
+    assert rc == 0, err
     rc, out, _ = run_blockdrv("info", "-f", "vhdx", path)
     assert rc == 0
     # human output: qemu's lines come first, blockdrv adds a format-specific block
@@ -217,17 +216,6 @@ def test_map_shows_real_allocation(interop_tmp, qemu_img, qemu_io, maker):
 
 # -- vhdiinfo as a second reader -------------------------------------------------------------
 
-def vhdiinfo_fields(path) -> dict[str, str]:
-    out = subprocess.run(["vhdiinfo", os.fspath(path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    fields = {}
-    for line in out.stdout.splitlines():
-        m = re.match(r"\s+([^:]+?)\s*:\s*(.*)$", line)
-        if m:
-            fields[m.group(1)] = m.group(2)
-    return fields
-
-
 VHDI_CASES = [
     (SIZE, dict(subformat="dynamic", block_size="1M")),
     (33 * MiB, dict(subformat="fixed", block_size="8M", block_state_zero=False)),
@@ -248,7 +236,7 @@ def test_vhdiinfo_accepts_blockdrv_images(interop_tmp, vhdiinfo, size, opts):
     res = replay_script(["write -P 0x44 0 8192", f"write -P 0x45 {size - lss} {lss}"],
                         path, "vhdx", "blockdrv")
     assert res.rc == 0, res.stdout + res.stderr
-    f = vhdiinfo_fields(path)
+    f = vhdiinfo_fields(path, vhdiinfo)
     assert f["Format"].startswith("VHDX")
     assert f["Disk type"] == ("Fixed" if opts["subformat"] == "fixed" else "Dynamic")
     assert f["Media size"].endswith(f"({size} bytes)"), f
@@ -277,7 +265,7 @@ def test_4096_sector_image_reads_correctly_in_blockdrv(interop_tmp, vhdiinfo):
             img.write(off, data)
             model[off:off + len(data)] = data
     assert guest_bytes(path) == bytes(model)
-    assert vhdiinfo_fields(path)["Bytes per sector"] == "4096 bytes"
+    assert vhdiinfo_fields(path, vhdiinfo)["Bytes per sector"] == "4096 bytes"
     rc, out, err = run_blockdrv("check", path)
     assert rc == 0, out + err
     rc, out, err = run_blockdrv("info", "--output=json", path)

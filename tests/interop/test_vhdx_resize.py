@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 
 import pytest
 
@@ -19,7 +18,7 @@ import blockdrv
 from blockdrv.drivers.vhdx import log as vlog
 from blockdrv.testing.qemu import (qemu_img_check, qemu_img_create, qemu_img_info,
                                    run_qemu_img, run_qemu_io)
-from blockdrv.testing.vhdx_scripts import run_blockdrv
+from blockdrv.testing.vhdx_scripts import run_blockdrv, vhdiinfo_fields
 
 pytestmark = pytest.mark.interop
 
@@ -33,10 +32,9 @@ def qemu_reads(path, commands):
 
 
 def media_size(path) -> int:
-    out = subprocess.run(["vhdiinfo", os.fspath(path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    m = re.search(r"Media size\s*:.*\((\d+) bytes\)", out.stdout)
-    assert m, out.stdout
+    media = vhdiinfo_fields(path)["Media size"]
+    m = re.search(r"\((\d+) bytes\)", media)
+    assert m, media
     return int(m.group(1))
 
 

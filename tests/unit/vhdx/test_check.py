@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
-import sys
 
 import pytest
 
@@ -13,8 +11,8 @@ import blockdrv
 from blockdrv.block import open_node
 from blockdrv.node import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
 
-sys.path.insert(0, os.path.dirname(__file__))
-from corrupt import KiB, MiB, Vhdx, make_dirty_log  # noqa: E402
+from blockdrv.testing.compare import file_digest
+from blockdrv.testing.vhdx_corrupt import KiB, MiB, Vhdx, make_dirty_log
 
 FIX_ALL = FIX_LEAKS | FIX_ERRORS
 
@@ -29,11 +27,6 @@ def run_check(path, fix=0):
 
 def counts(r):
     return (r.corruptions, r.leaks, r.corruptions_fixed, r.leaks_fixed, r.check_errors)
-
-
-def sha(path):
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def read_all(path):
@@ -81,7 +74,7 @@ def test_fresh_images_are_clean(opts, tmp_path):
         img.write(img.size - 512, b"z" * 512)
         img.write(0, b"a" * 512)
     img.close()
-    before = sha(path)
+    before = file_digest(path)
     assert counts(run_check(path)) == (0, 0, 0, 0, 0)
     assert counts(run_check(path, FIX_ALL)) == (0, 0, 0, 0, 0)
     assert counts(run_check(path)) == (0, 0, 0, 0, 0)
@@ -90,10 +83,10 @@ def test_fresh_images_are_clean(opts, tmp_path):
 
 def test_read_only_check_writes_nothing(image):
     mutate(image, lambda v: v.set_block(1, 6, v.metadata_offset))
-    before = sha(image)
+    before = file_digest(image)
     r = run_check(image)
     assert r.corruptions == 1
-    assert sha(image) == before
+    assert file_digest(image) == before
 
 
 # --------------------------------------------------------------------------- corruptions
@@ -219,10 +212,10 @@ def test_several_problems_count_like_qemu_per_entry(image):
 def test_pending_log_read_only_and_read_write(tmp_path):
     path = tmp_path / "dirty.vhdx"
     facts = make_dirty_log(path, block_size="1M")
-    before = sha(path)
+    before = file_digest(path)
     r = run_check(path)
     assert counts(r) == (1, 0, 0, 0, 0)
-    assert sha(path) == before
+    assert file_digest(path) == before
     r = run_check(path, FIX_ERRORS)
     assert counts(r) == (0, 0, 1, 0, 0)
     assert counts(run_check(path)) == (0, 0, 0, 0, 0)
@@ -329,7 +322,7 @@ def test_overlapping_regions_count_as_corruptions_read_only(region, image):
         else:   # the log grows over the BAT that follows it
             v.set_header(log_length=v.header(v.current)["log_length"] + MiB)
     mutate(image, move)
-    before = sha(image)
+    before = file_digest(image)
     with pytest.raises(blockdrv.CorruptImageError, match="overlap"):
         blockdrv.open_image(image, "vhdx")
     r = run_check(image)
@@ -337,7 +330,7 @@ def test_overlapping_regions_count_as_corruptions_read_only(region, image):
     assert any("overlap" in m for m in r.messages)
     with pytest.raises(blockdrv.CorruptImageError, match="overlap"):
         run_check(image, FIX_ALL)
-    assert sha(image) == before
+    assert file_digest(image) == before
 
 
 def _bat_guid():

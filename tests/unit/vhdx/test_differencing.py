@@ -8,7 +8,6 @@ BAT entries as one log entry; whole-block writes allocate FULLY_PRESENT.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -25,13 +24,9 @@ from blockdrv.errors import BlockDriverError
 from blockdrv.mapping import map_entries
 from blockdrv.node import O_RDWR
 from blockdrv.protocols import blkdebug
+from blockdrv.testing.compare import file_digest
 
 MiB = 1 << 20
-
-
-def sha(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -114,10 +109,10 @@ def test_create_rules(tmp_path):
 
 def test_partial_write_sets_bitmap_bits_only(chain):
     base, child = chain
-    before = sha(base)
+    before = file_digest(base)
     with blockdrv.open_image(child, readonly=False) as img:
         img.write(512, b"\x22" * 1024)
-    assert sha(base) == before
+    assert file_digest(base) == before
     expect = bytearray(read_all(base))
     expect[512:1536] = b"\x22" * 1024
     assert read_all(child) == expect
@@ -184,7 +179,7 @@ def test_random_writes_three_level_chain(tmp_path, lss, block_size):
 
 def test_parent_unchanged_and_unaligned_writes(chain):
     base, child = chain
-    before = sha(base)
+    before = file_digest(base)
     expect = bytearray(read_all(base))
     with blockdrv.open_image(child, readonly=False) as img:
         for off, n in [(100, 10), (MiB - 5, 10), (3 * MiB + 511, 2), (7 * MiB + 1, 4000)]:
@@ -192,7 +187,7 @@ def test_parent_unchanged_and_unaligned_writes(chain):
             img.write(off, data)
             expect[off:off + n] = data
         assert img.read(0, img.size) == expect
-    assert sha(base) == before
+    assert file_digest(base) == before
     assert read_all(child) == expect
 
 
@@ -204,10 +199,10 @@ def test_linkage_mismatch_is_refused(chain):
         img.write(0, b"x")                # new DataWriteGuid
     with pytest.raises(blockdrv.CorruptImageError, match="DataWriteGuid"):
         blockdrv.open_image(child)
-    before = sha(child)
+    before = file_digest(child)
     with pytest.raises(blockdrv.CorruptImageError):
         blockdrv.open_image(child, readonly=False)
-    assert sha(child) == before           # nothing written to a child that failed to open
+    assert file_digest(child) == before           # nothing written to a child that failed to open
 
 
 def test_missing_parent_and_override(chain, tmp_path, capsys):

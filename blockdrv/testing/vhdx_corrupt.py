@@ -8,6 +8,7 @@ instead of stopping at the CRC.
 
 This module is deliberately independent of the driver's parsers (it uses
 ``struct`` directly) so a parser bug cannot hide a corruption.
+:func:`make_dirty_log` makes an image with one unapplied log entry.
 """
 
 from __future__ import annotations
