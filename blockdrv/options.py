@@ -2,37 +2,121 @@
 
 from __future__ import annotations
 
+import errno as _errno
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import InvalidArgumentError
 
-_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
-             "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([bkmgtpeBKMGTPE]?)\s*$")
 MAX_SIZE = (1 << 63) - 1
+SIZE_LIMIT = 1 << 64             # qemu_strtosz's ERANGE: sizes are uint64_t
+
+Warn = Callable[[str], None]
 
 
-def parse_size(text: str | int, default_suffix: str = "") -> int:
-    """Parse qemu's size syntax: a number with an optional k/M/G/T/P/E suffix
-    (powers of 1024).  Fractions are allowed with a suffix ("1.5G")."""
-    if isinstance(text, int):
-        if text < 0:
-            raise InvalidArgumentError(f"Invalid size '{text}'")
-        return text
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise InvalidArgumentError(f"Invalid size '{text}'")
-    number, suffix = match.groups()
-    suffix = (suffix or default_suffix).lower()
-    mult = _SUFFIXES[suffix]
-    if "." in number:
-        if mult == 1:
-            raise InvalidArgumentError(f"Invalid size '{text}': fractions need a suffix")
-        value = int(float(number) * mult)
+class SizeError(ValueError):
+    """A size qemu_strtosz refuses: ``code`` is EINVAL (malformed) or ERANGE
+    (2^64 or more)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+_SHIFTS = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_FRACTION = re.compile(r"\.[0-9]*(?:[eE][+-]?[0-9]+)?")
+_HEX = "0123456789abcdefABCDEF"
+
+
+def strtosz(text: str, warn: Warn | None = None) -> int:
+    """qemu_strtosz (QEMU 7.2): a decimal number with an optional fraction and
+    1024-based suffix B K M G T P E, or ``0x`` hex (a suffix on hex is accepted
+    with a deprecation warning through ``warn``); leading white space and
+    ``+`` are allowed.  The fraction is rounded exactly as QEMU does
+    (``1.0005k`` is 1025).
+
+    Returns 0 .. 2^64 - 1; callers apply their own upper limits.  Raises
+    :class:`SizeError` with ``code`` EINVAL or ERANGE.
+    """
+    s = text
+    pos = 0
+    while pos < len(s) and s[pos] in " \t\n\v\f\r":
+        pos += 1
+    if pos < len(s) and s[pos] == "+":
+        pos += 1
+    elif pos < len(s) and s[pos] == "-":
+        raise SizeError(_errno.EINVAL, text)
+    start = pos
+    hexnum = False
+    if s[pos:pos + 2].lower() == "0x" and pos + 2 < len(s) and s[pos + 2] in _HEX:
+        pos += 2
+        hstart = pos
+        while pos < len(s) and s[pos] in _HEX:
+            pos += 1
+        val = int(s[hstart:pos], 16)
+        hexnum = True
+        if pos < len(s) and s[pos] == ".":
+            raise SizeError(_errno.EINVAL, text)
     else:
-        value = int(number) * mult
+        while pos < len(s) and s[pos].isdigit():
+            pos += 1
+        if pos == start:
+            raise SizeError(_errno.EINVAL, text)
+        val = int(s[start:pos])
+    if val >= SIZE_LIMIT:
+        raise SizeError(_errno.ERANGE, text)
+    valf = 0                     # 64-bit fixed-point fraction
+    if not hexnum and pos < len(s) and s[pos] == ".":
+        m = _FRACTION.match(s, pos)
+        frac_text = m.group(0)
+        if frac_text == ".":
+            pos += 1             # "1.k": a bare dot
+        elif "e" in frac_text.lower():
+            raise SizeError(_errno.EINVAL, text)
+        else:
+            valf = int(float(frac_text) * 2.0 ** 64)
+            pos = m.end()
+    shift = None
+    if pos < len(s) and s[pos].lower() in _SHIFTS:
+        shift = _SHIFTS[s[pos].lower()]
+        if hexnum and warn is not None:
+            warn(f"Using a multiplier suffix on hex numbers is deprecated: {text}")
+        pos += 1
+    if pos != len(s):
+        raise SizeError(_errno.EINVAL, text)
+    mul = 1 << (shift or 0)
+    if mul == 1:
+        if valf:
+            raise SizeError(_errno.EINVAL, text)
+        return val
+    prod = valf * mul
+    result = val * mul + (prod >> 64) + ((prod >> 63) & 1)   # round 0.5 up
+    if result >= SIZE_LIMIT:
+        raise SizeError(_errno.ERANGE, text)
+    return result
+
+
+def _size_value(value: str | int) -> int:
+    """:func:`strtosz` of a string; an ``int`` is taken as it is (0 .. 2^64 - 1)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise SizeError(_errno.EINVAL, str(value))
+        if value >= SIZE_LIMIT:
+            raise SizeError(_errno.ERANGE, str(value))
+        return value
+    return strtosz(str(value))
+
+
+def parse_size(text: str | int) -> int:
+    """A size for the Python API: an ``int``, or a string in qemu's syntax
+    (:func:`strtosz`), 0 .. 2^63 - 1."""
+    try:
+        value = _size_value(text)
+    except SizeError as exc:
+        if exc.code != _errno.ERANGE:
+            raise InvalidArgumentError(f"Invalid size '{text}'") from None
+        value = SIZE_LIMIT
     if value > MAX_SIZE:
         raise InvalidArgumentError(f"Invalid size '{text}': value too large")
     return value
@@ -60,13 +144,7 @@ class CreateOption:
 
     def parse(self, value: Any) -> Any:
         if self.type == "size":
-            try:
-                return parse_size(value)
-            except InvalidArgumentError:
-                raise InvalidArgumentError(
-                    f"Parameter '{self.name}' expects a non-negative number below 2^64\n"
-                    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, "
-                    "peta-\nand exabytes, respectively.") from None
+            return self._parse_size(value)
         if self.type == "number":
             try:
                 return int(str(value), 0)
@@ -76,6 +154,23 @@ class CreateOption:
         if self.type == "bool":
             return parse_bool(value, self.name)
         return str(value)
+
+    def _parse_size(self, value: Any) -> int:
+        """qemu's parse_option_size, limited to MAX_SIZE (qemu would go on
+        with a negative int64_t)."""
+        try:
+            size = _size_value(value)
+        except SizeError as exc:
+            if exc.code != _errno.ERANGE:
+                raise InvalidArgumentError(
+                    f"Parameter '{self.name}' expects a non-negative number below 2^64\n"
+                    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+                    "tera-, peta-\nand exabytes, respectively.") from None
+            size = SIZE_LIMIT
+        if size > MAX_SIZE:
+            raise InvalidArgumentError(
+                f"Value '{value}' is out of range for parameter '{self.name}'")
+        return size
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:

@@ -16,10 +16,10 @@ import time
 from ..errors import BlockDriverError
 from ..iov import IOVector
 from ..node import WRITE_FUA, BlockDriverState
-from .common import MAX_SIZE, ArgParser, CliError, describe, open_image, strtosz
+from .common import (MAX_SIZE, ArgParser, CliError, describe, open_image,
+                     parse_cache_mode, strtosz)
 
 INT_MAX = (1 << 31) - 1
-CACHE_MODES = ("writeback", "unsafe", "writethrough", "none", "directsync")
 
 
 def _num(name: str, text: str | None, lo: int, hi: int, default: int) -> int:
@@ -149,9 +149,10 @@ def main(argv: list[str]) -> int:
     pattern = _num("pattern", a.pattern, 0, 0xFF, 0)
     flush_interval = _num("flush interval", a.flush_interval, 0, INT_MAX, 0)
     cache = a.cache or "writeback"
-    if cache not in CACHE_MODES:
-        raise CliError(f"Invalid cache option: {cache}")
-    if cache in ("none", "directsync") or a.nocache:
+    mode = parse_cache_mode(cache)
+    if mode is None:
+        raise CliError("Invalid cache mode")
+    if mode.direct or a.nocache:
         raise CliError(f"cache mode '{cache if not a.nocache else 'none'}' (O_DIRECT) "
                        "is not supported by blockdrv bench")
     if a.aio is not None and a.aio != "threads":
@@ -178,7 +179,7 @@ def main(argv: list[str]) -> int:
             elapsed = run_bench(bs, count=count, depth=depth, offset=offset,
                                 bufsize=bufsize, step=step or bufsize, write=a.write,
                                 pattern=pattern, flush_interval=flush_interval,
-                                drain=not a.no_drain, fua=cache in ("writethrough",))
+                                drain=not a.no_drain, fua=mode.writethrough)
         except BlockDriverError as exc:
             raise CliError(f"Failed request: {describe(exc)}") from None
         if not a.quiet:
@@ -186,6 +187,3 @@ def main(argv: list[str]) -> int:
     finally:
         bs.close()
     return 0
-
-
-run = main

@@ -8,11 +8,13 @@ import math
 import os
 import re
 import sys
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from ..block import open_node
 from ..errors import BlockDriverError
-from ..node import O_CHECK, O_RDWR, BlockDriverState
+from ..node import O_CHECK, O_NO_FLUSH, O_RDWR, BlockDriverState
+from ..options import SIZE_LIMIT, SizeError, Warn
+from ..options import strtosz as _strtosz
 
 PROG = "blockdrv"
 MAX_SIZE = (1 << 63) - 1
@@ -80,34 +82,25 @@ def output_format(value: str | None) -> str:
 
 # -- sizes ---------------------------------------------------------------------
 
-_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-           "p": 1 << 50, "e": 1 << 60}
-_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)(\.\d*)?([bBkKmMgGtTpPeE]?)$")
+def warn(message: str) -> None:
+    """qemu's warn_report: ``blockdrv: warning: <message>`` on stderr."""
+    report(f"warning: {message}")
 
 
-def strtosz(text: str) -> int | None:
-    """qemu_strtosz: ``None`` when malformed, may exceed MAX_SIZE."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        return None
-    number, fraction, suffix = m.groups()
-    mult = _SUFFIX[suffix.lower()]
-    if number[:2].lower() == "0x":
-        if fraction or suffix:
-            return None
-        return int(number, 16)
-    value = int(number) * mult
-    if fraction and fraction != ".":
-        frac = float("0" + fraction)
-        if frac and mult == 1:
-            return None
-        value += int(frac * mult)
-    return value
+def strtosz(text: str, warn: Warn | None = None) -> int | None:
+    """:func:`blockdrv.options.strtosz` for the commands: ``None`` when
+    malformed; values of 2^64 and more (ERANGE) come back as 2^64, so any
+    upper limit of the caller refuses them.  ``warn`` gets the deprecation
+    warning of a suffix on a hex number."""
+    try:
+        return _strtosz(text, warn)
+    except SizeError as exc:
+        return SIZE_LIMIT if exc.code == _errno.ERANGE else None
 
 
 def cvtnum(name: str, text: str) -> int:
     """Parse a size argument with qemu-img's error messages (its cvtnum)."""
-    value = strtosz(text)
+    value = strtosz(text, warn)
     if value is None:
         raise CliError(f"Invalid {name} specified. You may use k, M, G, T, P or E "
                        "suffixes for kilobytes, megabytes, gigabytes, terabytes, "
@@ -124,6 +117,41 @@ def size_to_str(value: int) -> str:
     i = max(0, (exp - 1) // 10)
     i = min(i, len(suffixes) - 1)
     return "%0.3g %sB" % (value / float(1 << (i * 10)), suffixes[i])
+
+
+# -- cache modes -------------------------------------------------------------------
+
+
+class CacheMode(NamedTuple):
+    """A ``-t`` cache mode, as bdrv_parse_cache_mode splits it."""
+
+    flags: int              # O_NO_FLUSH for unsafe
+    writethrough: bool      # flush after every write
+    direct: bool            # O_DIRECT (BDRV_O_NOCACHE): none/off, directsync
+
+
+_CACHE_MODES = {
+    "none": CacheMode(0, False, True), "off": CacheMode(0, False, True),
+    "directsync": CacheMode(0, True, True), "writeback": CacheMode(0, False, False),
+    "unsafe": CacheMode(O_NO_FLUSH, False, False),
+    "writethrough": CacheMode(0, True, False),
+}
+
+
+def parse_cache_mode(text: str) -> CacheMode | None:
+    """qemu's bdrv_parse_cache_mode; ``None`` for an unknown mode (each
+    command words its own error)."""
+    return _CACHE_MODES.get(text)
+
+
+# -- preallocation modes ---------------------------------------------------------------
+
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+
+
+def prealloc_error(mode: str) -> str | None:
+    """qemu's message for a PreallocMode it does not know, else ``None``."""
+    return None if mode in PREALLOC_MODES else f"Invalid preallocation mode '{mode}'"
 
 
 # -- JSON as QEMU prints it --------------------------------------------------------
@@ -158,33 +186,28 @@ def qjson(obj: Any) -> str:
 
 def dump_human(obj: dict, indent: int = 1) -> list[str]:
     """qemu's dump_qdict: ``key: value`` lines, dashes shown as spaces."""
-    lines: list[str] = []
-    pad = " " * (indent * 4)
-    for key, value in qdict_order(obj).items():
-        name = key.replace("-", " ")
-        if isinstance(value, dict):
-            lines.append(f"{pad}{name}:")
-            lines.extend(dump_human(value, indent + 1))
-        elif isinstance(value, list):
-            lines.append(f"{pad}{name}:")
-            lines.extend(_dump_list(value, indent + 1))
-        else:
-            lines.append(f"{pad}{name}: {_scalar(value)}")
-    return lines
+    return _dump(_dict_items(qdict_order(obj)), indent)
 
 
-def _dump_list(values: list, indent: int) -> list[str]:
+def _dict_items(obj: dict):
+    return ((key.replace("-", " "), value) for key, value in obj.items())
+
+
+def _dump(items, indent: int) -> list[str]:
+    """``label: value`` lines; dicts and lists nest one level deeper (lists
+    labelled ``[i]``, as qemu's dump_qlist).  Dicts are already in QDict
+    order (re-ordering is not idempotent for keys sharing a bucket)."""
     lines: list[str] = []
     pad = " " * (indent * 4)
-    for i, value in enumerate(values):
+    for label, value in items:
         if isinstance(value, dict):
-            lines.append(f"{pad}[{i}]:")
-            lines.extend(dump_human(value, indent + 1))
+            lines.append(f"{pad}{label}:")
+            lines.extend(_dump(_dict_items(value), indent + 1))
         elif isinstance(value, list):
-            lines.append(f"{pad}[{i}]:")
-            lines.extend(_dump_list(value, indent + 1))
+            lines.append(f"{pad}{label}:")
+            lines.extend(_dump(((f"[{i}]", v) for i, v in enumerate(value)), indent + 1))
         else:
-            lines.append(f"{pad}[{i}]: {_scalar(value)}")
+            lines.append(f"{pad}{label}: {_scalar(value)}")
     return lines
 
 
@@ -205,17 +228,20 @@ PROBED_RAW_WARNING = (
     "         Specify the 'raw' format explicitly to remove the restrictions.")
 
 
+def open_reason(filename: str, exc: BlockDriverError | OSError) -> str:
+    """Why opening ``filename`` failed, worded as qemu's block layer: an
+    error of the host's open(2) comes wrapped in file-posix's own "Could
+    not open" (qemu-img and qemu-io both print it after their own prefix)."""
+    why = describe(exc)
+    code = getattr(exc, "errno", None) or _errno.EIO
+    if why == os.strerror(code):
+        why = f"Could not open '{getattr(exc, 'filename', None) or filename}': {why}"
+    return why
+
+
 def open_error(filename: str, exc: BlockDriverError | OSError) -> str:
     """qemu-img's "Could not open" line for a failed open."""
-    code = getattr(exc, "errno", None) or _errno.EIO
-    why = describe(exc)
-    if code == _errno.EISDIR:
-        why = f"'file' driver requires '{filename}' to be a regular file"
-    elif why == os.strerror(code):
-        # Raised by the protocol (the host's open(2)): qemu's file-posix
-        # wraps it in its own "Could not open" first.
-        why = f"Could not open '{getattr(exc, 'filename', None) or filename}': {why}"
-    return f"Could not open '{filename}': {why}"
+    return f"Could not open '{filename}': {open_reason(filename, exc)}"
 
 
 def open_image(filename: str, fmt: str | None, writable: bool = False,

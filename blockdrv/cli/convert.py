@@ -25,9 +25,9 @@ from .. import block
 from ..errors import BlockDriverError
 from ..iov import IOVector
 from ..mapping import block_status
-from ..node import BLOCK_ZERO, O_NO_FLUSH, WRITE_UNMAP, BlockDriverState
+from ..node import BLOCK_ZERO, WRITE_UNMAP, BlockDriverState
 from ..plugins import get_registry
-from .common import ArgParser, CliError, cvtnum, describe, open_image, strtosz
+from .common import ArgParser, CliError, cvtnum, describe, open_image, parse_cache_mode
 from .create import option_help, parse_o, prepare_create, wants_help
 from .progress import Progress
 
@@ -182,7 +182,6 @@ class Converter:
                              -(-target.request_alignment // SECTOR), 1)
         self.progress = progress
         self.buf = bytearray(IO_BUF_SIZE)
-        self.zeros = bytes(IO_BUF_SIZE)
 
     def write(self, offset: int, data) -> None:
         try:
@@ -197,7 +196,7 @@ class Converter:
             pos = 0
             while pos < nbytes:
                 n = min(nbytes - pos, IO_BUF_SIZE)
-                self.write(offset + pos, memoryview(self.zeros)[:n])
+                self.write(offset + pos, _ZEROS[:n])
                 pos += n
             return
         try:
@@ -268,12 +267,10 @@ class Converter:
 def _cache_flags(cache: str | None) -> int:
     """qemu-img convert's ``-t``: the target defaults to cache=unsafe (no
     flushes; the output is only complete once convert succeeded anyway)."""
-    cache = cache or "unsafe"
-    if cache == "unsafe":
-        return O_NO_FLUSH
-    if cache in ("writeback", "writethrough", "none", "directsync"):
-        return 0
-    raise CliError(f"Invalid cache option: {cache}")
+    mode = parse_cache_mode(cache or "unsafe")
+    if mode is None:
+        raise CliError(f"Invalid cache option: {cache}")
+    return mode.flags
 
 
 def _pow2floor(value: int) -> int:
@@ -283,10 +280,8 @@ def _pow2floor(value: int) -> int:
 def sparse_sectors(text: str | None) -> int:
     if text is None:
         return 8
-    value = strtosz(text)
     name = "buffer size for sparse output"
-    if value is None:
-        cvtnum(name, text)
+    value = cvtnum(name, text)
     if value % SECTOR or value // SECTOR > MAX_BUF_SECTORS:
         raise CliError(f"Invalid {name} specified. Valid sizes are multiples of {SECTOR} "
                        f"up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to disable sparse "
@@ -323,6 +318,8 @@ def run(argv: list[str]) -> int:
         raise CliError("Must specify image file name")
     *sources, dst = a.args
     min_sparse = sparse_sectors(a.sparse)
+    if a.src_cache is not None and parse_cache_mode(a.src_cache) is None:
+        raise CliError(f"Invalid source cache option: {a.src_cache}")   # no effect else
     srcs: list[BlockDriverState] = []
     created = False
     try:

@@ -8,7 +8,7 @@ from .. import block
 from ..errors import BlockDriverError
 from ..options import CreateOption, parse_create_options, split_options
 from ..plugins import get_registry
-from .common import ArgParser, CliError, cvtnum, qprint, usage_error
+from .common import ArgParser, CliError, cvtnum, describe, qprint, usage_error
 
 _TYPE_NAMES = {"size": "size", "number": "num", "bool": "bool (on/off)", "string": "str"}
 
@@ -94,8 +94,8 @@ def backing_size(filename: str, opts: dict[str, Any]) -> int:
     try:
         bs = block.open_node(path, opts.get("backing_fmt"), 0)
     except (BlockDriverError, OSError) as exc:
-        why = exc.message if isinstance(exc, BlockDriverError) else (exc.strerror or str(exc))
-        raise CliError(f"{filename}: Could not open backing file '{path}': {why}") from None
+        raise CliError(f"{filename}: Could not open backing file '{path}': "
+                       f"{describe(exc)}") from None
     try:
         return bs.total_size
     finally:
@@ -106,8 +106,7 @@ def do_create(filename: str, fmt: str, parsed: dict[str, Any]) -> None:
     try:
         block.create(filename, fmt, parsed)
     except (BlockDriverError, OSError) as exc:
-        why = exc.message if isinstance(exc, BlockDriverError) else (exc.strerror or str(exc))
-        raise CliError(f"{filename}: {why}") from None
+        raise CliError(f"{filename}: {describe(exc)}") from None
 
 
 def run(argv: list[str]) -> int:

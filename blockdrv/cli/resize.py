@@ -5,10 +5,8 @@ from __future__ import annotations
 import sys
 
 from ..errors import BlockDriverError
-from .common import (PROG, ArgParser, CliError, describe, open_image, qprint, strtosz,
-                     usage_error)
-
-PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+from .common import (PROG, SIZE_LIMIT, ArgParser, CliError, describe, open_image,
+                     prealloc_error, qprint, strtosz, usage_error, warn)
 
 
 def run(argv: list[str]) -> int:
@@ -23,21 +21,25 @@ def run(argv: list[str]) -> int:
     p.add_argument("--preallocation", default="off")
     p.add_argument("args", nargs="*")
     a = p.parse_intermixed_args(argv[:-1])
-    if a.preallocation not in PREALLOC_MODES:
-        raise CliError(f"Invalid preallocation mode '{a.preallocation}'")
+    bad_prealloc = prealloc_error(a.preallocation)
+    if bad_prealloc:
+        raise CliError(bad_prealloc)
     if len(a.args) != 1:
         usage_error("Expecting image file name and size")
     filename = a.args[0]
     relative = {"+": 1, "-": -1}.get(size_arg[:1], 0)
-    value = strtosz(size_arg[1:] if relative else size_arg)
-    if value is None or value >= 1 << 64:
+    size_text = size_arg[1:] if relative else size_arg
+    value = strtosz(size_text, warn)
+    if value is None:
         raise CliError("Parameter 'size' expects a non-negative number below 2^64 "
                        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
                        "tera-, peta- and exabytes, respectively.")
+    if value >= SIZE_LIMIT:
+        raise CliError(f"Value '{size_text}' is out of range for parameter 'size'")
     bs = open_image(filename, a.fmt, writable=True)
     try:
         current = bs.total_size
-        total = current + relative * value if relative else value
+        total = _int64(current + relative * _int64(value) if relative else value)
         if total <= 0:
             raise CliError("New image size must be positive")
         if total <= current and a.preallocation != "off":
@@ -55,6 +57,11 @@ def run(argv: list[str]) -> int:
         bs.close()
     qprint(a.quiet, "Image resized.")
     return 0
+
+
+def _int64(value: int) -> int:
+    """``value`` wrapped to int64_t, as qemu-img computes the new size."""
+    return (value + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 class ShrinkRefused(CliError):

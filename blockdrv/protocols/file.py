@@ -77,11 +77,17 @@ def _open_fd(path: str, flags: int, create: bool = False) -> int:
     try:
         fd = os.open(path, mode | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise from_oserror(exc, path) from None
+        err = from_oserror(exc, path)
+        if create:      # file-posix's raw_co_create words its own failure
+            err.message = f"Could not create '{path}': {err.message}"
+        raise err from None
     st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
+        # open(2) of a directory succeeds read-only; file-posix refuses it
+        # after its fstat (writable opens fail in open(2) with EISDIR).
         os.close(fd)
-        raise InvalidArgumentError("Is a directory", errno=errno.EISDIR, filename=path)
+        raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file",
+                                   filename=path)
     return fd
 
 

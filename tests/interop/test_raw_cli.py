@@ -266,3 +266,118 @@ def test_end_to_end_subprocess(tmp_path, qemu_img):
     qinfo = json.loads(subprocess.run([qemu_img, "info", "--output=json", dst],
                                       capture_output=True, text=True).stdout)
     assert info == qinfo
+
+
+# -- review mends: one size parser, directories, cache modes ---------------------------------
+
+def _both(tmp_path, capsys, qemu_img, *args):
+    """qemu-img and blockdrv run with the same arguments in ``tmp_path``
+    (ours writing ``o*`` where qemu writes ``q*``)."""
+    q = qemu(qemu_img, *[a.replace("@", "q") for a in args], cwd=tmp_path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        o = ours(capsys, *[a.replace("@", "o") for a in args])
+    finally:
+        os.chdir(cwd)
+    return q, o
+
+
+def _assert_same(q, o, what):
+    assert (o[0], o[1].replace("o.raw", "q.raw")) == (q[0], q[1]), what
+    same_error(o[2].replace("o.raw", "q.raw"), q[2])
+
+
+@pytest.mark.parametrize("args", [
+    ["create", "-f", "raw", "@.raw", "0x1k"], ["create", "-f", "raw", "@.raw", "+1k"],
+    ["create", "-f", "raw", "@.raw", "1.0005k"], ["create", "-f", "raw", "@.raw", "0x1.8k"],
+    ["create", "-f", "raw", "-o", "size=0x10", "@.raw"],
+    ["create", "-f", "raw", "-o", "size=+1.0005k", "@.raw"],
+    ["create", "-f", "raw", "-o", "size=16E", "@.raw"],
+    ["convert", "-S", "16E", "h.raw", "@.raw"], ["convert", "-S", "0x1k", "h.raw", "@.raw"],
+    ["map", "--start-offset=0x10", "--max-length=1.0005k", "h.raw"],
+])
+def test_size_syntax_matches(tmp_path, capsys, qemu_img, args):
+    sparse_file(tmp_path / "h.raw", 64 << 10, [(1000, b"data")])
+    q, o = _both(tmp_path, capsys, qemu_img, *args)
+    _assert_same(q, o, args)
+    if (tmp_path / "q.raw").exists() or (tmp_path / "o.raw").exists():
+        assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()
+
+
+def test_resize_size_syntax_matches(tmp_path, capsys, qemu_img):
+    """resize takes sizes up to 2^64 - 1 (negative as int64_t), hex, '+'."""
+    for name in ("q.raw", "o.raw"):
+        sparse_file(tmp_path / name, 1 << 20, [])
+    for size in ("+0x1k", "+1.0005k", "0x200000", "16E", "+16E", "18446744073709551616",
+                 "15.99E", "18446744073709551615", "-0x1k"):
+        flags = ["--shrink"] if size.startswith("-") else []
+        q, o = _both(tmp_path, capsys, qemu_img, "resize", "-f", "raw", *flags, "@.raw", size)
+        _assert_same(q, o, size)
+        assert os.path.getsize(tmp_path / "o.raw") == os.path.getsize(tmp_path / "q.raw")
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "d"], ["info", "-f", "raw", "d"], ["check", "d"], ["check", "-r", "all", "d"],
+    ["resize", "d", "1M"], ["resize", "-f", "raw", "d", "1M"], ["map", "d"],
+    ["compare", "d", "h.raw"], ["bench", "-w", "d"], ["convert", "d", "x.raw"],
+    ["convert", "h.raw", "d"], ["create", "-f", "raw", "d", "1M"],
+    ["create", "-f", "raw", "nodir/x.raw", "1M"],
+])
+def test_directory_errors_match(tmp_path, capsys, qemu_img, args):
+    """Read-only opens of a directory fail after file-posix's fstat; writable
+    ones in open(2); create says "Could not create"."""
+    (tmp_path / "d").mkdir()
+    sparse_file(tmp_path / "h.raw", 64 << 10, [])
+    q, o = _both(tmp_path, capsys, qemu_img, *args)
+    _assert_same(q, o, args)
+
+
+@pytest.mark.parametrize("flags", [["-r"], [], ["-f", "raw"]])
+def test_io_directory_errors_match(tmp_path, qemu_io, flags):
+    (tmp_path / "d").mkdir()
+    argv = [*flags, "-c", "read 0 1", "d"]
+    q = subprocess.run([qemu_io, *argv], capture_output=True, text=True, cwd=tmp_path)
+    o = subprocess.run([sys.executable, "-m", "blockdrv", "io", *argv],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert (o.returncode, o.stdout) == (q.returncode, q.stdout)
+    assert o.stderr.replace("blockdrv:", "qemu-io:") == q.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "-t", "off", "h.raw", "@.raw"], ["convert", "-t", "bogus", "h.raw", "@.raw"],
+    ["convert", "-T", "off", "h.raw", "@.raw"], ["convert", "-T", "bogus", "h.raw", "@.raw"],
+    ["bench", "-t", "bogus", "-c", "1", "h.raw"],
+])
+def test_cache_modes_match(tmp_path, capsys, qemu_img, args):
+    """bdrv_parse_cache_mode: 'off' is 'none'; each command's own error."""
+    sparse_file(tmp_path / "h.raw", 64 << 10, [(1000, b"data")])
+    q, o = _both(tmp_path, capsys, qemu_img, *args)
+    _assert_same(q, o, args)
+    if q[0] == 0:
+        assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()
+
+
+def test_bench_cache_off_is_none(tmp_path, capsys, qemu_img):
+    """qemu-img bench takes -t off as -t none (O_DIRECT); blockdrv bench,
+    which has no O_DIRECT, refuses both alike instead of calling 'off' invalid."""
+    path = sparse_file(tmp_path / "h.raw", 64 << 10, [])
+    for mode in ("off", "none"):
+        assert qemu(qemu_img, "bench", "-t", mode, "-c", "1", "-q", path)[0] == 0
+        code, _, err = ours(capsys, "bench", "-t", mode, "-c", "1", "-q", path)
+        assert code == 1
+        assert err == f"blockdrv: cache mode '{mode}' (O_DIRECT) is not supported by " \
+                      "blockdrv bench\n"
+
+
+@pytest.mark.parametrize("cmd", ["read 0x1k 1", "read +1 1.0005k", "truncate -m bogus 1M"])
+def test_io_cache_off_and_sizes_match(tmp_path, qemu_io, cmd):
+    from blockdrv.cli.io import normalize_qemu_io_output
+    argv = ["-f", "raw", "-t", "off", "-c", cmd, "h.raw"]
+    res = []
+    for tool in ([qemu_io], [sys.executable, "-m", "blockdrv", "io"]):
+        sparse_file(tmp_path / "h.raw", 64 << 10, [])
+        r = subprocess.run([*tool, *argv], capture_output=True, text=True, cwd=tmp_path)
+        res.append((r.returncode, normalize_qemu_io_output(r.stdout),
+                    normalize_qemu_io_output(r.stderr)))
+    assert res[1] == res[0]

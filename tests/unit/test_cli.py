@@ -262,3 +262,101 @@ def test_python_dash_m_end_to_end(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert len(res.stderr.splitlines()) == 1
+
+
+# -- review mends ----------------------------------------------------------------------------
+
+def test_strtosz_is_qemu_strtosz():
+    """One size parser (blockdrv.options.strtosz) behind every command:
+    leading '+', exact fraction rounding, hex with a deprecation warning."""
+    warnings = []
+    assert strtosz("+1k") == 1024 and strtosz("1.0005k") == 1025
+    assert strtosz("0x1k", warnings.append) == 1024
+    assert warnings == ["Using a multiplier suffix on hex numbers is deprecated: 0x1k"]
+    assert (1 << 63) < strtosz("15.99E") < 1 << 64       # no INT64 limit here
+    assert strtosz("16E") == 1 << 64 and strtosz("99999999999999999999") == 1 << 64
+    assert strtosz("0x1.8k") is None and strtosz("-1") is None
+
+
+def test_api_sizes_use_qemu_syntax(tmp_path):
+    import blockdrv
+    from blockdrv.errors import InvalidArgumentError
+    from blockdrv.options import parse_size
+    assert parse_size("1.0005k") == 1025 and parse_size("+0x200") == 512
+    with pytest.raises(InvalidArgumentError, match="value too large"):
+        parse_size("8E")
+    with blockdrv.create_image(tmp_path / "s.raw", "raw", "0x10000") as img:
+        assert img.size == 65536
+        img.resize("+0x20000")
+        assert img.size == 131072
+
+
+def test_create_o_size_out_of_range(tmp_path, capsys):
+    code, _, err = run(capsys, "create", "-f", "raw", "-o", "size=16E", str(tmp_path / "x"))
+    assert code == 1
+    assert_one_error(err, "Value '16E' is out of range for parameter 'size'")
+
+
+def test_dump_human_orders_nested_dicts_once():
+    from blockdrv.cli.common import _qdict_bucket, dump_human, qdict_order
+    assert _qdict_bucket("a-a-a") == _qdict_bucket("a-a-b")      # one QDict bucket
+    inner = {"a-a-a": 1, "a-a-b": 2, "zz": 3}
+    order = [k.replace("-", " ") for k in qdict_order(inner)]
+    lines = dump_human({"outer": inner})
+    assert lines[0] == "    outer:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == order
+    assert dump_human({"outer": [inner]})[2:] == [f"{' ' * 12}{line.strip()}"
+                                                  for line in lines[1:]]
+
+
+def test_cache_modes_shared(tmp_path, img, capsys):
+    from blockdrv.cli.common import parse_cache_mode
+    assert parse_cache_mode("off") == parse_cache_mode("none")
+    assert parse_cache_mode("bogus") is None
+    code, _, err = run(capsys, "bench", "-t", "off", "-c", "1", img)
+    assert code == 1
+    assert_one_error(err, "cache mode 'off' (O_DIRECT) is not supported")
+
+
+def test_compare_imports_numpy_only_for_a_mismatch(tmp_path, img):
+    other = str(tmp_path / "b.raw")
+    with open(other, "wb") as f:
+        f.truncate(1 << 20)
+    with open(img, "r+b") as f:
+        f.write(bytes(4096))                       # allocated zeros vs a hole
+    probe = ("import sys; from blockdrv.cli import main; code = main(sys.argv[1:]); "
+             "print(code, 'numpy' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", probe, "compare", img, other],
+                         capture_output=True, text=True)
+    assert res.stdout.splitlines()[-1] == "0 False", res
+    with open(img, "r+b") as f:
+        f.seek(1500)
+        f.write(b"x")
+    res = subprocess.run([sys.executable, "-c", probe, "compare", img, other],
+                         capture_output=True, text=True)
+    assert res.stdout.splitlines() == ["Content mismatch at offset 1024!", "1 True"], res
+
+
+def test_io_close_flush_failure_is_reported(monkeypatch, img):
+    """qemu-io's exit: close() flushes; a failed flush is one error line, exit 1."""
+    import io as _io
+    from blockdrv.cli.io import run as io_run
+    from blockdrv.errors import BlockIOError
+    from blockdrv.node import BlockDriverState
+
+    async def failing_flush(self):
+        raise BlockIOError("Input/output error")
+    closed = []
+    real_close = BlockDriverState.close
+
+    def close(self):
+        try:
+            real_close(self)
+        finally:
+            closed.append(self.closed)
+    monkeypatch.setattr(BlockDriverState, "co_flush", failing_flush)
+    monkeypatch.setattr(BlockDriverState, "close", close)
+    out, err = _io.StringIO(), _io.StringIO()
+    assert io_run(["-f", "raw", "-c", "length", img], out, err) == 1
+    assert err.getvalue() == "blockdrv: Input/output error\n"
+    assert closed and all(closed)

@@ -7,15 +7,13 @@ from typing import TYPE_CHECKING
 
 from ...errors import BlockDriverError
 from ...node import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
+from ..common import prealloc_error
 from .command import Command, CommandError, Quit
 from .output import format_size, strerror
 from .parse import BDRV_REQUEST_MAX_BYTES, expect_operands, getopt
 
 if TYPE_CHECKING:
     from .qemuio import QemuIO
-
-_PREALLOC = ("off", "metadata", "falloc", "full")
-
 
 # -- flush, quit ---------------------------------------------------------------
 
@@ -123,8 +121,9 @@ def truncate_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
     prealloc = "off"
     for ch, val in opts:
         if ch == "m":
-            if val not in _PREALLOC:
-                qio.error_report(f"Invalid preallocation mode '{val}'")
+            bad = prealloc_error(val)
+            if bad:
+                qio.error_report(bad)
                 return False
             prealloc = val
     expect_operands(error, operands, 1)

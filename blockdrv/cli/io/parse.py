@@ -11,95 +11,29 @@ from __future__ import annotations
 
 import errno as _errno
 import re
-from typing import Callable
 
+from ...options import SizeError, Warn, strtosz
 from .command import CommandError, UsageError
 
 BDRV_REQUEST_MAX_BYTES = 2147483136     # QEMU: INT_MAX rounded down to 512 bytes
 INT64_MAX = (1 << 63) - 1
-
-Warn = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------
 # Numbers: qemu_strtosz
 
 
-class SizeError(ValueError):
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-
-
-_SUFFIX = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_FRACTION = re.compile(r"\.[0-9]*(?:[eE][+-]?[0-9]+)?")
-
-
 def parse_size(text: str, warn: Warn | None = None) -> int:
-    """qemu-io's ``cvtnum``: qemu_strtosz (1024-based suffixes B K M G T P E,
-    decimal fractions with a suffix, ``0x`` hex) limited to INT64_MAX.
+    """qemu-io's ``cvtnum``: :func:`blockdrv.options.strtosz` (1024-based
+    suffixes B K M G T P E, decimal fractions with a suffix, ``0x`` hex)
+    limited to INT64_MAX.
 
     Raises :class:`SizeError` with ``code`` EINVAL or ERANGE.
     """
-    s = text
-    pos = 0
-    while pos < len(s) and s[pos] in " \t\n\v\f\r":
-        pos += 1
-    if pos < len(s) and s[pos] == "+":
-        pos += 1
-    elif pos < len(s) and s[pos] == "-":
-        raise SizeError(_errno.EINVAL, text)
-    start = pos
-    hexnum = False
-    if s[pos:pos + 2].lower() == "0x" and pos + 2 < len(s) and s[pos + 2] in "0123456789abcdefABCDEF":
-        pos += 2
-        hstart = pos
-        while pos < len(s) and s[pos] in "0123456789abcdefABCDEF":
-            pos += 1
-        val = int(s[hstart:pos], 16)
-        hexnum = True
-        if pos < len(s) and s[pos] == ".":
-            raise SizeError(_errno.EINVAL, text)
-    else:
-        while pos < len(s) and s[pos].isdigit():
-            pos += 1
-        if pos == start:
-            raise SizeError(_errno.EINVAL, text)
-        val = int(s[start:pos])
-    if val >= 1 << 64:
+    value = strtosz(text, warn)
+    if value > INT64_MAX:
         raise SizeError(_errno.ERANGE, text)
-    valf = 0                     # 64-bit fixed-point fraction
-    if not hexnum and pos < len(s) and s[pos] == ".":
-        m = _FRACTION.match(s, pos)
-        frac_text = m.group(0)
-        if frac_text == ".":
-            pos += 1             # "1.k": a bare dot
-        elif "e" in frac_text.lower():
-            raise SizeError(_errno.EINVAL, text)
-        else:
-            valf = int(float(frac_text) * 2.0 ** 64)
-            pos = m.end()
-    shift = None
-    if pos < len(s) and s[pos].lower() in _SUFFIX:
-        shift = _SUFFIX[s[pos].lower()]
-        if hexnum and warn is not None:
-            warn(f"Using a multiplier suffix on hex numbers is deprecated: {text}")
-        pos += 1
-    if pos != len(s):
-        raise SizeError(_errno.EINVAL, text)
-    mul = 1 << (shift or 0)
-    if mul == 1:
-        if valf:
-            raise SizeError(_errno.EINVAL, text)
-        result = val
-    else:
-        prod = valf * mul
-        result = val * mul + (prod >> 64) + ((prod >> 63) & 1)   # round 0.5 up
-        if result >= 1 << 64:
-            raise SizeError(_errno.ERANGE, text)
-    if result > INT64_MAX:
-        raise SizeError(_errno.ERANGE, text)
-    return result
+    return value
 
 
 def cvtnum(arg: str, warn: Warn | None = None) -> int:

@@ -4,12 +4,12 @@ the exit code."""
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Iterator, TextIO
 
 from ...errors import BlockDriverError
 from ...node import O_RDWR
+from ..common import PROBED_RAW_WARNING, open_reason, parse_cache_mode
 from .parse import getopt
 from .qemuio import PROG, QemuIO
 
@@ -42,7 +42,6 @@ _LONGOPTS = {
     "force-share": ("U", False), "help": ("h", False), "version": ("V", False),
     "object": ("O", True), "image-opts": ("I", False),
 }
-_CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
 
 
 def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = None,
@@ -72,10 +71,11 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
         elif ch == "U":
             force_share = True
         elif ch == "t":
-            if val not in _CACHE_MODES:
+            mode = parse_cache_mode(val)
+            if mode is None:
                 err.write(f"{PROG}: Invalid cache option: {val}\n")
                 return 1
-            writethrough = val in ("writethrough", "directsync")
+            writethrough = mode.writethrough
         elif ch == "n":
             writethrough = False
         elif ch == "d":
@@ -107,18 +107,10 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
     try:
         bs = open_node(filename, fmt, 0 if readonly else O_RDWR)
     except BlockDriverError as exc:
-        why = str(exc)
-        if exc.errno and why == os.strerror(exc.errno):
-            why = f"Could not open '{filename}': {why}"
-        err.write(f"{PROG}: can't open device {filename}: {why}\n")
+        err.write(f"{PROG}: can't open device {filename}: {open_reason(filename, exc)}\n")
         return 1
     if bs.probed_raw and not readonly:
-        err.write(f"WARNING: Image format was not specified for '{filename}' and "
-                  "probing guessed raw.\n"
-                  "         Automatically detecting the format is dangerous for raw "
-                  "images, write operations on block 0 will be restricted.\n"
-                  "         Specify the 'raw' format explicitly to remove the "
-                  "restrictions.\n")
+        err.write(PROBED_RAW_WARNING.format(filename) + "\n")
     rc = 0
     try:
         qio = QemuIO(bs, out, err, writethrough=writethrough)
@@ -126,9 +118,7 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
         rc = qio.run_script(lines)
     finally:
         try:
-            if not bs.read_only:
-                bs.flush()          # qemu flushes on close
-            bs.close()
+            bs.close()              # flushes, as qemu's close does
         except BlockDriverError as exc:
             err.write(f"{PROG}: {exc}\n")
             rc = 1
