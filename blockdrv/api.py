@@ -7,7 +7,7 @@ from typing import Any
 
 from . import block
 from .errors import InvalidArgumentError
-from .node import O_RDWR, BlockDriverState, BlockStatus, CheckResult, DriverInfo
+from .node import O_FORCE_SHARE, O_RDWR, BlockDriverState, BlockStatus, CheckResult, DriverInfo
 from .options import parse_size
 
 
@@ -84,9 +84,15 @@ class Image:
 
 
 def open_image(path: str | os.PathLike, fmt: str | None = None, readonly: bool = True,
-               **options: Any) -> Image:
-    """Open an image; ``fmt=None`` probes the format."""
-    flags = 0 if readonly else O_RDWR
+               force_share: bool = False, **options: Any) -> Image:
+    """Open an image; ``fmt=None`` probes the format.
+
+    The image is locked as QEMU locks it, so qemu and other blockdrv
+    processes cannot write it while it is open (nor open it while it is
+    written).  ``force_share=True`` (qemu-img's ``-U``, read-only only) takes
+    no lock that would keep a writer out.
+    """
+    flags = (0 if readonly else O_RDWR) | (O_FORCE_SHARE if force_share else 0)
     return Image(block.open_node(os.fspath(path), fmt, flags, options))
 
 

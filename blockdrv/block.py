@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from .errors import BlockDriverError, InvalidArgumentError
-from .node import O_PROTOCOL, O_RDWR, BlockDriverState
+from .node import O_FORCE_SHARE, O_PROTOCOL, O_RDWR, BlockDriverState
 from .options import CreateOption, parse_create_options
 from .plugins import BoundDriver, get_registry
 
@@ -39,6 +39,20 @@ def path_combine(base: str | None, name: str) -> str:
     return os.path.join(d, name) if d else name
 
 
+def _force_share_flags(filename: str, flags: int, options: dict[str, Any]) -> int:
+    share = options.pop("force_share", None)
+    if share is None:
+        share = options.pop("force-share", None)
+    if isinstance(share, str):
+        share = share.lower() in ("on", "true", "yes", "1")
+    if share:
+        flags |= O_FORCE_SHARE
+    if flags & O_FORCE_SHARE and flags & O_RDWR:
+        raise InvalidArgumentError("force-share=on can only be used with read-only images",
+                                   filename=filename)
+    return flags
+
+
 def open_protocol(filename: str, flags: int = 0, options: dict[str, Any] | None = None,
                   protocol: str | None = None) -> BlockDriverState:
     reg = get_registry()
@@ -58,9 +72,14 @@ def open_protocol(filename: str, flags: int = 0, options: dict[str, Any] | None 
 
 def open_node(filename: str, fmt: str | None = None, flags: int = 0,
               options: dict[str, Any] | None = None) -> BlockDriverState:
-    """Open ``filename`` as a format node over a protocol node."""
+    """Open ``filename`` as a format node over a protocol node.
+
+    ``options["force_share"]`` (or the flag ``O_FORCE_SHARE``) is QEMU's
+    ``force-share=on``: take no lock that would keep a writer out.
+    """
     reg = get_registry()
     options = dict(options or {})
+    flags = _force_share_flags(filename, flags, options)
     if fmt is not None:
         drv = reg.format(fmt)
         if drv.protocol_name and not drv.format_name:

@@ -20,12 +20,17 @@ from .plugins import BoundDriver
 
 # Open flags (QEMU's BDRV_O_*).
 O_RDWR = 0x0002
+O_RESIZE = 0x0004     # the opener may resize the image (qemu-img resize): take the resize lock
 O_NOCACHE = 0x0020
 O_NO_BACKING = 0x0100 # do not open the backing chain (qemu-img info)
 O_NO_FLUSH = 0x0200   # cache=unsafe: flushes and FUA never reach the disk
 O_CHECK = 0x1000      # opened by `check`: the driver may defer repairs to bdrv_check
 O_UNMAP = 0x4000
 O_PROTOCOL = 0x8000   # the node is a protocol node under a format node
+O_NO_IO = 0x10000     # metadata only, no guest I/O (qemu-img info): no "consistent read" lock
+# blockdrv's spelling of QEMU's ``force-share=on`` option (qemu-img -U): share
+# every permission with other processes; read-only opens only.
+O_FORCE_SHARE = 0x100000
 
 # Write flags.
 WRITE_FUA = 0x1

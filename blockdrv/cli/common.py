@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from ..block import open_node
 from ..errors import BlockDriverError
-from ..node import O_CHECK, O_NO_FLUSH, O_RDWR, BlockDriverState
+from ..node import O_CHECK, O_FORCE_SHARE, O_NO_FLUSH, O_RDWR, BlockDriverState
 from ..options import SIZE_LIMIT, SizeError, Warn
 from ..options import strtosz as _strtosz
 
@@ -245,10 +245,13 @@ def open_error(filename: str, exc: BlockDriverError | OSError) -> str:
 
 
 def open_image(filename: str, fmt: str | None, writable: bool = False,
-               check: bool = False, flags: int = 0) -> BlockDriverState:
+               check: bool = False, flags: int = 0,
+               force_share: bool = False) -> BlockDriverState:
     """Open for a command; errors become :class:`CliError` worded like qemu-img.
-    ``flags``: extra open flags (``O_NO_FLUSH`` for cache=unsafe)."""
-    flags |= (O_RDWR if writable else 0) | (O_CHECK if check else 0)
+    ``flags``: extra open flags (``O_NO_FLUSH`` for cache=unsafe);
+    ``force_share``: qemu-img's ``-U``."""
+    flags |= ((O_RDWR if writable else 0) | (O_CHECK if check else 0)
+              | (O_FORCE_SHARE if force_share else 0))
     try:
         bs = open_node(filename, fmt, flags)
     except (BlockDriverError, OSError) as exc:
