@@ -70,6 +70,15 @@ def open_protocol(filename: str, flags: int = 0, options: dict[str, Any] | None 
     return bs
 
 
+def _take_perm(bs: BlockDriverState, target: BlockDriverState, flags: int) -> None:
+    """Lock what ``bs`` (opened with ``flags``) needs of ``target``, the node
+    below it or the protocol node itself, before anything reads metadata or
+    writes: a conflict with another user fails the open."""
+    from .perm import child_perm
+    perm, shared = child_perm(bs.drv, bs, flags)
+    target.update_perm(perm, shared)
+
+
 def open_node(filename: str, fmt: str | None = None, flags: int = 0,
               options: dict[str, Any] | None = None) -> BlockDriverState:
     """Open ``filename`` as a format node over a protocol node.
@@ -83,7 +92,13 @@ def open_node(filename: str, fmt: str | None = None, flags: int = 0,
     if fmt is not None:
         drv = reg.format(fmt)
         if drv.protocol_name and not drv.format_name:
-            return open_protocol(filename, flags, options, protocol=fmt)
+            bs = open_protocol(filename, flags, options, protocol=fmt)
+            try:
+                _take_perm(bs, bs, flags)
+            except BaseException:
+                bs.close()
+                raise
+            return bs
     file_bs = open_protocol(filename, flags, options.pop("file", None))
     try:
         probed_raw = False
@@ -98,6 +113,7 @@ def open_node(filename: str, fmt: str | None = None, flags: int = 0,
         bs = BlockDriverState(drv, filename, flags, options)
         bs.file = file_bs
         bs.probed_raw = probed_raw
+        _take_perm(bs, file_bs, flags)
         drv.bdrv_open(bs, options, flags)
     except BlockDriverError as exc:
         file_bs.close()

@@ -10,6 +10,7 @@ the library is an internal bug, and is reported as such.
 * :class:`UnsupportedError`     -- valid, but uses a feature we do not implement.
 * :class:`BlockIOError`         -- the layer below failed (EIO, ENOSPC, ...).
 * :class:`ReadOnlyError`        -- a write was attempted on a read-only node.
+* :class:`PermissionConflictError` -- another process holds the image.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ class BlockIOError(BlockDriverError):
 
 class ReadOnlyError(BlockDriverError):
     default_errno = _errno.EACCES
+
+
+class PermissionConflictError(BlockDriverError):
+    """Another user of the image (usually another process) holds a permission
+    this open needs, or needs one this open would take away (QEMU's lock
+    errors: ``Failed to get "write" lock``)."""
+
+    default_errno = _errno.EAGAIN
 
 
 class NoSpaceError(BlockIOError):

@@ -88,6 +88,41 @@ def bdrv_reopen_abort(bs: "BlockDriverState", flags: int) -> None:
 
 
 @hookspec(firstresult=True)
+def bdrv_child_perm(bs: "BlockDriverState", perm: int, shared: int) -> tuple[int, int]:
+    """Bound, format drivers.  The permissions (``blockdrv.perm.PERM_*``) this
+    node takes on ``bs.file`` and shares with other users of it, given what
+    the node's own user takes (``perm``) and shares (``shared``).
+
+    Absent: QEMU's default for a file that holds metadata and data -- consistent
+    read, write and resize when the node is writable, and nobody else may write
+    or resize the file.  A format that only passes data through (``raw``)
+    returns ``perm, shared`` unchanged.  ``force-share=on`` is applied after.
+    """
+
+
+@hookspec(firstresult=True)
+def bdrv_check_perm(bs: "BlockDriverState", perm: int, shared: int) -> None:
+    """Bound, protocol drivers.  Prepare to take ``perm`` and share only
+    ``shared``: acquire what is needed and raise ``PermissionConflictError``
+    if another user (another process) holds something incompatible.  Followed
+    by :func:`bdrv_set_perm` or :func:`bdrv_abort_perm_update`.
+
+    Absent: the protocol has nothing to lock (memory, network); the generic
+    layer passes permissions through filters (nodes with a ``file`` child)."""
+
+
+@hookspec(firstresult=True)
+def bdrv_set_perm(bs: "BlockDriverState", perm: int, shared: int) -> None:
+    """Bound.  Commit what :func:`bdrv_check_perm` prepared, releasing what the
+    new permissions no longer need; must not fail."""
+
+
+@hookspec(firstresult=True)
+def bdrv_abort_perm_update(bs: "BlockDriverState") -> None:
+    """Bound.  Return to the permissions held before :func:`bdrv_check_perm`."""
+
+
+@hookspec(firstresult=True)
 async def bdrv_co_readv(bs: "BlockDriverState", offset: int, nbytes: int,
                         qiov: "IOVector") -> None:
     """Bound, coroutine.  Fill ``qiov`` (exactly ``nbytes`` long) with guest data

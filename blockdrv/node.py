@@ -361,24 +361,34 @@ class BlockDriverState:
         return fn(self, fix)
 
     def reopen(self, read_only: bool) -> None:
-        """Switch between read-only and read-write as one transaction."""
+        """Switch between read-only and read-write as one transaction; the
+        image's locks move with it (a conflict refuses the switch)."""
+        from .perm import child_perm
         flags = (self.open_flags & ~O_RDWR) | (0 if read_only else O_RDWR)
         if flags == self.open_flags:
             return
+        if flags & O_RDWR and flags & O_FORCE_SHARE:
+            raise self._error(InvalidArgumentError(
+                "force-share=on can only be used with read-only images"))
         # Children first, down the whole ``file`` chain (format -> filter -> protocol).
-        nodes: list[BlockDriverState] = []
-        node: BlockDriverState | None = self
-        while node is not None:
-            nodes.append(node)
-            node = node.file
+        nodes = self._file_chain()
         nodes.reverse()
+        below = nodes if self.open_flags & O_PROTOCOL else nodes[:-1]
+        perm, shared = child_perm(self.drv, self, flags)
         prepared: list[BlockDriverState] = []
+        checked: list[BlockDriverState] = []
         try:
             for node in nodes:
                 if node.drv.bdrv_reopen_prepare is not None:
                     node.drv.bdrv_reopen_prepare(node, flags)
                 prepared.append(node)
+            for node in below:
+                if node.drv.bdrv_check_perm is not None:
+                    node.drv.bdrv_check_perm(node, perm, shared)
+                    checked.append(node)
         except BaseException:
+            for node in reversed(checked):
+                node.drv.bdrv_abort_perm_update(node)
             for node in reversed(prepared):
                 if node.drv.bdrv_reopen_abort is not None:
                     node.drv.bdrv_reopen_abort(node, flags)
@@ -388,6 +398,37 @@ class BlockDriverState:
             if node.drv.bdrv_reopen_commit is not None:
                 node.drv.bdrv_reopen_commit(node, node_flags)
             node.open_flags = node_flags
+        for node in checked:
+            if node.drv.bdrv_set_perm is not None:
+                node.drv.bdrv_set_perm(node, perm, shared)
+
+    def _file_chain(self) -> list["BlockDriverState"]:
+        nodes: list[BlockDriverState] = []
+        node: BlockDriverState | None = self
+        while node is not None:
+            nodes.append(node)
+            node = node.file
+        return nodes
+
+    def update_perm(self, perm: int, shared: int) -> None:
+        """Take ``perm`` on this node and share only ``shared`` with other
+        users, down through filters to the protocol that enforces it (QEMU's
+        ``bdrv_child_try_set_perm``).  Raises ``PermissionConflictError`` and
+        changes nothing when another user's permissions conflict."""
+        nodes = self._file_chain()
+        checked: list[BlockDriverState] = []
+        try:
+            for node in nodes:
+                if node.drv.bdrv_check_perm is not None:
+                    node.drv.bdrv_check_perm(node, perm, shared)
+                    checked.append(node)
+        except BaseException:
+            for node in reversed(checked):
+                node.drv.bdrv_abort_perm_update(node)
+            raise
+        for node in checked:
+            if node.drv.bdrv_set_perm is not None:
+                node.drv.bdrv_set_perm(node, perm, shared)
 
     def close(self) -> None:
         """Close the driver, then the child.  Idempotent."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import BlockDriverError
+from ..node import O_RESIZE
 from .common import (PROG, SIZE_LIMIT, ArgParser, CliError, describe, open_image,
                      prealloc_error, qprint, strtosz, usage_error, warn)
 
@@ -36,7 +37,7 @@ def run(argv: list[str]) -> int:
                        "tera-, peta- and exabytes, respectively.")
     if value >= SIZE_LIMIT:
         raise CliError(f"Value '{size_text}' is out of range for parameter 'size'")
-    bs = open_image(filename, a.fmt, writable=True)
+    bs = open_image(filename, a.fmt, writable=True, flags=O_RESIZE)
     try:
         current = bs.total_size
         total = _int64(current + relative * _int64(value) if relative else value)

@@ -13,6 +13,8 @@ import stat
 from ..errors import BlockIOError, InvalidArgumentError, UnsupportedError, from_oserror
 from ..hookspecs import hookimpl
 from ..iov import IOVector
+from ..perm import PERM_ALL, PERM_RESIZE, PERM_WRITE
+from . import file_lock
 from ..node import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_NO_FLUSH, O_RDWR,
                     WRITE_UNMAP, BlockDriverState, BlockStatus)
 
@@ -56,13 +58,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 class _State:
-    __slots__ = ("fd", "path", "is_block", "reopen_fd")
+    __slots__ = ("fd", "path", "is_block", "reopen_fd", "locked", "prev_locked")
 
     def __init__(self, fd: int, path: str, is_block: bool) -> None:
         self.fd = fd
         self.path = path
         self.is_block = is_block
         self.reopen_fd: int | None = None
+        self.locked: frozenset[int] = frozenset()   # lock bytes held on ``fd``
+        self.prev_locked: frozenset[int] | None = None  # during a permission update
 
 
 def _path(bs: BlockDriverState) -> str:
@@ -73,7 +77,9 @@ def _path(bs: BlockDriverState) -> str:
 def _open_fd(path: str, flags: int, create: bool = False) -> int:
     mode = os.O_RDWR if flags & O_RDWR else os.O_RDONLY
     if create:
-        mode |= os.O_CREAT | os.O_TRUNC
+        # No O_TRUNC: an existing file is emptied only once its locks show
+        # that nobody else is using it (``_lock_for_create``).
+        mode |= os.O_CREAT
     try:
         fd = os.open(path, mode | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -98,10 +104,19 @@ class FileProtocol:
     @hookimpl
     def bdrv_open(self, bs: BlockDriverState, options, flags) -> None:
         path = _path(bs)
-        fd = _open_fd(path, flags, create=bool(options.get("create")))
+        create = bool(options.get("create"))
+        fd = _open_fd(path, flags, create=create)
         st = os.fstat(fd)
         is_block = stat.S_ISBLK(st.st_mode)
-        bs.opaque = _State(fd, path, is_block)
+        bs.opaque = s = _State(fd, path, is_block)
+        if create:
+            try:
+                _lock_for_create(s)
+            except BaseException:
+                os.close(fd)
+                bs.opaque = None
+                raise
+            st = os.fstat(fd)
         bs.total_size = os.lseek(fd, 0, os.SEEK_END) if is_block else st.st_size
 
     @hookimpl
@@ -118,6 +133,11 @@ class FileProtocol:
     @hookimpl
     def bdrv_reopen_commit(self, bs: BlockDriverState, flags: int) -> None:
         s: _State = bs.opaque
+        # The locks move to the new descriptor before the old one closes, so
+        # the image is never unlocked in between (holding never fails: every
+        # holder takes shared locks).
+        if s.locked:
+            file_lock.take(s.reopen_fd, s.locked)
         os.close(s.fd)
         s.fd, s.reopen_fd = s.reopen_fd, None
 
@@ -127,6 +147,43 @@ class FileProtocol:
         if s.reopen_fd is not None:
             os.close(s.reopen_fd)
             s.reopen_fd = None
+
+    # -- permissions: QEMU-compatible lock bytes (file_lock.py) ---------------
+
+    @hookimpl
+    def bdrv_check_perm(self, bs: BlockDriverState, perm: int, shared: int) -> None:
+        s: _State = bs.opaque
+        if not file_lock.available(s.fd):
+            return
+        want = file_lock.lock_bytes(perm, shared)
+        s.prev_locked = s.locked
+        try:
+            # Take the union first, so the old permissions stay protected
+            # until the new ones are known to be free (QEMU's prepare phase).
+            file_lock.take(s.fd, want - s.locked)
+            s.locked = s.locked | want
+            file_lock.check(s.fd, perm, shared, s.path)
+        except BaseException:
+            self.bdrv_abort_perm_update(bs)
+            raise
+
+    @hookimpl
+    def bdrv_set_perm(self, bs: BlockDriverState, perm: int, shared: int) -> None:
+        s: _State = bs.opaque
+        if not file_lock.available(s.fd):
+            return
+        want = file_lock.lock_bytes(perm, shared)
+        _release(s, s.locked - want)
+        s.locked = s.locked & want
+        s.prev_locked = None
+
+    @hookimpl
+    def bdrv_abort_perm_update(self, bs: BlockDriverState) -> None:
+        s: _State = bs.opaque
+        if s.prev_locked is None:
+            return
+        _release(s, s.locked - s.prev_locked)
+        s.locked, s.prev_locked = s.prev_locked, None
 
     @hookimpl
     async def bdrv_co_readv(self, bs, offset, nbytes, qiov: IOVector) -> None:
@@ -266,6 +323,29 @@ class FileProtocol:
     @hookimpl
     def bdrv_has_zero_init(self, bs) -> bool:
         return not bs.opaque.is_block
+
+
+def _release(s: _State, offsets) -> None:
+    try:
+        file_lock.release(s.fd, offsets)
+    except OSError:
+        pass        # closing the descriptor releases them in any case
+
+
+def _lock_for_create(s: _State) -> None:
+    """As QEMU's raw_co_create: take write and resize, let nobody else resize,
+    check that nobody holds the image, and only then empty the file."""
+    if not s.is_block and file_lock.available(s.fd):
+        perm = PERM_WRITE | PERM_RESIZE
+        shared = PERM_ALL & ~PERM_RESIZE
+        s.locked = file_lock.lock_bytes(perm, shared)
+        file_lock.take(s.fd, s.locked)
+        file_lock.check(s.fd, perm, shared, s.path)
+    if not s.is_block:
+        try:
+            os.ftruncate(s.fd, 0)
+        except OSError as exc:
+            raise from_oserror(exc, s.path) from None
 
 
 def _allocate_first_block(fd: int, size: int) -> None:

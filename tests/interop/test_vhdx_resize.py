@@ -19,6 +19,7 @@ from blockdrv.drivers.vhdx import log as vlog
 from blockdrv.testing.qemu import (qemu_img_check, qemu_img_create, qemu_img_info,
                                    run_qemu_img, run_qemu_io)
 from blockdrv.testing.vhdx_scripts import run_blockdrv, vhdiinfo_fields
+from blockdrv.testing.crash import abandon
 
 pytestmark = pytest.mark.interop
 
@@ -137,7 +138,7 @@ def test_qemu_replays_a_cut_resize(interop_tmp, qemu_img, monkeypatch, new):
     with pytest.raises(_Cut):
         img.resize(new)
     monkeypatch.undo()
-    img.bs.opaque = None                # abandoned, as by the crash
+    abandon(img.bs)                     # as a crash would: locks released, nothing flushed
     rc, _, err = run_qemu_img("info", "-f", "vhdx", os.fspath(path))
     assert rc != 0 and "log that needs to be replayed" in err
     rc, data = qemu_img_check(path, "vhdx", repair="all")

@@ -8,7 +8,7 @@ import sys
 from typing import Iterator, TextIO
 
 from ...errors import BlockDriverError
-from ...node import O_RDWR
+from ...node import O_FORCE_SHARE, O_RDWR
 from ..common import PROBED_RAW_WARNING, open_reason, parse_cache_mode
 from .parse import getopt
 from .qemuio import PROG, QemuIO
@@ -105,7 +105,8 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
                   "be used with read-only images\n")
         return 1
     try:
-        bs = open_node(filename, fmt, 0 if readonly else O_RDWR)
+        bs = open_node(filename, fmt, (0 if readonly else O_RDWR)
+                       | (O_FORCE_SHARE if force_share else 0))
     except BlockDriverError as exc:
         err.write(f"{PROG}: can't open device {filename}: {open_reason(filename, exc)}\n")
         return 1

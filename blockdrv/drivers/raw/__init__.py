@@ -43,6 +43,12 @@ class RawFormat:
         bs.request_alignment = bs.file.request_alignment
 
     @hookimpl
+    def bdrv_child_perm(self, bs, perm, shared) -> tuple[int, int]:
+        # A filter of its file (QEMU's raw-format without offset/size): it
+        # keeps no metadata, so it takes and shares just what its user does.
+        return perm, shared
+
+    @hookimpl
     async def bdrv_co_readv(self, bs, offset, nbytes, qiov) -> None:
         await bs.file.co_preadv(offset, nbytes, qiov)
 

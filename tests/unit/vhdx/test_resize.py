@@ -16,6 +16,7 @@ from blockdrv.drivers.vhdx.constants import (PAYLOAD_BLOCK_FULLY_PRESENT,
                                              PAYLOAD_BLOCK_ZERO)
 from blockdrv.errors import InvalidArgumentError, UnsupportedError
 from blockdrv.node import O_RDWR
+from blockdrv.testing.crash import abandon
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -266,7 +267,7 @@ def test_crash_after_log_guid_replays_new_size(tmp_path, monkeypatch, new):
     with pytest.raises(_Cut):
         img.resize(new)
     monkeypatch.undo()
-    img.bs.opaque = None                # abandon the node as a crash would
+    abandon(img.bs)                     # as a crash would: locks released, nothing flushed
     with ro(path) as img:               # in-memory replay
         assert img.size == new and img.info().is_dirty
         assert img.read(MiB, 4096) == b"\x42" * 4096
