@@ -75,7 +75,9 @@ def _open_fd(path: str, flags: int, create: bool = False) -> int:
     if create:
         mode |= os.O_CREAT | os.O_TRUNC
     try:
-        fd = os.open(path, mode | os.O_CLOEXEC, 0o644)
+        # O_NONBLOCK: open(2) of a FIFO would otherwise wait forever for a
+        # writer; the fstat below refuses it, then the fd is made blocking.
+        fd = os.open(path, mode | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as exc:
         err = from_oserror(exc, path)
         if create:      # file-posix's raw_co_create words its own failure
@@ -88,6 +90,16 @@ def _open_fd(path: str, flags: int, create: bool = False) -> int:
         os.close(fd)
         raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file",
                                    filename=path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        # FIFOs, character devices, sockets: no image lives there, and reads
+        # of a FIFO or a terminal could block forever.
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a character device" if stat.S_ISCHR(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "neither")
+        os.close(fd)
+        raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file "
+                                   f"or a block device (it is {kind})", filename=path)
+    os.set_blocking(fd, True)
     return fd
 
 
