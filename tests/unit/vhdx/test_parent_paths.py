@@ -9,6 +9,7 @@ with a timeout.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -141,3 +142,52 @@ def test_char_device_given_directly_is_refused(tmp_path):
     assert_one_line_error(cli("info", "/dev/zero"), "character device")
     with pytest.raises(blockdrv.InvalidArgumentError, match="character device"):
         blockdrv.open_image("/dev/null")
+
+
+# -------------------------------------------------- locator paths are plain paths
+
+def test_relative_path_is_never_a_protocol_string(tmp_path, monkeypatch):
+    """relative_path ``blkdebug::/abs/secret.vhdx`` of a child opened from its
+    own directory must not open /abs/secret.vhdx through blkdebug."""
+    (tmp_path / "elsewhere").mkdir()
+    secret = make_base(tmp_path / "elsewhere" / "secret.vhdx")
+    where = tmp_path / "child"
+    where.mkdir()
+    make_child(monkeypatch, where / "child.vhdx", secret,
+               relative_path=f"blkdebug::{secret}", absolute_win32_path=None)
+    monkeypatch.chdir(where)
+    with pytest.raises(blockdrv.InvalidArgumentError, match="parent not found"):
+        blockdrv.open_image("child.vhdx")
+    res = cli("io", "-c", "read -v 0 16", "child.vhdx", cwd=where)
+    assert_one_line_error(res, "parent not found", f"blkdebug::{secret}")
+
+    # The same text read as a literal file name relative to the child: that
+    # file (a copy of the parent) is opened, through the file protocol.
+    target = where / "blkdebug::" / str(secret).lstrip("/")
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(secret, target)
+    with blockdrv.open_image("child.vhdx") as img:
+        assert img.read(0, MiB) == PATTERN
+        backing = img.bs.backing
+        assert backing.file.drv.name == "file"
+        assert os.path.samefile(backing.file.opaque.path, target)
+
+
+@pytest.mark.parametrize("key", ["absolute_win32_path", "volume_path"])
+@pytest.mark.parametrize("proto", ["blkdebug:", "memory:"])
+def test_windows_paths_are_never_protocol_strings(tmp_path, monkeypatch, key, proto):
+    secret = make_base(tmp_path / "secret.vhdx")
+    entries = {"relative_path": None, "absolute_win32_path": None,
+               key: f"{proto}:{secret}"}
+    make_child(monkeypatch, tmp_path / "child.vhdx", secret, **entries)
+    with pytest.raises(blockdrv.InvalidArgumentError, match="parent not found"):
+        blockdrv.open_image(tmp_path / "child.vhdx")
+
+
+def test_backing_option_may_still_name_a_protocol(tmp_path):
+    """The user's own ``backing=`` is theirs to choose: blkdebug is honoured."""
+    base = make_base(tmp_path / "base.vhdx")
+    blockdrv.create_image(tmp_path / "child.vhdx", "vhdx", backing_file="base.vhdx").close()
+    with blockdrv.open_image(tmp_path / "child.vhdx", backing=f"blkdebug::{base}") as img:
+        assert img.bs.backing.file.drv.name == "blkdebug"
+        assert img.read(0, MiB) == PATTERN
