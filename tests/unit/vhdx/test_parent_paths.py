@@ -112,7 +112,7 @@ def _socket(path):
 @pytest.mark.parametrize("kind,words", [
     ("directory", ["regular file"]),
     ("chardev", ["character device"]),
-    ("socket", ["base.vhdx"]),
+    ("socket", ["socket"]),
     ("dangling", ["not found"]),
 ])
 @pytest.mark.parametrize("command", ["check", "io"])
