@@ -74,6 +74,13 @@ def _path(bs: BlockDriverState) -> str:
     return name[5:] if name.startswith("file:") else name
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _open_fd(path: str, flags: int, create: bool = False) -> int:
     mode = os.O_RDWR if flags & O_RDWR else os.O_RDONLY
     if create:
@@ -81,8 +88,14 @@ def _open_fd(path: str, flags: int, create: bool = False) -> int:
         # that nobody else is using it (``_lock_for_create``).
         mode |= os.O_CREAT
     try:
-        fd = os.open(path, mode | os.O_CLOEXEC, 0o644)
+        # O_NONBLOCK: open(2) of a FIFO would otherwise wait forever for a
+        # writer; the fstat below refuses it, then the fd is made blocking.
+        fd = os.open(path, mode | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ENXIO and _is_socket(path):
+            raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular "
+                                       "file or a block device (it is a socket)",
+                                       filename=path) from None
         err = from_oserror(exc, path)
         if create:      # file-posix's raw_co_create words its own failure
             err.message = f"Could not create '{path}': {err.message}"
@@ -94,6 +107,16 @@ def _open_fd(path: str, flags: int, create: bool = False) -> int:
         os.close(fd)
         raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file",
                                    filename=path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        # FIFOs and character devices (sockets fail in open(2) above): no
+        # image lives there, and reads of a FIFO or a terminal could block.
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a character device" if stat.S_ISCHR(st.st_mode) else
+                "of another type")
+        os.close(fd)
+        raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file "
+                                   f"or a block device (it is {kind})", filename=path)
+    os.set_blocking(fd, True)
     return fd
 
 

@@ -103,8 +103,19 @@ def _win_to_posix(path: str) -> list[str]:
     return out
 
 
+def _plain(path: str) -> str:
+    """A locator path as a plain file path: a relative one whose first
+    component holds a colon gets ``./`` so it never reads as ``proto:rest``."""
+    if not os.path.isabs(path) and ":" in path.split("/", 1)[0]:
+        return "./" + path
+    return path
+
+
 def candidates(child: str | None, locator: ParentLocator) -> list[tuple[str, str]]:
-    """(name as recorded, POSIX path to try) in the spec's order."""
+    """(name as recorded, POSIX path to try) in the spec's order.
+
+    The paths are plain file paths, never protocol strings, whatever their
+    text looks like (``blkdebug::/x`` is a file named so)."""
     e = locator.entries
     out: list[tuple[str, str]] = []
     rel = e.get(KEY_RELATIVE)
@@ -112,11 +123,11 @@ def candidates(child: str | None, locator: ParentLocator) -> list[tuple[str, str
         name = rel.replace("\\", "/")
         if name.startswith("./"):
             name = name[2:]
-        out.append((name, path_combine(child, name)))
+        out.append((name, _plain(path_combine(child, name))))
     for key in (KEY_VOLUME, KEY_ABSOLUTE):
         value = e.get(key)
         if value:
-            out += [(p, p) for p in _win_to_posix(value)]
+            out += [(p, _plain(p)) for p in _win_to_posix(value)]
     return out
 
 
@@ -148,32 +159,38 @@ def open_parent(child: str | None, locator: ParentLocator, options: dict,
     fmt = options.get("backing_fmt") or options.get("backing.driver")
     if override is not None and not isinstance(override, str):
         raise InvalidArgumentError("Option 'backing' must be a file name")
+    # (name as recorded, path to open, plain file path to look for).  Locator
+    # paths are plain file paths; only the caller's own ``backing`` may name
+    # a protocol (blkdebug::x), which is then not looked for as a file.
     if override:
-        tries = [(override, override)]
+        from blockdrv.block import split_protocol
+        proto, rest = split_protocol(override)
+        tries = [(override, override, rest if proto == "file" else None)]
     else:
-        tries = candidates(child, locator)
+        tries = [(name, path, path) for name, path in candidates(child, locator)]
     tried = []
     chosen = None
-    for name, path in tries:
-        from blockdrv.block import split_protocol
-        proto, rest = split_protocol(path)
-        if proto != "file" or os.path.exists(rest):
-            chosen = (name, path)
+    for name, path, local in tries:
+        if local is None or os.path.exists(local):
+            chosen = (name, path, local)
             break
         tried.append(path)
     if chosen is None:
         where = ", ".join(f"'{p}'" for p in tried) or "no path in the parent locator"
         raise InvalidArgumentError(f"Could not open backing file: VHDX parent not found "
                                    f"(tried {where})", errno=errno.ENOENT)
-    name, path = chosen
-    real = _real(path)
+    name, path, local = chosen
+    real = os.path.realpath(local) if local is not None else path
     if real in chain:
         raise InvalidArgumentError(f"Could not open backing file '{path}': the VHDX backing "
                                    "chain loops back to an image already in it")
     if fmt not in (None, "vhdx"):
         raise InvalidArgumentError(f"VHDX differencing images need a vhdx parent, not {fmt}")
     try:
-        parent = open_node(path, "vhdx", 0, {CHAIN_OPTION: tuple(chain)})
+        opts = {CHAIN_OPTION: tuple(chain)}
+        if not override:
+            opts["file"] = {"driver": "file"}       # whatever the path's text
+        parent = open_node(path, "vhdx", 0, opts)
     except BlockDriverError as exc:
         raise type(exc)(f"Could not open backing file '{path}': {exc.message}",
                         errno=exc.errno) from None
