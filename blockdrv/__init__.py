@@ -9,7 +9,7 @@ Public API::
         img.read(0, 4)
 """
 
-from .api import Image, create_image, open_image
+from .api import Image, ProbedRawWarning, create_image, open_image
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
                      InvalidArgumentError, ReadOnlyError, UnsupportedError)
 from .hookspecs import hookimpl
@@ -17,7 +17,7 @@ from .hookspecs import hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
-    "Image", "open_image", "create_image", "hookimpl",
+    "Image", "open_image", "create_image", "hookimpl", "ProbedRawWarning",
     "BlockDriverError", "BlockIOError", "CorruptImageError",
     "InvalidArgumentError", "ReadOnlyError", "UnsupportedError",
 ]

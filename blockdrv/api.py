@@ -11,6 +11,10 @@ from .node import O_FORCE_SHARE, O_RDWR, BlockDriverState, BlockStatus, CheckRes
 from .options import parse_size
 
 
+class ProbedRawWarning(UserWarning):
+    """A writable image was opened without a format and probed as raw."""
+
+
 class Image:
     """An open image.  Offsets and lengths are bytes; any alignment works.
 
@@ -93,7 +97,21 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, readonly: bool =
     no lock that would keep a writer out.
     """
     flags = (0 if readonly else O_RDWR) | (O_FORCE_SHARE if force_share else 0)
-    return Image(block.open_node(os.fspath(path), fmt, flags, options))
+    bs = block.open_node(os.fspath(path), fmt, flags, options)
+    if bs.probed_raw and not readonly:
+        # The CLI prints qemu's warning here; the API speaks Python's way.
+        # Either way the node keeps refusing writes that would make block 0
+        # probe as another format.
+        import warnings
+        try:
+            warnings.warn(f"Image format was not specified for '{bs.filename}' and "
+                          "probing guessed raw: writes to block 0 that would make it "
+                          "look like another format are refused; pass fmt='raw' to "
+                          "remove the restriction", ProbedRawWarning, stacklevel=2)
+        except BaseException:   # warnings turned into errors: do not leak the node
+            bs.close()
+            raise
+    return Image(bs)
 
 
 def create_image(path: str | os.PathLike, fmt: str, size: int | str | None = None,

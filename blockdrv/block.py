@@ -14,8 +14,7 @@ from .errors import BlockDriverError, InvalidArgumentError
 from .node import O_FORCE_SHARE, O_PROTOCOL, O_RDWR, BlockDriverState
 from .options import CreateOption, parse_create_options
 from .plugins import BoundDriver, get_registry
-
-PROBE_BUF_SIZE = 2048
+from .probe import PROBE_BUF_SIZE, probe, unsupported
 
 
 def split_protocol(filename: str) -> tuple[str, str]:
@@ -104,7 +103,11 @@ def open_node(filename: str, fmt: str | None = None, flags: int = 0,
         probed_raw = False
         if fmt is None:
             buf = file_bs.pread(0, min(PROBE_BUF_SIZE, file_bs.total_size))
-            drv, score = reg.probe(bytes(buf), filename)
+            drv, name, _ = probe(reg, bytes(buf), filename)
+            if drv is None and name is not None:
+                # qemu-img would open it with its own driver; opening it as
+                # raw here would expose (and let writes destroy) its metadata.
+                raise unsupported(name, file_bs)
             if drv is None:
                 raise InvalidArgumentError("Could not determine the image format",
                                            filename=filename)

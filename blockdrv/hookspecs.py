@@ -42,7 +42,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def bdrv_probe(buf: bytes, filename: str | None) -> int | None:
-    """Score 0..100 how surely ``buf`` (the image's first bytes) is this format.
+    """Score 0..100 how surely ``buf`` (the image's first 512 bytes, zero-padded
+    as qemu's probe buffer; ``filename`` may be None) is this format.
 
     Broadcast to every format driver; the highest score wins.  ``raw`` answers
     1 so that it is chosen only when nothing else claims the image.  Return

@@ -1,13 +1,19 @@
 """The ``raw`` format: guest bytes are file bytes.
 
 Probes with score 1, so it is only chosen when no other format claims an
-image (and the CLI then warns that it guessed).
+image (and the CLI then warns that it guessed).  A *probed* raw node guards
+its first sector as qemu's raw-format.c does: a write that would make it
+probe as another format is refused with EPERM, since the next open would
+then trust the guest's bytes as image metadata (a guest writing a qcow2
+header naming /etc/shadow as its backing file, say).
 """
 
 from __future__ import annotations
 
+import errno
+
 from ...block import create_file
-from ...errors import InvalidArgumentError
+from ...errors import InvalidArgumentError, ReadOnlyError
 from ...hookspecs import hookimpl
 from ...node import BLOCK_OFFSET_VALID, BLOCK_RAW, BLOCK_ZERO, BlockStatus, DriverInfo
 from ...options import CreateOption
@@ -41,6 +47,11 @@ class RawFormat:
     def bdrv_open(self, bs, options, flags) -> None:
         bs.total_size = _round_sector(bs.file.total_size)
         bs.request_alignment = bs.file.request_alignment
+        if bs.probed_raw:
+            # As raw_refresh_limits: sub-sector writes go through the generic
+            # read-modify-write, so the guard below always sees the whole
+            # first sector as it would land on disk.
+            bs.request_alignment = max(bs.request_alignment, SECTOR)
 
     @hookimpl
     def bdrv_child_perm(self, bs, perm, shared) -> tuple[int, int]:
@@ -54,6 +65,8 @@ class RawFormat:
 
     @hookimpl
     async def bdrv_co_writev(self, bs, offset, nbytes, qiov, flags) -> None:
+        if bs.probed_raw and offset < SECTOR and nbytes:
+            _guard_block0(bs, qiov)
         await bs.file.co_pwritev(offset, nbytes, qiov, flags)
 
     @hookimpl
@@ -99,6 +112,23 @@ class RawFormat:
             file_bs.truncate(size, prealloc=prealloc)
         finally:        # close() flushes
             file_bs.close()
+
+
+def _guard_block0(bs, qiov) -> None:
+    """Refuse a write whose first sector would probe as a non-raw format.
+
+    Only data writes are checked, as in qemu: write-zeroes and discard leave
+    zeros, and zeros probe as raw.  (A sub-sector zero write is done as a
+    data write of the merged sector, so it is checked too.)
+    """
+    from ...plugins import get_registry
+    from ...probe import probe_format_name
+    name = probe_format_name(get_registry(), qiov.slice(0, SECTOR).to_bytes())
+    if name != "raw":
+        raise ReadOnlyError(
+            f"Writing this to block 0 would make the probed raw image look like "
+            f"{name or 'an unknown format'}; open it with format raw to allow it",
+            errno=errno.EPERM)
 
 
 driver = RawFormat()
