@@ -408,3 +408,23 @@ def test_resize_preallocation_metadata_on_raw_is_qemus_error(tmp_path, capsys, q
     assert code == rc == 1
     assert one_error(err) == message == "Unsupported preallocation mode: metadata"
     assert os.path.getsize(ours) == MiB
+
+
+# -- bench: the request-shaping flags write what qemu-img bench writes ---------
+
+@pytest.mark.parametrize("flags", [
+    ["-c", "5", "-d", "2", "-s", "4k", "-S", "12k", "-o", "64k", "--pattern=0xab"],
+    ["-c", "8", "-d", "2", "-s", "512", "--pattern=7", "--flush-interval=4", "--no-drain"],
+    ["-c", "6", "-d", "1", "-s", "64k", "-S", "200k", "-o", "900k", "--pattern=1",
+     "--flush-interval=2"]])
+def test_bench_writes_like_qemu_img_bench(tmp_path, capsys, qimg, flags):
+    ours, theirs = tmp_path / "a.raw", tmp_path / "b.raw"
+    for p in (ours, theirs):
+        assert main(["create", "-q", "-f", "raw", str(p), "1M"]) == 0
+    code, _, err = run(capsys, "bench", "-w", "-q", "-f", "raw", *flags, ours)
+    assert code == 0, err
+    assert qemu_error([qimg, "bench", "-w", "-q", "-f", "raw", *flags, theirs],
+                      tmp_path)[0] == 0
+    assert digest(ours) == digest(theirs)
+    with open(ours, "rb") as f:
+        assert f.read().count(0) < MiB            # something was written
