@@ -242,9 +242,6 @@ class Converter:
             except BlockDriverError as exc:
                 raise self._write_error(offset, exc) from None
 
-    def write(self, offset: int, data) -> None:
-        self.execute([("data", offset, data)])
-
     def write_zeroes(self, offset: int, nbytes: int) -> None:
         self.execute(self.plan_zeroes(offset, nbytes))
 
