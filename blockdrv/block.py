@@ -8,10 +8,10 @@ anything else is a POSIX path.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from .errors import BlockDriverError, InvalidArgumentError
-from .node import O_FORCE_SHARE, O_PROTOCOL, O_RDWR, BlockDriverState
+from .node import O_FORCE_SHARE, O_PROTOCOL, O_RDWR, O_UNMAP, BlockDriverState
 from .options import CreateOption, parse_create_options
 from .plugins import BoundDriver, get_registry
 from .probe import PROBE_BUF_SIZE, probe, unsupported
@@ -52,6 +52,28 @@ def _force_share_flags(filename: str, flags: int, options: dict[str, Any]) -> in
     return flags
 
 
+DISCARD_MODES = {"off": False, "ignore": False, "on": True, "unmap": True}
+
+
+def parse_discard_flags(mode: str, flags: int) -> int:
+    """QEMU's bdrv_parse_discard_flags: ``discard=unmap``/``on`` pass guest
+    discards down (``O_UNMAP``), ``ignore``/``off`` drop them."""
+    unmap = DISCARD_MODES.get(mode)
+    if unmap is None:
+        raise InvalidArgumentError(f"Invalid discard option: {mode}")
+    return flags | O_UNMAP if unmap else flags & ~O_UNMAP
+
+
+def _discard_flags(filename: str, flags: int, options: dict[str, Any]) -> int:
+    mode = options.get("discard")
+    if mode is None:
+        return flags
+    try:
+        return parse_discard_flags(str(mode), flags)
+    except InvalidArgumentError as exc:
+        raise exc.with_filename(filename)
+
+
 def open_protocol(filename: str, flags: int = 0, options: dict[str, Any] | None = None,
                   protocol: str | None = None) -> BlockDriverState:
     reg = get_registry()
@@ -84,10 +106,13 @@ def open_node(filename: str, fmt: str | None = None, flags: int = 0,
 
     ``options["force_share"]`` (or the flag ``O_FORCE_SHARE``) is QEMU's
     ``force-share=on``: take no lock that would keep a writer out.
+    ``options["discard"]`` (ignore/off/unmap/on) sets or clears ``O_UNMAP``
+    and stays in the node's options for its driver.
     """
     reg = get_registry()
     options = dict(options or {})
     flags = _force_share_flags(filename, flags, options)
+    flags = _discard_flags(filename, flags, options)
     if fmt is not None:
         drv = reg.format(fmt)
         if drv.protocol_name and not drv.format_name:
@@ -170,3 +195,69 @@ def create_file(filename: str, size: int = 0) -> BlockDriverState:
         raise
     bs.growable = True
     return bs
+
+
+# -- "never write over a source" ---------------------------------------------------
+
+
+def _name_identities(filename: str) -> set[tuple]:
+    """What host object a filename names: ``("file", st_dev, st_ino)`` for a
+    path that exists (through symlinks; hard links share the inode), and
+    ``(protocol, rest)`` for other protocols (``memory:x``); a filter's
+    ``proto:CONFIG:CHILD`` also names what ``CHILD`` names."""
+    proto, rest = split_protocol(filename)
+    if proto != "file":
+        _, sep, child = rest.partition(":")
+        return {(proto, rest)} | (_name_identities(child) if sep and child else set())
+    try:
+        st = os.stat(rest)
+    except (OSError, ValueError):
+        return set()
+    return {("file", st.st_dev, st.st_ino)}
+
+
+def _node_files(bs: BlockDriverState, role: str) -> Iterator[tuple[set[tuple], str]]:
+    """(identities, description) of every node under ``bs``: itself, its file
+    child and its backing chain.  An open file node is taken by its
+    descriptor, so a path renamed since the open still counts."""
+    ids = _name_identities(bs.filename) if bs.filename else set()
+    fd = getattr(bs.opaque, "fd", None) if bs.file is None else None
+    if isinstance(fd, int) and fd >= 0:
+        try:
+            st = os.fstat(fd)
+            ids.add(("file", st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    yield ids, role
+    if bs.file is not None:
+        yield from _node_files(bs.file, role)
+    if bs.backing is not None:
+        yield from _node_files(bs.backing,
+                               f"backing file '{bs.backing.filename}' of {role}")
+
+
+def check_target_not_source(target: str,
+                            sources: Iterable[BlockDriverState | str]) -> None:
+    """Refuse to write ``target`` when it is a file some source reads from.
+
+    ``sources`` are open nodes (their whole chain counts: file children and
+    backing files) or filenames.  Sameness is by device and inode, so another
+    spelling, a symlink or a hard link of a source is caught; a target that
+    does not exist yet is never a source.  Call it before creating or
+    truncating anything.  This does not rely on image locking (qemu-img gets
+    "Failed to get "write" lock" there); commands that write one image while
+    reading others (convert, commit, rebase) call it explicitly.
+    """
+    wanted = _name_identities(target)
+    if not wanted:
+        return
+    for src in sources:
+        if isinstance(src, str):
+            found = [(_name_identities(src), f"source '{src}'")]
+        else:
+            found = _node_files(src, f"source '{src.filename}'")
+        for ids, what in found:
+            if ids & wanted:
+                raise InvalidArgumentError(
+                    f"Target '{target}' is the same file as {what}; "
+                    "refusing to overwrite an input image")

@@ -36,16 +36,22 @@ usage: {PROG} command [command options]
 QEMU's block layer in Python: a qemu-img-like disk image utility
 
 Command syntax:
-  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] filename
-  compare [-f fmt] [-F fmt] [-p] [-q] [-s] filename1 filename2
-  convert [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-o options] [-S sparse_size] filename [filename2 [...]] output_filename
-  create [-q] [-f fmt] [-o options] filename [size]
-  info [-f fmt] [--output=ofmt] filename
-  map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] filename
+  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
+  convert [-m num_coroutines] [-W] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] filename [filename2 [...]] output_filename
+  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  info [-f fmt] [--output=ofmt] [-U] filename
+  map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
   resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
-  bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] filename
-  io [-f fmt] [-r] -c command ... filename    (qemu-io's commands)
+  bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename
+  io [-f fmt] [-r] [-t cache] [-d discard] [-U] -c command ... filename    (qemu-io's; 'blockdrv io --help')
 
+'-U' (force-share) only goes with read-only opens (convert: the sources).
+'-m' runs that many requests concurrently (asyncio tasks; without it, one
+at a time); the target is written in order unless '-W'.  '-u' (do not open
+the backing file) is refused for vhdx, whose children need their parent.
+A convert target that is one of its sources (or their backing files),
+under any name, is refused before anything is written.
 'size' accepts the suffixes k, M, G, T, P and E (powers of 1024).
 'ofmt' is 'human' or 'json'.  Exit codes follow qemu-img (check: 0 clean,
 2 corruptions, 3 leaks, 1 error, 63 no check support; compare: 0 identical,

@@ -165,7 +165,8 @@ def main(argv: list[str]) -> int:
     if flush_interval and flush_interval < depth:
         raise CliError("Flush interval can't be smaller than depth")
     filename = a.args[0]
-    bs = open_image(filename, a.fmt, writable=a.write)
+    bs = open_image(filename, a.fmt, writable=a.write, flags=mode.flags,
+                    force_share=a.force_share)
     try:
         if bs.total_size <= 0:
             raise CliError(f"Could not get image size: image '{filename}' is empty")

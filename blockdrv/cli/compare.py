@@ -112,13 +112,13 @@ def run(argv: list[str]) -> int:
         usage_error("Expecting two image file names")
     name1, name2 = a.args
     try:
-        bs1 = open_image(name1, a.fmt1)
+        bs1 = open_image(name1, a.fmt1, force_share=a.force_share)
     except CliError as exc:
         exc.code = 2
         raise
     try:
         try:
-            bs2 = open_image(name2, a.fmt2)
+            bs2 = open_image(name2, a.fmt2, force_share=a.force_share)
         except CliError as exc:
             exc.code = 2
             raise

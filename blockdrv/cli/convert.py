@@ -19,13 +19,14 @@ qemu-img's.)
 from __future__ import annotations
 
 import os
+import re
 from bisect import bisect_right
 
 from .. import block
 from ..errors import BlockDriverError
 from ..iov import IOVector
 from ..mapping import block_status
-from ..node import BLOCK_ZERO, WRITE_UNMAP, BlockDriverState
+from ..node import BLOCK_ZERO, O_NOCACHE, WRITE_UNMAP, BlockDriverState
 from ..plugins import get_registry
 from .common import ArgParser, CliError, cvtnum, describe, open_image, parse_cache_mode
 from .create import option_help, parse_o, prepare_create, wants_help
@@ -173,36 +174,79 @@ class SparseScanner:
 
 
 class Converter:
+    """The copy loop.  :meth:`copy` is the synchronous one (one request at a
+    time, the default); :meth:`co_copy_all` runs ``-m N`` request coroutines
+    as asyncio tasks, writing in order unless ``-W``."""
+
     def __init__(self, target: BlockDriverState, min_sparse: int, zero_init: bool,
-                 progress: Progress) -> None:
+                 progress: Progress, writethrough: bool = False) -> None:
         self.target = target
         self.min_sparse = min_sparse          # sectors; 0 disables detection
         self.zero_init = zero_init
         self.alignment = max(_pow2floor(min_sparse),
                              -(-target.request_alignment // SECTOR), 1)
         self.progress = progress
+        self.writethrough = writethrough      # -t writethrough/directsync: FUA writes
         self.buf = bytearray(IO_BUF_SIZE)
+        self.in_flight = 0                    # request coroutines between read and write
+        self.max_in_flight = 0
 
-    def write(self, offset: int, data) -> None:
-        try:
-            self.target.pwrite(offset, data)
-        except BlockDriverError as exc:
-            raise CliError(f"error while writing at byte {offset}: {describe(exc)}") from None
+    # -- what to write ------------------------------------------------------------
+
+    def plan_zeroes(self, offset: int, nbytes: int) -> list[tuple]:
+        """Requests that make [offset, offset + nbytes) read as zeros:
+        ("zero", offset, n) or, for -S 0 (fully allocate), ("data", offset, view)."""
+        if self.zero_init or nbytes <= 0:
+            return []
+        if not self.min_sparse:
+            return [("data", offset + pos, _ZEROS[:min(nbytes - pos, IO_BUF_SIZE)])
+                    for pos in range(0, nbytes, IO_BUF_SIZE)]
+        return [("zero", offset, nbytes)]
+
+    def plan_data(self, dst: int, buf: bytearray, nbytes: int) -> list[tuple]:
+        """Write what was read at ``dst``, leaving out qemu-img's zero runs."""
+        view = memoryview(buf)[:nbytes]
+        if not self.min_sparse:
+            return [("data", dst, view)]
+        ends, data = sector_runs(buf, nbytes)
+        if len(ends) == 1 and data[0]:           # no zero sector at all
+            return [("data", dst, view)]
+        scan = SparseScanner.from_runs(ends, data, dst // SECTOR, self.alignment)
+        plan: list[tuple] = []
+        j, total = 0, ends[-1]
+        while j < total:
+            is_data, n = scan.alloc_min(j, total - j, self.min_sparse)
+            lo, hi = j * SECTOR, min((j + n) * SECTOR, nbytes)
+            if is_data:
+                plan.append(("data", dst + lo, view[lo:hi]))
+            else:
+                plan.extend(self.plan_zeroes(dst + lo, hi - lo))
+            j += n
+        return plan
+
+    # -- synchronous engine --------------------------------------------------------------
+
+    def _write_error(self, offset: int, exc: BlockDriverError) -> CliError:
+        return CliError(f"error while writing at byte {offset}: {describe(exc)}")
+
+    def execute(self, plan: list[tuple]) -> None:
+        target = self.target
+        for kind, offset, arg in plan:
+            try:
+                if kind == "data":
+                    target.pwrite(offset, arg)
+                else:
+                    target.pwrite_zeroes(offset, arg, WRITE_UNMAP)
+                if self.writethrough:
+                    target.flush()
+            except BlockDriverError as exc:
+                raise self._write_error(offset, exc) from None
 
     def write_zeroes(self, offset: int, nbytes: int) -> None:
-        if self.zero_init or nbytes <= 0:
-            return
-        if not self.min_sparse:               # -S 0: fully allocate
-            pos = 0
-            while pos < nbytes:
-                n = min(nbytes - pos, IO_BUF_SIZE)
-                self.write(offset + pos, _ZEROS[:n])
-                pos += n
-            return
-        try:
-            self.target.pwrite_zeroes(offset, nbytes, WRITE_UNMAP)
-        except BlockDriverError as exc:
-            raise CliError(f"error while writing at byte {offset}: {describe(exc)}") from None
+        self.execute(self.plan_zeroes(offset, nbytes))
+
+    def write_data(self, dst: int, buf: bytearray, nbytes: int) -> None:
+        self.execute(self.plan_data(dst, buf, nbytes))
 
     def read(self, src: BlockDriverState, pos: int, dst: int, buf: bytearray,
              nbytes: int) -> None:
@@ -210,27 +254,6 @@ class Converter:
             src.preadv(pos, IOVector.from_buffer(memoryview(buf)[:nbytes]))
         except BlockDriverError as exc:
             raise CliError(f"error while reading at byte {dst}: {describe(exc)}") from None
-
-    def write_data(self, dst: int, buf: bytearray, nbytes: int) -> None:
-        """Write what was read at ``dst``, leaving out qemu-img's zero runs."""
-        view = memoryview(buf)[:nbytes]
-        if not self.min_sparse:
-            self.write(dst, view)
-            return
-        ends, data = sector_runs(buf, nbytes)
-        if len(ends) == 1 and data[0]:           # no zero sector at all
-            self.write(dst, view)
-            return
-        scan = SparseScanner.from_runs(ends, data, dst // SECTOR, self.alignment)
-        j, total = 0, ends[-1]
-        while j < total:
-            is_data, n = scan.alloc_min(j, total - j, self.min_sparse)
-            lo, hi = j * SECTOR, min((j + n) * SECTOR, nbytes)
-            if is_data:
-                self.write(dst + lo, view[lo:hi])
-            else:
-                self.write_zeroes(dst + lo, hi - lo)
-            j += n
 
     def copy_data(self, src: BlockDriverState, pos: int, dst: int, nbytes: int) -> None:
         self.read(src, pos, dst, self.buf, nbytes)
@@ -256,6 +279,7 @@ class Converter:
                 pos += n
 
     def copy(self, src: BlockDriverState, base: int) -> None:
+        self.max_in_flight = 1
         for kind, pos, dst, n in self.extents(src, base):
             if kind == "zero":
                 self.write_zeroes(dst, n)
@@ -263,14 +287,119 @@ class Converter:
                 self.copy_data(src, pos, dst, n)
             self.progress.update(n)
 
+    # -- -m N: request coroutines ------------------------------------------------
 
-def _cache_flags(cache: str | None) -> int:
-    """qemu-img convert's ``-t``: the target defaults to cache=unsafe (no
-    flushes; the output is only complete once convert succeeded anyway)."""
-    mode = parse_cache_mode(cache or "unsafe")
+    async def co_copy_all(self, srcs: list[BlockDriverState], coroutines: int,
+                          in_order: bool = True) -> None:
+        """qemu-img convert's coroutine engine: ``coroutines`` tasks each take
+        the next extent, read it into their own buffer and write it.  Without
+        ``-W`` (``in_order``) a task waits for every earlier extent to be
+        written before writing its own, so the target is written front to
+        back as by the synchronous loop; with ``-W`` writes go out as reads
+        complete."""
+        import asyncio
+
+        def jobs():
+            base = 0
+            for src in srcs:
+                for job in self.extents(src, base):
+                    yield src, job
+                base += src.total_size
+
+        queue = jobs()
+        turn = asyncio.Condition()
+        state = {"next_seq": 0, "written": 0}
+
+        async def worker() -> None:
+            buf = bytearray(IO_BUF_SIZE)
+            while True:
+                try:
+                    src, (kind, pos, dst, n) = next(queue)
+                except StopIteration:
+                    return
+                seq = state["next_seq"]
+                state["next_seq"] += 1
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    if kind == "zero":
+                        plan = self.plan_zeroes(dst, n)
+                    else:
+                        await self.co_read(src, pos, dst, buf, n)
+                        plan = self.plan_data(dst, buf, n)
+                    # let the other tasks start their requests meanwhile (a
+                    # protocol that never suspends would run each to the end)
+                    await asyncio.sleep(0)
+                    if in_order:
+                        async with turn:
+                            await turn.wait_for(lambda: state["written"] == seq)
+                    await self.co_execute(plan)
+                finally:
+                    self.in_flight -= 1
+                if in_order:
+                    async with turn:
+                        state["written"] += 1
+                        turn.notify_all()
+                self.progress.update(n)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(coroutines)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def co_read(self, src: BlockDriverState, pos: int, dst: int, buf: bytearray,
+                      nbytes: int) -> None:
+        try:
+            await src.co_preadv(pos, nbytes, IOVector.from_buffer(memoryview(buf)[:nbytes]))
+        except BlockDriverError as exc:
+            raise CliError(f"error while reading at byte {dst}: {describe(exc)}") from None
+
+    async def co_execute(self, plan: list[tuple]) -> None:
+        target = self.target
+        for kind, offset, arg in plan:
+            try:
+                if kind == "data":
+                    await target.co_pwritev(offset, len(arg), IOVector.from_buffer(arg))
+                else:
+                    await target.co_pwrite_zeroes(offset, arg, WRITE_UNMAP)
+                if self.writethrough:
+                    await target.co_flush()
+            except BlockDriverError as exc:
+                raise self._write_error(offset, exc) from None
+
+
+def _cache_mode(cache: str | None, default: str, what: str):
+    """A ``-t``/``-T`` cache mode: (open flags, writethrough).  O_NOCACHE
+    (none/directsync) reaches the node; the file protocol does not use
+    O_DIRECT, so the host page cache still serves those requests."""
+    mode = parse_cache_mode(cache or default)
     if mode is None:
-        raise CliError(f"Invalid cache option: {cache}")
-    return mode.flags
+        raise CliError(f"Invalid {what}cache option: {cache}")
+    return mode.flags | (O_NOCACHE if mode.direct else 0), mode.writethrough
+
+
+MAX_COROUTINES = 16
+_C_INT = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
+
+
+def coroutine_count(text: str | None) -> int | None:
+    """``-m``: qemu-img's range and message; ``None`` when not given.  The
+    number is read as qemu_strtoi with base 0 reads it (C's strtol: leading
+    blanks, a sign, 0x hex, 0 octal, nothing after it)."""
+    if text is None:
+        return None
+    m = _C_INT.match(text)
+    value = 0
+    if m:
+        digits = m.group(2)
+        base = 16 if digits[:2].lower() == "0x" else 8 if digits.startswith("0") else 10
+        value = int(digits, base) * (-1 if m.group(1) == "-" else 1)
+    if not 1 <= value <= MAX_COROUTINES:
+        raise CliError("Invalid number of coroutines. Allowed number of coroutines "
+                       f"is between 1 and {MAX_COROUTINES}")
+    return value
 
 
 def _pow2floor(value: int) -> int:
@@ -310,6 +439,7 @@ def _parser() -> ArgParser:
 def run(argv: list[str]) -> int:
     a = _parser().parse_intermixed_args(argv)
     out_fmt = a.out_fmt or "raw"
+    coroutines = coroutine_count(a.coroutines)
     items = parse_o(a.options)
     if wants_help(items):
         print(option_help(out_fmt, None))
@@ -318,13 +448,19 @@ def run(argv: list[str]) -> int:
         raise CliError("Must specify image file name")
     *sources, dst = a.args
     min_sparse = sparse_sectors(a.sparse)
-    if a.src_cache is not None and parse_cache_mode(a.src_cache) is None:
-        raise CliError(f"Invalid source cache option: {a.src_cache}")   # no effect else
+    src_flags, _ = _cache_mode(a.src_cache, "writeback", "source ")
+    dst_flags, writethrough = _cache_mode(a.cache, "unsafe", "")
     srcs: list[BlockDriverState] = []
     created = False
     try:
         for name in sources:
-            srcs.append(open_image(name, a.fmt))
+            srcs.append(open_image(name, a.fmt, flags=src_flags,
+                                   force_share=a.force_share))
+        try:
+            # before anything is created or truncated
+            block.check_target_not_source(dst, srcs)
+        except BlockDriverError as exc:
+            raise CliError(describe(exc)) from None
         total = sum(s.total_size for s in srcs)
         if not a.no_create:
             existed = os.path.lexists(dst)
@@ -335,7 +471,7 @@ def run(argv: list[str]) -> int:
                 raise CliError(f"{dst}: error while converting {out_fmt}: "
                                f"{describe(exc)}") from None
             created = not existed
-        target = open_image(dst, out_fmt, writable=True, flags=_cache_flags(a.cache))
+        target = open_image(dst, out_fmt, writable=True, flags=dst_flags)
         try:
             if a.no_create and target.total_size < total:
                 raise CliError("output file is smaller than input file")
@@ -343,11 +479,19 @@ def run(argv: list[str]) -> int:
             try:
                 conv = Converter(target, min_sparse,
                                  not a.no_create and min_sparse > 0 and target.has_zero_init(),
-                                 progress)
-                base = 0
-                for src in srcs:
-                    conv.copy(src, base)
-                    base += src.total_size
+                                 progress, writethrough)
+                if coroutines is None or coroutines == 1:
+                    # one request at a time: what -m 1 asks for, and the
+                    # default (the built-in protocols never suspend, so more
+                    # coroutines would only add event-loop overhead)
+                    base = 0
+                    for src in srcs:
+                        conv.copy(src, base)
+                        base += src.total_size
+                else:
+                    import asyncio
+                    asyncio.run(conv.co_copy_all(srcs, coroutines,
+                                                 in_order=not a.out_of_order))
                 target.flush()
             finally:
                 progress.close()

@@ -102,6 +102,25 @@ def backing_size(filename: str, opts: dict[str, Any]) -> int:
         bs.close()
 
 
+def refuse_unsafe_backing(filename: str, fmt: str, size: int | None,
+                          items: list[tuple[str, str | None]]) -> None:
+    """``create -u -b``: qemu-img then never opens the backing file, so the
+    size must be given.  blockdrv's only format with backing files, VHDX,
+    cannot be created that way: a differencing image names its parent by
+    the parent's DataWriteGuid (the parent locator's parent_linkage) and
+    must use its logical sector size, both only known by opening it.  A
+    made-up linkage would make the child unopenable, a guessed sector size
+    could make it read wrong data; so ``-u`` with a backing file is refused
+    rather than guessed."""
+    if size is None and not any(k == "size" for k, _ in items):
+        raise CliError(f"{filename}: Image creation needs a size parameter")
+    reason = ("a VHDX differencing image records its parent's DataWriteGuid and "
+              "sector size, which only opening the parent tells" if fmt == "vhdx"
+              else "the backing file has to be opened")
+    raise CliError(f"{filename}: -u (do not open the backing file) is not supported "
+                   f"for {fmt}: {reason}; create it without -u")
+
+
 def do_create(filename: str, fmt: str, parsed: dict[str, Any]) -> None:
     try:
         block.create(filename, fmt, parsed)
@@ -139,8 +158,10 @@ def run(argv: list[str]) -> int:
             items.append(("backing_file", a.backing))
         if a.backing_fmt:
             items.append(("backing_fmt", a.backing_fmt))
-    if size is None and any(k == "backing_file" for k, _ in items) \
-            and not any(k == "size" for k, _ in items):
+    has_backing = any(k == "backing_file" for k, _ in items)
+    if a.unsafe and has_backing:
+        refuse_unsafe_backing(filename, a.fmt, size, items)
+    if size is None and has_backing and not any(k == "size" for k, _ in items):
         size = backing_size(filename, dict(items))
     parsed, line = prepare_create(filename, a.fmt, items, size)
     qprint(a.quiet, line)

@@ -84,7 +84,7 @@ def run_info(argv: list[str]) -> int:
     fmt = output_format(a.output)
     filename = a.args[0]
     # as qemu-img info: the backing chain is named, not opened
-    bs = open_image(filename, a.fmt, flags=O_NO_BACKING)
+    bs = open_image(filename, a.fmt, flags=O_NO_BACKING, force_share=a.force_share)
     try:
         info = image_info(bs, filename)
     finally:
@@ -173,7 +173,8 @@ def run_check(argv: list[str]) -> int:
         usage_error("Expecting one image file name")
     filename = a.args[0]
     fmt = output_format(a.output)
-    bs = open_image(filename, a.fmt, writable=bool(fix), check=True)
+    bs = open_image(filename, a.fmt, writable=bool(fix), check=True,
+                    force_share=a.force_share)
     try:
         res = _run_check(bs, fix)
         c = check_dict(res, filename, bs.format_name)

@@ -50,7 +50,7 @@ def run(argv: list[str]) -> int:
     if len(a.args) != 1:
         usage_error("Expecting one image file name")
     filename = a.args[0]
-    bs = open_image(filename, a.fmt)
+    bs = open_image(filename, a.fmt, force_share=a.force_share)
     out = sys.stdout
     try:
         if fmt == "json":

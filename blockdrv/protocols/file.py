@@ -314,6 +314,9 @@ class FileProtocol:
     @hookimpl
     async def bdrv_co_truncate(self, bs, offset, exact, prealloc) -> None:
         s: _State = bs.opaque
+        if prealloc not in (None, "off", "falloc", "full"):
+            # file-posix's message (qemu-img resize --preallocation=metadata)
+            raise UnsupportedError(f"Unsupported preallocation mode: {prealloc}")
         if s.is_block:
             if offset > bs.total_size:
                 raise UnsupportedError("Cannot grow device files")

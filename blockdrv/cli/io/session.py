@@ -8,7 +8,7 @@ import sys
 from typing import Iterator, TextIO
 
 from ...errors import BlockDriverError
-from ...node import O_FORCE_SHARE, O_RDWR
+from ...node import O_FORCE_SHARE, O_NOCACHE, O_RDWR
 from ..common import PROBED_RAW_WARNING, open_reason, parse_cache_mode
 from .parse import getopt
 from .qemuio import PROG, QemuIO
@@ -26,7 +26,9 @@ blockdrv disk exerciser (qemu-io's commands and output)
   -n, --nocache        disable host cache, short for -t none
   -t, --cache=MODE     cache mode: writethrough (the default: flush after
                        every write), writeback, none, directsync, unsafe
-  -d, --discard=MODE   discard mode (accepted, no effect)
+  -d, --discard=MODE   discard mode: ignore/off, or unmap/on (pass discards
+                       down to the file: O_UNMAP)
+  -i, --aio=MODE       AIO mode: only threads (the default) is supported
   -U, --force-share    force shared permissions (read-only images only)
   -h, --help           display this help and exit
   -V, --version        output version information and exit
@@ -43,11 +45,22 @@ _LONGOPTS = {
     "object": ("O", True), "image-opts": ("I", False),
 }
 
+# Options qemu-io has that blockdrv io refuses, and why.
+_UNSUPPORTED = {
+    "s": "no temporary snapshot overlay",
+    "C": "no copy-on-read",
+    "m": "misaligned buffers only matter for O_DIRECT, which is not used",
+    "k": "no native (kernel) AIO",
+    "T": "no trace events",
+    "I": "no --image-opts",
+    "O": "no --object",
+}
+
 
 def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = None,
         stdin: TextIO | None = None) -> int:
     """Run ``blockdrv io`` with output to the given streams; returns the exit code."""
-    from ...block import open_node
+    from ...block import DISCARD_MODES, open_node
 
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
@@ -60,7 +73,9 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
     commands: list[str] = []
     fmt = None
     readonly = force_share = False
+    options: dict[str, str] = {}
     writethrough = True
+    cache_flags = 0           # O_NO_FLUSH for unsafe; O_NOCACHE for none/directsync
     for ch, val in opts:
         if ch == "c":
             commands.append(val)
@@ -76,11 +91,22 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
                 err.write(f"{PROG}: Invalid cache option: {val}\n")
                 return 1
             writethrough = mode.writethrough
+            cache_flags = mode.flags | (O_NOCACHE if mode.direct else 0)
         elif ch == "n":
             writethrough = False
+            cache_flags = O_NOCACHE
         elif ch == "d":
-            if val not in ("ignore", "off", "unmap", "on"):
+            if val not in DISCARD_MODES:
                 err.write(f"{PROG}: Invalid discard option: {val}\n")
+                return 1
+            options["discard"] = val
+        elif ch == "i":
+            if val not in ("threads", "native", "io_uring"):
+                err.write(f"{PROG}: Invalid aio option: {val}\n")
+                return 1
+            if val != "threads":
+                err.write(f"{PROG}: aio={val} is not supported (requests run in "
+                          "this process; only aio=threads, the default)\n")
                 return 1
         elif ch == "h":
             out.write(USAGE)
@@ -89,10 +115,9 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
             from ... import __version__
             out.write(f"blockdrv io version {__version__}\n")
             return 0
-        elif ch in ("s", "I", "O"):
-            err.write(f"{PROG}: option -{ch} is not supported\n")
+        elif ch in _UNSUPPORTED:
+            err.write(f"{PROG}: option -{ch} is not supported ({_UNSUPPORTED[ch]})\n")
             return 1
-        # -C, -m, -k, -i, -T: accepted, no effect
     if len(operands) > 1:
         err.write(f"{PROG}: Too many arguments\n")
         return 1
@@ -100,13 +125,10 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
         err.write(f"{PROG}: no file open, try 'blockdrv io --help'\n")
         return 1
     filename = operands[0]
-    if force_share and not readonly:
-        err.write(f"{PROG}: can't open device {filename}: force-share=on can only "
-                  "be used with read-only images\n")
-        return 1
+    flags = ((0 if readonly else O_RDWR) | (O_FORCE_SHARE if force_share else 0)
+             | cache_flags)
     try:
-        bs = open_node(filename, fmt, (0 if readonly else O_RDWR)
-                       | (O_FORCE_SHARE if force_share else 0))
+        bs = open_node(filename, fmt, flags, options)
     except BlockDriverError as exc:
         err.write(f"{PROG}: can't open device {filename}: {open_reason(filename, exc)}\n")
         return 1
