@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..errors import BlockDriverError
-from ..node import FIX_ERRORS, FIX_LEAKS, O_NO_BACKING, BlockDriverState, CheckResult
+from ..node import FIX_ERRORS, FIX_LEAKS, O_NO_BACKING, O_NO_IO, BlockDriverState, CheckResult
 from .common import (ArgParser, CliError, add_output_option, describe, dump_human,
                      open_image, output_format, qjson, qprint, size_to_str, usage_error)
 
@@ -84,7 +84,7 @@ def run_info(argv: list[str]) -> int:
     fmt = output_format(a.output)
     filename = a.args[0]
     # as qemu-img info: the backing chain is named, not opened
-    bs = open_image(filename, a.fmt, flags=O_NO_BACKING, force_share=a.force_share)
+    bs = open_image(filename, a.fmt, flags=O_NO_BACKING | O_NO_IO, force_share=a.force_share)
     try:
         info = image_info(bs, filename)
     finally:

@@ -245,3 +245,62 @@ def test_raw_locks_as_qemu_does(tmp_path, qemu_img, qemu_io):
         assert (ours.returncode == 0) == (theirs.returncode == 0)
     finally:
         holder.close()
+
+
+def _lock_ranges(path: str) -> list[tuple[int, int]]:
+    """The OFD lock byte ranges held on ``path``, from /proc/locks."""
+    ino = os.stat(path).st_ino
+    out = []
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "->" in fields:
+                continue                        # a waiter, not a holder
+            if fields[1] == "OFDLCK" and int(fields[5].rsplit(":", 1)[1]) == ino:
+                out.append((int(fields[6]), int(fields[7])))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "raw"])
+@pytest.mark.parametrize("kind", ["rw", "ro", "ro-U"])
+def test_same_lock_bytes_as_qemu(tmp_path, qemu_img, qemu_io, fmt, kind):
+    """The bytes blockdrv locks are the ones qemu-io locks for the same open."""
+    path = str(tmp_path / f"disk.{fmt}")
+    qemu_img_create(path, fmt, SIZE)
+    held = {}
+    for tool in ("qemu", "blockdrv"):
+        argv = _holder_argv(kind, tool, path, qemu_io)
+        holder = Holder([*argv[:-1], "-f", fmt, path])
+        try:
+            held[tool] = _lock_ranges(path)
+        finally:
+            holder.close()
+    assert held["qemu"], "qemu-io took no lock: /proc/locks unreadable?"
+    assert held["blockdrv"] == held["qemu"]
+
+
+def test_info_locks_metadata_only(image):
+    """``info`` (O_NO_IO) takes no "consistent read", as qemu-img info."""
+    from blockdrv.block import open_node
+    from blockdrv.node import O_NO_BACKING, O_NO_IO
+    bs = open_node(image, None, O_NO_BACKING | O_NO_IO)
+    try:
+        assert _lock_ranges(image) == [(201, 201), (203, 203)]
+    finally:
+        bs.close()
+    assert _lock_ranges(image) == []
+
+
+def test_force_share_reaches_a_differencing_parent(tmp_path, qemu_io):
+    parent = str(tmp_path / "parent.vhdx")
+    child = str(tmp_path / "child.vhdx")
+    blockdrv.create_image(parent, "vhdx", SIZE).close()
+    blockdrv.create_image(child, "vhdx", backing_file=parent, backing_fmt="vhdx").close()
+    writer = Holder([qemu_io, "-f", "raw", parent])     # any writer of the parent file
+    try:
+        with pytest.raises(PermissionConflictError, match='shared "write" lock'):
+            blockdrv.open_image(child)
+        with blockdrv.open_image(child, force_share=True) as img:
+            assert img.read(0, 512) == bytes(512)
+    finally:
+        writer.close()

@@ -186,7 +186,7 @@ def _open_backing(bs, img: "VHDXImage", options, flags) -> None:
     if flags & O_NO_BACKING:
         return
     own = vparent._real(bs.filename) if bs.filename else None
-    parent, ref = vparent.open_parent(bs.filename, locator, options, own)
+    parent, ref = vparent.open_parent(bs.filename, locator, options, own, flags)
     bs.backing = parent
     img.parent, img.parent_ref = parent, ref
     bs.backing_file, bs.full_backing_file = ref.backing_filename, ref.full_backing_filename

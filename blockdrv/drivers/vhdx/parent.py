@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from blockdrv.errors import BlockDriverError, CorruptImageError, InvalidArgumentError
+from blockdrv.node import O_FORCE_SHARE
 
 from .constants import PARENT_LOCATOR_VHDX_GUID, guid_str, guid_to_bytes
 from .metadata import ParentLocator
@@ -138,7 +139,7 @@ def _real(path: str) -> str:
 
 
 def open_parent(child: str | None, locator: ParentLocator, options: dict,
-                own_real: str | None = None):
+                own_real: str | None = None, flags: int = 0):
     """Open the parent read-only: (BlockDriverState, ParentRef).
 
     ``options``: the child's open options; ``backing`` overrides the locator
@@ -190,7 +191,8 @@ def open_parent(child: str | None, locator: ParentLocator, options: dict,
         opts = {CHAIN_OPTION: tuple(chain)}
         if not override:
             opts["file"] = {"driver": "file"}       # whatever the path's text
-        parent = open_node(path, "vhdx", 0, opts)
+        # Read-only; force-share=on is inherited as QEMU's backing options do.
+        parent = open_node(path, "vhdx", flags & O_FORCE_SHARE, opts)
     except BlockDriverError as exc:
         raise type(exc)(f"Could not open backing file '{path}': {exc.message}",
                         errno=exc.errno) from None
