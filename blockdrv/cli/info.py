@@ -139,7 +139,9 @@ def human_check(c: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _run_check(bs: BlockDriverState, fix: int) -> CheckResult:
+def _run_check(bs: BlockDriverState, fix: int, said: set[str] | None = None) -> CheckResult:
+    """One check pass; prints its messages but those in ``said`` (what the
+    first pass printed: the double check does not repeat a line)."""
     try:
         res = bs.check(fix)
     except BlockDriverError as exc:
@@ -147,7 +149,8 @@ def _run_check(bs: BlockDriverState, fix: int) -> CheckResult:
             raise CliError("This image format does not support checks", 63) from None
         raise CliError(f"Check failed: {describe(exc)}") from None
     for message in res.messages:
-        print(message, file=sys.stderr)
+        if said is None or message not in said:
+            print(message, file=sys.stderr)
     return res
 
 
@@ -185,7 +188,7 @@ def run_check(argv: list[str]) -> int:
                        f"    {res.corruptions_fixed} corruptions\n\n"
                        "Double checking the fixed image now...", end="\n")
             fixed = {k: c[k] for k in ("leaks-fixed", "corruptions-fixed") if k in c}
-            res = _run_check(bs, 0)
+            res = _run_check(bs, 0, set(res.messages))
             c = check_dict(res, filename, bs.format_name)
             c.pop("leaks-fixed", None)
             c.pop("corruptions-fixed", None)

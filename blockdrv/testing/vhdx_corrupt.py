@@ -268,19 +268,28 @@ def make_dirty_log(path, size: str = "64M", pattern: int = 0xAB, **create_opts) 
     Returns facts for assertions.
     """
     import blockdrv
-    from blockdrv.drivers.vhdx import log as vlog
 
     blockdrv.create_image(path, "vhdx", size, **create_opts).close()
+    return pend_block_allocation(path, 0, pattern)
+
+
+def pend_block_allocation(path, block: int, pattern: int = 0xAB) -> dict:
+    """Give ``block`` of an existing image a new block at the end of the file
+    (filled with ``pattern``) whose BAT update is left pending in the log, as
+    a power cut after the journal flush leaves it.  Returns facts for assertions."""
+    from blockdrv.drivers.vhdx import log as vlog
+
     img = Vhdx.load(path)
     bsize = img.block_size
     new_off = -(-len(img.data) // MiB) * MiB
     img.truncate(new_off + bsize)
     img.data[new_off:new_off + bsize] = bytes([pattern]) * bsize
-    bat_off = img.bat_offset
-    sector = bytearray(img.data[bat_off:bat_off + 4 * KiB])
-    struct.pack_into("<Q", sector, 0, new_off | 6)
+    at = img.bat_offset + 8 * img.bat_index(block)
+    sector_at = at - at % (4 * KiB)
+    sector = bytearray(img.data[sector_at:sector_at + 4 * KiB])
+    struct.pack_into("<Q", sector, at - sector_at, new_off | 6)
     guid = uuid.uuid4().bytes_le
-    entry = vlog.build_entry(1, guid, 0, [(bat_off, bytes(sector))],
+    entry = vlog.build_entry(1, guid, 0, [(sector_at, bytes(sector))],
                              flushed_file_offset=len(img.data),
                              last_file_offset=len(img.data))
     lo = img.log_offset

@@ -228,7 +228,9 @@ def test_last_file_offset_extension_diverges_from_qemu_bug(extra, tmp_path, qemu
     1 MiB aligned (its round-up and truncate sit inside ``if (size % 1 MiB)``),
     so a spec-valid, aligned LastFileOffset beyond EOF is ignored.  We follow the
     spec's intent ("a file size that all allocated structures fit into") and
-    extend in both cases; for the unaligned value both agree."""
+    extend in both cases; for the unaligned value both agree.  (This is the
+    log module on its own, told no bound; the driver grows the file only as
+    far as the image references -- tests/interop/test_vhdx_check_safety.py.)"""
     img = str(tmp_path / "ext.vhdx")
     run(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, "64M")
     hdr = current_header(img)[1]

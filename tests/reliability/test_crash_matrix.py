@@ -9,7 +9,7 @@ completed flush are kept, lost, or kept as a seeded random subset (a volatile
 write cache losing power).  The post-crash image must then
 
 * open read-only (log replayed in memory) and read-write (log replayed),
-* ``check`` without corruptions (read-only: apart from "log pending"),
+* ``check`` without corruptions (a pending log is none),
 * hold every write acknowledged before the last completed flush,
 * show, for every 512-byte sector the plan touched, a version it held at or
   after that flush (never garbage, never a write issued after the crash), and
@@ -368,7 +368,7 @@ def verify_image(path: str, model: Model) -> list[str]:
                 problems.append(f"{what}: log still pending after a read-write open")
             if what == "reopen after replay" and pending:
                 problems.append(f"{what}: log pending after replay")
-            if res.corruptions - pending:
+            if res.corruptions:                 # a pending log is not one
                 problems.append(f"{what}: check reports {res.corruptions} corruptions: "
                                 f"{res.messages[:3]}")
             if not plan.create.get("subformat") == "fixed":

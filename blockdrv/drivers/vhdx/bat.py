@@ -361,6 +361,28 @@ class Bat:
         for lo in range(0, n, self.SCAN_CHUNK):
             yield lo, low[lo:min(lo + self.SCAN_CHUNK, n)] & BAT_STATE_MASK
 
+    def present_end(self) -> int:
+        """End of the furthest block a present entry references (0 if none):
+        a payload block is ``block_size`` long, a sector bitmap block 1 MiB.
+        Chunked like :meth:`open_check`; offsets are the raw 44-bit fields."""
+        step = self.chunk_ratio + 1
+        mask = np.uint64(BAT_OFFSET_MASK)
+        entries = self.entries
+        low = entries.view(np.uint8)[::8]
+        end = 0
+        for lo in range(0, len(entries), self.SCAN_CHUNK):
+            st = low[lo:lo + self.SCAN_CHUNK] & BAT_STATE_MASK
+            idx = np.flatnonzero(st >= PAYLOAD_BLOCK_FULLY_PRESENT) + lo      # 6 or 7
+            if not len(idx):
+                continue
+            offs = entries[idx] & mask
+            bitmap = idx % step == step - 1
+            if (~bitmap).any():
+                end = max(end, int(offs[~bitmap].max()) + self.block_size)
+            if bitmap.any():
+                end = max(end, int(offs[bitmap].max()) + SECTOR_BITMAP_BLOCK_SIZE)
+        return end
+
     def open_check(self, file_size: int, regions=()) -> tuple[int | None, int | None]:
         """What open refuses, without the cost of :meth:`check`.
 

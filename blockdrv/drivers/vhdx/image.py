@@ -70,6 +70,12 @@ class VHDXImage:
         self.first_visible_write = True
         self.overlay: vlog.ReplayOverlay | None = None   # read-only log replay
         self.log_replayed_on_open = False
+        # Found by open for check to report (see .check): the LogGuid of a
+        # header whose log holds no valid entry (check mode only; other opens
+        # refuse it), and (LastFileOffset, length) when replay grew the file
+        # only to what the image references.
+        self.log_guid_without_entries: bytes | None = None
+        self.last_file_offset_cap: tuple[int, int] | None = None
         self.log_writer: vlog.LogWriter | None = None
         self.creator = ""
         # Differencing images (see .differencing, .parent, .bitmap): the
@@ -139,8 +145,21 @@ class VHDXImage:
             # read-write open writes nothing (headers, replay) until the whole
             # image passed validation.  Beyond qemu (which refuses), a
             # read-only open keeps the in-memory replay and writes nothing.
-            self.overlay = vlog.replay_log_in_memory(file, current)
+            # LastFileOffset is bounded by what the image references, known
+            # only once the regions and the BAT are read (_bound_replay).
+            try:
+                self.overlay = vlog.replay_log_in_memory(file, current, referenced_end=0)
+            except vlog.LogWithoutEntriesError:
+                # Nothing was journaled under that GUID, so nothing changed:
+                # check reports it and `-r all` clears the GUID (spec 2.3.3
+                # calls the file corrupt, so every other open refuses it).
+                if not self.check_mode:
+                    raise
+                self.log_guid_without_entries = bytes(current.log_guid)
         self._open_regions(current)
+        ov = self.overlay
+        if ov is not None and ov.capped:
+            self.last_file_offset_cap = (ov.last_file_offset, ov.length)
         if self.on_validated is not None:
             self.on_validated(self)
         if not self.read_only and self.overlay is not None:
@@ -185,6 +204,9 @@ class VHDXImage:
         # overwrite other metadata, so no repair is attempted either).
         self.region_overlaps: list[str] = []
         counting = self.check_mode and self.read_only
+        log_end = header.log_offset + header.log_length
+        regions_end = max([log_end] + [e.file_offset + e.length for e in rt.entries])
+        length = self._bound_replay(regions_end, length)
         rt.validate(header.log_offset, header.log_length, file_size=length,
                     overlaps=self.region_overlaps if counting else None)
         if header.log_length and header.log_offset + header.log_length > length:
@@ -216,6 +238,8 @@ class VHDXImage:
                         (meta.file_offset, meta.length)]
         self.regions += [(e.file_offset, e.length) for e in rt.entries
                          if e not in (bat_rt, meta)]
+        if self.overlay is not None and self.overlay.capped:
+            length = self._bound_replay(max(regions_end, self.bat.present_end()), length)
         if diff:
             from . import bitmap, differencing
             self.bitmaps = bitmap.SectorBitmaps(self)
@@ -241,6 +265,14 @@ class VHDXImage:
             raise CorruptImageError(
                 f"VHDX BAT entry for block {block} points after the end of the file "
                 "(the image has probably been truncated)")
+
+    def _bound_replay(self, referenced_end: int, length: int) -> int:
+        """Let a pending replay grow the file towards LastFileOffset up to
+        ``referenced_end``; returns the (replayed) file length."""
+        if self.overlay is None or not self.overlay.capped:
+            return length
+        self.overlay.bound(referenced_end)
+        return self.file_length()
 
     # --------------------------------------------------------------- headers
 

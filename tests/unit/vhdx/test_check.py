@@ -214,7 +214,9 @@ def test_pending_log_read_only_and_read_write(tmp_path):
     facts = make_dirty_log(path, block_size="1M")
     before = file_digest(path)
     r = run_check(path)
-    assert counts(r) == (1, 0, 0, 0, 0)
+    # a pending log is what a crash leaves, not a corruption
+    assert counts(r) == (0, 0, 0, 0, 0)
+    assert any("pending log" in m for m in r.messages), r.messages
     assert file_digest(path) == before
     r = run_check(path, FIX_ERRORS)
     assert counts(r) == (0, 0, 1, 0, 0)
@@ -240,21 +242,33 @@ def test_repair_goes_through_the_log(image):
 
 # --------------------------------------------------------------------------- leaks
 
-def test_trailing_space_is_a_leak(image):
+def free_space(r) -> int | None:
+    """Bytes of free space a check reported, None if it reported none."""
+    for m in r.messages:
+        if "bytes of free space (" in m:
+            return int(m.split()[2])
+    return None
+
+
+def test_trailing_space_is_free_space_not_a_leak(image):
     size = os.path.getsize(image)
     mutate(image, lambda v: v.truncate(size + 3 * MiB))
-    assert counts(run_check(image)) == (0, 3, 0, 0, 0)
-    r = run_check(image, FIX_ERRORS)               # -r errors leaves leaks alone
-    assert counts(r) == (0, 3, 0, 0, 0)
-    r = run_check(image, FIX_LEAKS)
-    assert counts(r) == (0, 0, 0, 3, 0)
+    r = run_check(image)
+    assert counts(r) == (0, 0, 0, 0, 0) and free_space(r) == 3 * MiB
+    r = run_check(image, FIX_ERRORS)               # -r errors leaves it alone
+    assert counts(r) == (0, 0, 0, 0, 0)
+    assert os.path.getsize(image) == size + 3 * MiB
+    r = run_check(image, FIX_LEAKS)                # -r leaks reclaims it, counts nothing
+    assert counts(r) == (0, 0, 0, 0, 0)
+    assert any(f"Reclaimed {3 * MiB} bytes" in m for m in r.messages), r.messages
     assert os.path.getsize(image) == size
-    assert counts(run_check(image)) == (0, 0, 0, 0, 0)
+    r = run_check(image)
+    assert counts(r) == (0, 0, 0, 0, 0) and free_space(r) is None
 
 
 def test_orphaned_block_after_crash(tmp_path):
     """A crash between the data write and the BAT journal leaves the new block
-    referenced by nothing: a leak, reclaimed by truncation."""
+    referenced by nothing: free space (spec 2.1), reclaimed by truncation."""
     path = tmp_path / "orphan.vhdx"
     blockdrv.create_image(path, "vhdx", "64M", block_size="2M").close()
     size = os.path.getsize(path)
@@ -262,12 +276,13 @@ def test_orphaned_block_after_crash(tmp_path):
     v.truncate(size + 2 * MiB)
     v.data[size:] = b"D" * (2 * MiB)
     v.save(path)
-    assert counts(run_check(path)) == (0, 2, 0, 0, 0)
-    assert counts(run_check(path, FIX_ALL)) == (0, 0, 0, 2, 0)
+    r = run_check(path)
+    assert counts(r) == (0, 0, 0, 0, 0) and free_space(r) == 2 * MiB
+    assert counts(run_check(path, FIX_ALL)) == (0, 0, 0, 0, 0)
     assert os.path.getsize(path) == size
 
 
-def test_interior_leak_is_counted_not_moved(image):
+def test_interior_free_space_is_reported_not_moved(image):
     v = Vhdx.load(image)
     end = len(v.data)
     v.truncate(end + 2 * MiB)                       # orphan at 11..13 MiB
@@ -275,21 +290,38 @@ def test_interior_leak_is_counted_not_moved(image):
     with blockdrv.open_image(image, "vhdx", readonly=False) as img:
         img.write(20 * MiB, b"E" * 512)             # allocated after the orphan
     before = read_all(image)
-    assert counts(run_check(image)) == (0, 2, 0, 0, 0)
+    size = os.path.getsize(image)
+    r = run_check(image)
+    assert counts(r) == (0, 0, 0, 0, 0) and free_space(r) == 2 * MiB
+    assert any("between used blocks" in m for m in r.messages), r.messages
     r = run_check(image, FIX_ALL)
-    assert counts(r) == (0, 2, 0, 0, 0)
-    assert read_all(image) == before
+    assert counts(r) == (0, 0, 0, 0, 0) and free_space(r) == 2 * MiB
+    assert read_all(image) == before and os.path.getsize(image) == size
 
 
-def test_fixed_image_preallocation_is_not_a_leak(tmp_path):
+def test_unaligned_trailing_bytes_are_counted_exactly(image):
+    """Disk2VHD leaves 512 zero bytes after the last block: 512 bytes of free
+    space, not a 1 MiB leak."""
+    size = os.path.getsize(image)
+    with open(image, "ab") as f:
+        f.write(bytes(512))
+    r = run_check(image)
+    assert counts(r) == (0, 0, 0, 0, 0) and free_space(r) == 512
+    run_check(image, FIX_LEAKS)
+    assert os.path.getsize(image) == size
+
+
+def test_fixed_image_preallocation_is_not_free_space(tmp_path):
     path = tmp_path / "fixed.vhdx"
     blockdrv.create_image(path, "vhdx", "32M", subformat="fixed").close()
-    assert counts(run_check(path)) == (0, 0, 0, 0, 0)
+    r = run_check(path)
+    assert counts(r) == (0, 0, 0, 0, 0) and free_space(r) is None
     size = os.path.getsize(path)
     v = Vhdx.load(path)
     v.truncate(size + MiB)
     v.save(path)
-    assert counts(run_check(path)) == (0, 1, 0, 0, 0)
+    r = run_check(path)
+    assert counts(r) == (0, 0, 0, 0, 0) and free_space(r) == MiB
 
 
 def test_check_on_large_sparse_image_is_fast(tmp_path):

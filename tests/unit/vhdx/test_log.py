@@ -270,6 +270,23 @@ def test_replay_extends_file_for_descriptors_and_last_file_offset():
     assert f.buf[5 * MiB:5 * MiB + 4096] == sector(7)
 
 
+def test_last_file_offset_growth_is_bounded_by_what_is_referenced():
+    """LastFileOffset near 2^48 (a damaged entry): the driver passes the end of
+    everything the image references; the file grows only that far."""
+    f = MemFile()
+    put(f, 0, mk(1, 0, [(5 * MiB, sector(7))], flushed=4 * MiB, last=(1 << 48) - 4096))
+    ov = L.replay_log_in_memory(f, hdr(), referenced_end=6 * MiB)
+    assert (ov.length, ov.capped) == (6 * MiB, True)
+    ov.bound(8 * MiB)                   # a larger bound (the BAT read later)
+    assert (ov.length, ov.capped) == (8 * MiB, True)
+    L.replay_log(f, hdr(), referenced_end=0)
+    assert len(f.buf) == 5 * MiB + 4096     # the descriptor's end, no further
+    g = MemFile()
+    put(g, 0, mk(1, 0, [(5 * MiB, sector(7))], flushed=4 * MiB, last=6 * MiB + 1))
+    ov = L.replay_log_in_memory(g, hdr(), referenced_end=16 * MiB)
+    assert (ov.length, ov.capped) == (7 * MiB, False)
+
+
 def test_zero_descriptors_and_their_order_with_data():
     f = MemFile(bytes([0xEE]) * 4 * MiB)
     put(f, 0, bytes(LOG_LEN))

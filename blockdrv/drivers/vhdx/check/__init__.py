@@ -4,8 +4,15 @@ and crash-safe repairs.
 Counting (``CheckResult``, qemu's semantics: ``corruptions``/``leaks`` are
 what remains after any repair, ``*_fixed`` what was repaired):
 
-* a log replayed by the read-write open counts one fixed corruption (qemu);
-  a read-only check of an image with a pending log counts one corruption;
+* a log replayed by the read-write open counts one fixed corruption (qemu),
+  without a message (qemu prints none);
+* a read-only check of an image with a pending log counts nothing: a crash
+  leaves one and the next read-write open replays it (spec 2.3.3); a message
+  says so, and the rest of the check looks at the image as replayed;
+* a header LogGuid that no valid log entry carries counts one corruption
+  (spec 2.3.3); ``FIX_ERRORS`` clears it (nothing was journaled under it);
+* a LastFileOffset beyond everything the image references (replay grows the
+  file only that far, see :meth:`..log.replay.ReplayOverlay.bound`): a message;
 * per BAT entry, qemu's count where qemu finds something -- it counts, for a
   FULLY_PRESENT entry, one for an offset that overflows, one for a start or
   end past the end of file, one for an overlap with the log or a region --
@@ -14,11 +21,12 @@ what remains after any repair, ``*_fixed`` what was repaired):
   PARTIALLY_PRESENT without a parent, an undefined state, reserved bits set,
   a sector bitmap entry in use in an image without a parent;
 * the two region table copies must both be valid and agree;
-* leaks: 1 MiB units of the file, at or after the first payload offset,
-  that nothing references (the header section, log, regions, payload and
-  sector bitmap blocks; the space a fixed image preallocates).  The first
-  payload offset is the lowest payload block or, at the latest, 4 MiB after
-  the last region -- where qemu and blockdrv put the first block.
+* leaks: none, as qemu.  Free space -- bytes at or after the first payload
+  offset that nothing references (the header section, log, regions, payload
+  and sector bitmap blocks, a fixed image's preallocation) -- is legal
+  anywhere (spec 2.1) and reported in a message with its size in bytes.  The
+  first payload offset is the lowest payload block or, at the latest, 4 MiB
+  after the last region -- where qemu and blockdrv put the first block.
 
 Repairs (need a read-write open; every BAT change goes through the log, one
 entry per run of at most 64 BAT sectors, so a power cut during repair
@@ -33,11 +41,12 @@ replays or drops whole updates):
   are cleared; stray sector bitmap entries are cleared; a bad region table
   copy is rewritten from the good one.  PARTIALLY_PRESENT blocks are left
   alone: which sectors are valid is known only to a parent we do not have.
-* ``FIX_LEAKS``: unreferenced space at the end of the file is truncated
-  (nothing is moved; leaks between used blocks stay counted).
+* ``FIX_LEAKS``: free space at the end of the file is truncated, reported in
+  a message and not counted (nothing is moved; free space between used
+  blocks stays).
 
 :mod:`.entries` holds the BAT entries as arrays, :mod:`.analysis` finds and
-counts corruptions, :mod:`.leaks` the unreferenced space, :mod:`.repair` fixes.
+counts corruptions, :mod:`.leaks` the free space, :mod:`.repair` fixes.
 """
 
 from __future__ import annotations
@@ -45,21 +54,46 @@ from __future__ import annotations
 from blockdrv.errors import BlockDriverError
 from blockdrv.node import FIX_ERRORS, FIX_LEAKS, CheckResult
 
+from ..constants import ZERO_GUID
 from ..image import VHDXImage
 from .analysis import _analyse
-from .leaks import _leaks
+from .leaks import _free_space
 from .repair import _repair
 
 
 def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
     result = CheckResult()
+    writable = not img.read_only and img.overlay is None
     if img.log_replayed_on_open:
-        # qemu counts a log replayed by a read-write open as a fixed corruption.
+        # qemu counts a log replayed by a read-write open as a fixed
+        # corruption -- and prints nothing about it (nor do we).
         result.corruptions_fixed += 1
-        result.messages.append("VHDX log replayed on open")
     if img.overlay is not None:
-        result.corruptions += 1
-        result.messages.append("VHDX log needs to be replayed (open read-write or use -r all)")
+        # A pending log is what a crash leaves, not a corruption: the next
+        # read-write open replays it (spec 2.3.3); the rest of the check
+        # looks at the image as replayed.
+        result.messages.append(
+            "The image has a pending log that will be replayed on the next read-write open "
+            "(`check -r all` replays it now)")
+    if img.last_file_offset_cap is not None:
+        last, length = img.last_file_offset_cap
+        done = "was extended" if img.overlay is None else "will be extended"
+        result.messages.append(
+            f"VHDX log entry LastFileOffset {last} lies beyond everything the image "
+            f"references; the file {done} only to {length} bytes")
+        img.last_file_offset_cap = None         # said once, not again by a double check
+    if img.log_guid_without_entries is not None:
+        what = ("VHDX header names a log (GUID "
+                f"{img.log_guid_without_entries.hex()}) but no valid log entry carries it")
+        if fix & FIX_ERRORS and writable:
+            # nothing was journaled under that GUID, so nothing needs replaying
+            img.update_headers(False, ZERO_GUID)
+            img.log_guid_without_entries = None
+            result.corruptions_fixed += 1
+            result.messages.append(f"Repaired: {what}; the log GUID was cleared")
+        else:
+            result.corruptions += 1
+            result.messages.append(f"{what}; `check -r all` clears it")
     for message in getattr(img, "region_overlaps", ()):
         result.corruptions += 1
         result.messages.append(message)
@@ -69,7 +103,6 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
         for message in bitmap_problems(img):
             result.corruptions += 1
             result.messages.append(message)
-    writable = not img.read_only and img.overlay is None
     try:
         found = _analyse(img)
         if fix & FIX_ERRORS and writable and found.corruptions:
@@ -81,19 +114,20 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
             found = after
         result.corruptions += found.corruptions
         result.messages += found.messages
-        leaks = _leaks(img)
-        if fix & FIX_LEAKS and writable and leaks.trailing:
-            img.file.truncate(leaks.keep_length)
+        # Free space is allowed anywhere (spec 2.1) and qemu-img never calls
+        # it a leak: reported, never counted.
+        free = _free_space(img)
+        if fix & FIX_LEAKS and writable and free.trailing:
+            img.file.truncate(free.keep_length)
             img.file.flush()
-            after = _leaks(img)
-            result.leaks_fixed += max(leaks.units - after.units, 0)
-            result.messages.append(f"Reclaimed {leaks.units - after.units} MiB of unreferenced "
-                                   "space at the end of the file")
-            leaks = after
-        result.leaks += leaks.units
-        if leaks.units:
-            result.messages.append(f"{leaks.units} MiB of the file are referenced by no BAT entry"
-                                   f" ({leaks.trailing} MiB at the end of the file)")
+            result.messages.append(f"Reclaimed {free.trailing} bytes of free space at the "
+                                   "end of the file")
+            free = _free_space(img)
+        if free.total:
+            where = (f"`check -r leaks` reclaims the {free.trailing} bytes at the end of the file"
+                     if free.trailing else "it lies between used blocks, where it stays")
+            result.messages.append(f"Image contains {free.total} bytes of free space (not "
+                                   f"referenced by the BAT; not a leak); {where}")
     except BlockDriverError as exc:
         result.check_errors += 1
         result.messages.append(f"Check failed: {exc}")

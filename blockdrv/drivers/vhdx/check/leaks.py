@@ -1,4 +1,11 @@
-"""Leaks: 1 MiB units of the file that nothing references."""
+"""Free space: bytes of the file that nothing references.
+
+Spec 2.1 lets structures and free space intermix anywhere in the file, and
+qemu-img never reports a VHDX leak, so ``check`` reports free space as
+information only.  Counted from the first payload offset on (the space qemu
+and blockdrv keep between the metadata region and the first block is layout,
+not free space worth a word); ``-r leaks`` truncates what lies at the end.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +23,14 @@ _QEMU_DATA_GAP = 4 * MiB
 
 
 @dataclass
-class _Leaks:
-    units: int                  # leaked 1 MiB units
-    trailing: int               # of which at the end of file (reclaimable)
-    keep_length: int            # truncating to this reclaims the trailing ones
+class _FreeSpace:
+    total: int                  # bytes referenced by nothing
+    trailing: int               # of which at the end of the file (reclaimable)
+    keep_length: int            # truncating to this reclaims the trailing bytes
 
 
-def _leaks(img: VHDXImage) -> _Leaks:
+def _free_space(img: VHDXImage) -> _FreeSpace:
     flen = img.file_length()
-    eof_units = -(-flen // MiB)
     entries, idx, is_bitmap, block, _ = _bat_geometry(img)
     state = _states(entries)
     off = _offsets(entries)
@@ -48,28 +54,26 @@ def _leaks(img: VHDXImage) -> _Leaks:
                       struct_end + _QEMU_DATA_GAP + img.virtual_size))
     s_all = np.concatenate([starts, np.array([s for s, _ in extra], np.int64)])
     e_all = np.concatenate([ends, np.array([e for _, e in extra], np.int64)])
-    # in 1 MiB units, clipped to [payload_start, EOF)
-    lo_u = payload_start // MiB
-    su = np.clip(s_all // MiB, lo_u, eof_units)
-    eu = np.clip(-(-e_all // MiB), lo_u, eof_units)
-    keep = eu > su
-    su, eu = su[keep], eu[keep]
-    covered, last = 0, lo_u
-    if len(su):
-        order = np.argsort(su, kind="stable")
-        su, eu = su[order], eu[order]
-        run_end = np.maximum.accumulate(eu)
+    # clipped to [payload_start, EOF), in bytes
+    lo = payload_start
+    s_all = np.clip(s_all, lo, max(flen, lo))
+    e_all = np.clip(e_all, lo, max(flen, lo))
+    keep = e_all > s_all
+    s_all, e_all = s_all[keep], e_all[keep]
+    covered, last = 0, lo
+    if len(s_all):
+        order = np.argsort(s_all, kind="stable")
+        s_all, e_all = s_all[order], e_all[order]
+        run_end = np.maximum.accumulate(e_all)
         # a new run starts where the start is past every earlier end
-        new_run = np.ones(len(su), bool)
-        new_run[1:] = su[1:] >= run_end[:-1]
+        new_run = np.ones(len(s_all), bool)
+        new_run[1:] = s_all[1:] >= run_end[:-1]
         run_ids = np.cumsum(new_run) - 1
-        run_start = su[new_run]
+        run_start = s_all[new_run]
         run_stop = np.zeros(len(run_start), np.int64)
-        np.maximum.at(run_stop, run_ids, eu)
+        np.maximum.at(run_stop, run_ids, e_all)
         covered = int((run_stop - run_start).sum())
         last = max(last, int(run_stop.max()))
-    total = max(eof_units - lo_u, 0)
-    units = total - covered
-    trailing = max(eof_units - last, 0)
-    keep_length = max(last * MiB, payload_start)
-    return _Leaks(units, trailing if keep_length < flen else 0, keep_length)
+    total = max(flen - lo, 0) - covered
+    trailing = max(flen - last, 0)
+    return _FreeSpace(total, trailing, last if trailing else flen)

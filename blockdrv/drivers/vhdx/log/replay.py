@@ -18,6 +18,11 @@ from .entry import MAX_FILE_OFFSET, SECTOR, ZeroDescriptor
 from .sequence import LogSequence, find_active_sequence
 
 
+class LogWithoutEntriesError(CorruptImageError):
+    """The header names a log (LogGuid) but no valid entry carries that GUID:
+    nothing was journaled under it, so nothing was changed by it either."""
+
+
 @dataclass
 class ReplayOverlay:
     """The file as it would be after replay, without touching it.
@@ -26,12 +31,34 @@ class ReplayOverlay:
     ``zeros`` holds sorted, merged ``(start, end)`` ranges replayed as zeros
     (a sector in ``sectors`` always wins: it was written after any zeroing).
     ``length`` is the file length after replay.
+
+    ``last_file_offset`` is the largest LastFileOffset of the sequence: the
+    file must be at least that long after replay (2.3.3) -- but a damaged
+    entry can name anything up to 2^48, so the file only grows towards it as
+    far as something references (:meth:`bound`).  ``capped`` tells that the
+    bound cut the growth short.
     """
 
     sequence: LogSequence
     length: int
     sectors: dict[int, bytes] = field(default_factory=dict)
     zeros: list[tuple[int, int]] = field(default_factory=list)
+    last_file_offset: int = 0
+    base_length: int = 0        # length from the file and the descriptors alone
+    capped: bool = False
+
+    def bound(self, referenced_end: int | None) -> None:
+        """Grow ``length`` to LastFileOffset (1 MiB rounded, as qemu rounds)
+        but not past ``referenced_end`` -- the end of the furthest structure or
+        block the image references (None: no bound).  May be called again
+        with a larger bound once more of the image is known."""
+        want = round_up(self.last_file_offset, MiB)
+        length = self.base_length
+        if want > length:
+            limit = want if referenced_end is None else max(min(want, referenced_end), length)
+            self.capped = limit < want
+            length = limit
+        self.length = max(self.length, length)
 
     def _zero_overlaps(self, start: int, end: int) -> Iterable[tuple[int, int]]:
         i = max(bisect.bisect_right(self.zeros, (start, MAX_FILE_OFFSET + 1)) - 1, 0)
@@ -81,14 +108,16 @@ def _load_sequence(file, header) -> LogSequence | None:
     seq = find_active_sequence(file, header.log_offset, header.log_length, log_guid)
     if seq is None:
         # Spec 2.3.3 says the file is corrupt; qemu 7.2 silently opens it.
-        raise CorruptImageError("VHDX header has a log GUID but the log has no valid entries")
+        raise LogWithoutEntriesError(
+            "VHDX header has a log GUID but the log has no valid entries")
     if seq.head.header.flushed_file_offset > file.getlength():
         raise CorruptImageError("VHDX file is shorter than the log's flushed file offset "
                                 "(the file was truncated)")
     return seq
 
 
-def replay_log_in_memory(file, header) -> ReplayOverlay | None:
+def replay_log_in_memory(file, header, referenced_end: int | None = None
+                         ) -> ReplayOverlay | None:
     """Replay into a :class:`ReplayOverlay` for read-only opens; writes nothing.
 
     ``header`` is any object with ``log_guid``, ``log_offset``, ``log_length``
@@ -117,12 +146,12 @@ def replay_log_in_memory(file, header) -> ReplayOverlay | None:
                 ov.sectors[desc.file_offset] = data
                 end = desc.file_offset + SECTOR
             ov.length = max(ov.length, end)
-        # qemu and the spec: the file must hold everything up to LastFileOffset;
-        # extend (1 MiB rounded) only when it is short.
-        last = entry.header.last_file_offset
-        if ov.length < last:
-            ov.length = round_up(last, MiB)
+        ov.last_file_offset = max(ov.last_file_offset, entry.header.last_file_offset)
     ov.zeros = _merge(ov.zeros)
+    # the spec: the file must hold everything up to LastFileOffset; extend
+    # (1 MiB rounded) only when it is short, and only as far as allowed
+    ov.base_length = ov.length
+    ov.bound(referenced_end)
     return ov
 
 
@@ -151,7 +180,7 @@ def _write_zeros(file, start: int, end: int) -> None:
         file.truncate(end)              # extension reads back as zeros
 
 
-def replay_log(file, header) -> LogSequence | None:
+def replay_log(file, header, referenced_end: int | None = None) -> LogSequence | None:
     """Replay the active sequence into ``file`` (spec 2.3.3), then flush.
 
     Returns the replayed sequence (None if the log was empty) so the driver can
@@ -159,7 +188,7 @@ def replay_log(file, header) -> LogSequence | None:
     must have updated the headers' FileWriteGuid/DataWriteGuid first and must
     clear the header LogGuid afterwards (see :class:`LogWriter` docs).
     """
-    ov = replay_log_in_memory(file, header)
+    ov = replay_log_in_memory(file, header, referenced_end)
     if ov is None:
         return None
     apply_overlay(file, ov)
