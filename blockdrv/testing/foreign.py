@@ -1,6 +1,7 @@
 """Minimal images of formats blockdrv has no driver for, built by hand from
 their documented headers -- for the formats qemu-img cannot create (bochs,
-cloop, dmg) and, in unit tests that must not need qemu-img, the rest.
+cloop, dmg) or not reliably (luks) and, in unit tests that must not need
+qemu-img, the rest.
 
 Each builder returns bytes that qemu-img 7.2 itself opens (or at least
 probes) as that format; tests/interop/test_probe_interop.py checks that.
@@ -48,6 +49,26 @@ def dmg(koly: bool = True) -> bytes:
         trailer[0:4] = b"koly"
     struct.pack_into(">QQ", trailer, 0xD8, len(data), len(xml))
     return data + xml + bytes(trailer)
+
+
+def luks() -> bytes:
+    """A LUKS1 header (aes-xts-plain64, sha256) with every key slot disabled,
+    laid out as qemu-img lays out its own (slots 504 sectors apart, payload at
+    sector 4040).  qemu-img's own luks create benchmarks PBKDF2 against the
+    thread CPU clock and fails at random on coarse clocks; this one cannot."""
+    h = bytearray(4040 * 512)
+    h[0:8] = b"LUKS\xba\xbe\0\x01"
+    h[8:11] = b"aes"
+    h[40:51] = b"xts-plain64"
+    h[72:78] = b"sha256"
+    struct.pack_into(">II", h, 104, 4040, 64)        # payload sector, key bytes
+    struct.pack_into(">I", h, 164, 1000)             # master key digest iterations
+    h[168:204] = b"00000000-0000-4000-8000-000000000000"
+    for slot in range(8):
+        # disabled, no iterations, no salt, key material offset, stripes
+        struct.pack_into(">II", h, 208 + 48 * slot, 0x0000DEAD, 0)
+        struct.pack_into(">II", h, 208 + 48 * slot + 40, 8 + 504 * slot, 4000)
+    return bytes(h)
 
 
 def header(fmt: str) -> bytes:
