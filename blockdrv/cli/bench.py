@@ -15,7 +15,7 @@ import time
 
 from ..errors import BlockDriverError
 from ..iov import IOVector
-from ..node import WRITE_FUA, BlockDriverState
+from ..node import O_NOCACHE, WRITE_FUA, BlockDriverState
 from .common import (MAX_SIZE, ArgParser, CliError, describe, open_image,
                      parse_cache_mode, strtosz)
 
@@ -152,9 +152,6 @@ def main(argv: list[str]) -> int:
     mode = parse_cache_mode(cache)
     if mode is None:
         raise CliError("Invalid cache mode")
-    if mode.direct or a.nocache:
-        raise CliError(f"cache mode '{cache if not a.nocache else 'none'}' (O_DIRECT) "
-                       "is not supported by blockdrv bench")
     if a.aio is not None and a.aio != "threads":
         raise CliError(f"aio engine '{a.aio}' is not supported by blockdrv bench "
                        "(requests run as asyncio tasks)")
@@ -165,7 +162,8 @@ def main(argv: list[str]) -> int:
     if flush_interval and flush_interval < depth:
         raise CliError("Flush interval can't be smaller than depth")
     filename = a.args[0]
-    bs = open_image(filename, a.fmt, writable=a.write, flags=mode.flags,
+    flags = mode.flags | (O_NOCACHE if a.nocache else 0)      # -n: cache=none
+    bs = open_image(filename, a.fmt, writable=a.write, flags=flags,
                     force_share=a.force_share)
     try:
         if bs.total_size <= 0:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from ..block import open_node
 from ..errors import BlockDriverError
-from ..node import O_CHECK, O_FORCE_SHARE, O_NO_FLUSH, O_RDWR, BlockDriverState
+from ..node import O_CHECK, O_FORCE_SHARE, O_NO_FLUSH, O_NOCACHE, O_RDWR, BlockDriverState
 from ..options import SIZE_LIMIT, SizeError, Warn
 from ..options import strtosz as _strtosz
 
@@ -125,14 +125,15 @@ def size_to_str(value: int) -> str:
 class CacheMode(NamedTuple):
     """A ``-t`` cache mode, as bdrv_parse_cache_mode splits it."""
 
-    flags: int              # O_NO_FLUSH for unsafe
+    flags: int              # O_NO_FLUSH for unsafe, O_NOCACHE (O_DIRECT) for none/directsync
     writethrough: bool      # flush after every write
     direct: bool            # O_DIRECT (BDRV_O_NOCACHE): none/off, directsync
 
 
 _CACHE_MODES = {
-    "none": CacheMode(0, False, True), "off": CacheMode(0, False, True),
-    "directsync": CacheMode(0, True, True), "writeback": CacheMode(0, False, False),
+    "none": CacheMode(O_NOCACHE, False, True), "off": CacheMode(O_NOCACHE, False, True),
+    "directsync": CacheMode(O_NOCACHE, True, True),
+    "writeback": CacheMode(0, False, False),
     "unsafe": CacheMode(O_NO_FLUSH, False, False),
     "writethrough": CacheMode(0, True, False),
 }

@@ -26,7 +26,7 @@ from .. import block
 from ..errors import BlockDriverError
 from ..iov import IOVector
 from ..mapping import block_status
-from ..node import BLOCK_ZERO, O_NOCACHE, WRITE_UNMAP, BlockDriverState
+from ..node import BLOCK_ZERO, WRITE_UNMAP, BlockDriverState
 from ..plugins import get_registry
 from .common import ArgParser, CliError, cvtnum, describe, open_image, parse_cache_mode
 from .create import option_help, parse_o, prepare_create, wants_help
@@ -371,13 +371,12 @@ class Converter:
 
 
 def _cache_mode(cache: str | None, default: str, what: str):
-    """A ``-t``/``-T`` cache mode: (open flags, writethrough).  O_NOCACHE
-    (none/directsync) reaches the node; the file protocol does not use
-    O_DIRECT, so the host page cache still serves those requests."""
+    """A ``-t``/``-T`` cache mode: (open flags, writethrough); none and
+    directsync open the files with O_DIRECT."""
     mode = parse_cache_mode(cache or default)
     if mode is None:
         raise CliError(f"Invalid {what}cache option: {cache}")
-    return mode.flags | (O_NOCACHE if mode.direct else 0), mode.writethrough
+    return mode.flags, mode.writethrough
 
 
 MAX_COROUTINES = 16

@@ -7,6 +7,7 @@ SEEK_DATA/SEEK_HOLE and made with ``fallocate``.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 
@@ -15,13 +16,16 @@ from ..hookspecs import hookimpl
 from ..iov import IOVector
 from ..perm import PERM_ALL, PERM_RESIZE, PERM_WRITE
 from . import file_lock
-from ..node import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_NO_FLUSH, O_RDWR,
-                    WRITE_UNMAP, BlockDriverState, BlockStatus)
+from ..node import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_NO_FLUSH, O_NOCACHE,
+                    O_RDWR, WRITE_UNMAP, BlockDriverState, BlockStatus)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _IOV_MAX = 1024
+# O_DIRECT (cache=none/directsync): offsets, lengths and memory aligned to the
+# device's logical block; 4 KiB is valid for every block size up to a page.
+_DIRECT_ALIGN = 4096
 
 _fallocate = None      # libc's fallocate(2), bound on first use
 
@@ -58,12 +62,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 class _State:
-    __slots__ = ("fd", "path", "is_block", "reopen_fd", "locked", "prev_locked")
+    __slots__ = ("fd", "path", "is_block", "direct", "reopen_fd", "locked", "prev_locked")
 
-    def __init__(self, fd: int, path: str, is_block: bool) -> None:
+    def __init__(self, fd: int, path: str, is_block: bool, direct: bool = False) -> None:
         self.fd = fd
         self.path = path
         self.is_block = is_block
+        self.direct = direct
         self.reopen_fd: int | None = None
         self.locked: frozenset[int] = frozenset()   # lock bytes held on ``fd``
         self.prev_locked: frozenset[int] | None = None  # during a permission update
@@ -83,6 +88,8 @@ def _is_socket(path: str) -> bool:
 
 def _open_fd(path: str, flags: int, create: bool = False) -> int:
     mode = os.O_RDWR if flags & O_RDWR else os.O_RDONLY
+    if flags & O_NOCACHE:
+        mode |= os.O_DIRECT     # QEMU's cache.direct: the host page cache is bypassed
     if create:
         # No O_TRUNC: an existing file is emptied only once its locks show
         # that nobody else is using it (``_lock_for_create``).
@@ -131,7 +138,9 @@ class FileProtocol:
         fd = _open_fd(path, flags, create=create)
         st = os.fstat(fd)
         is_block = stat.S_ISBLK(st.st_mode)
-        bs.opaque = s = _State(fd, path, is_block)
+        bs.opaque = s = _State(fd, path, is_block, direct=bool(flags & O_NOCACHE))
+        if s.direct:
+            bs.request_alignment = _DIRECT_ALIGN
         if create:
             try:
                 _lock_for_create(s)
@@ -210,6 +219,18 @@ class FileProtocol:
 
     @hookimpl
     async def bdrv_co_readv(self, bs, offset, nbytes, qiov: IOVector) -> None:
+        if bs.opaque.direct:
+            # O_DIRECT needs aligned memory: read into a page-aligned bounce
+            # buffer.  A short read is the end of the file (a read after it
+            # would start unaligned): the rest reads as zeros.
+            bounce = mmap.mmap(-1, nbytes)
+            try:
+                got = os.preadv(bs.opaque.fd, [bounce], offset)
+            except OSError as exc:
+                raise from_oserror(exc, bs.filename) from None
+            qiov.scatter(0, memoryview(bounce)[:got])
+            qiov.memset(got, nbytes - got)
+            return
         fd = bs.opaque.fd
         iov = qiov.iov
         try:
@@ -236,6 +257,10 @@ class FileProtocol:
     @hookimpl
     async def bdrv_co_writev(self, bs, offset, nbytes, qiov: IOVector, flags) -> None:
         fd = bs.opaque.fd
+        if bs.opaque.direct:
+            bounce = mmap.mmap(-1, nbytes)      # page-aligned, as O_DIRECT needs
+            bounce[:] = qiov.gather(0, nbytes)
+            qiov = IOVector.from_buffer(bounce)
         done = 0
         try:
             while done < nbytes:

@@ -91,7 +91,7 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
                 err.write(f"{PROG}: Invalid cache option: {val}\n")
                 return 1
             writethrough = mode.writethrough
-            cache_flags = mode.flags | (O_NOCACHE if mode.direct else 0)
+            cache_flags = mode.flags
         elif ch == "n":
             writethrough = False
             cache_flags = O_NOCACHE
