@@ -11,7 +11,8 @@ Public API::
 
 from .api import Image, ProbedRawWarning, create_image, open_image
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
-                     InvalidArgumentError, ReadOnlyError, UnsupportedError)
+                     InvalidArgumentError, PermissionConflictError, ReadOnlyError,
+                     UnsupportedError)
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Image", "open_image", "create_image", "hookimpl", "ProbedRawWarning",
     "BlockDriverError", "BlockIOError", "CorruptImageError",
-    "InvalidArgumentError", "ReadOnlyError", "UnsupportedError",
+    "InvalidArgumentError", "PermissionConflictError", "ReadOnlyError", "UnsupportedError",
 ]
