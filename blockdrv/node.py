@@ -376,19 +376,13 @@ class BlockDriverState:
         below = nodes if self.open_flags & O_PROTOCOL else nodes[:-1]
         perm, shared = child_perm(self.drv, self, flags)
         prepared: list[BlockDriverState] = []
-        checked: list[BlockDriverState] = []
         try:
             for node in nodes:
                 if node.drv.bdrv_reopen_prepare is not None:
                     node.drv.bdrv_reopen_prepare(node, flags)
                 prepared.append(node)
-            for node in below:
-                if node.drv.bdrv_check_perm is not None:
-                    node.drv.bdrv_check_perm(node, perm, shared)
-                    checked.append(node)
+            checked = _check_perm(below, perm, shared)
         except BaseException:
-            for node in reversed(checked):
-                node.drv.bdrv_abort_perm_update(node)
             for node in reversed(prepared):
                 if node.drv.bdrv_reopen_abort is not None:
                     node.drv.bdrv_reopen_abort(node, flags)
@@ -398,9 +392,7 @@ class BlockDriverState:
             if node.drv.bdrv_reopen_commit is not None:
                 node.drv.bdrv_reopen_commit(node, node_flags)
             node.open_flags = node_flags
-        for node in checked:
-            if node.drv.bdrv_set_perm is not None:
-                node.drv.bdrv_set_perm(node, perm, shared)
+        _set_perm(checked, perm, shared)
 
     def _file_chain(self) -> list["BlockDriverState"]:
         nodes: list[BlockDriverState] = []
@@ -415,20 +407,7 @@ class BlockDriverState:
         users, down through filters to the protocol that enforces it (QEMU's
         ``bdrv_child_try_set_perm``).  Raises ``PermissionConflictError`` and
         changes nothing when another user's permissions conflict."""
-        nodes = self._file_chain()
-        checked: list[BlockDriverState] = []
-        try:
-            for node in nodes:
-                if node.drv.bdrv_check_perm is not None:
-                    node.drv.bdrv_check_perm(node, perm, shared)
-                    checked.append(node)
-        except BaseException:
-            for node in reversed(checked):
-                node.drv.bdrv_abort_perm_update(node)
-            raise
-        for node in checked:
-            if node.drv.bdrv_set_perm is not None:
-                node.drv.bdrv_set_perm(node, perm, shared)
+        _set_perm(_check_perm(self._file_chain(), perm, shared), perm, shared)
 
     def close(self) -> None:
         """Close the driver, then the child.  Idempotent."""
@@ -487,3 +466,26 @@ class BlockDriverState:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_perm(nodes: list[BlockDriverState], perm: int, shared: int) -> list[BlockDriverState]:
+    """Prepare ``perm``/``shared`` on every node that enforces permissions;
+    on a conflict undo what was prepared and raise.  Returns the nodes to
+    commit with :func:`_set_perm`."""
+    checked: list[BlockDriverState] = []
+    try:
+        for node in nodes:
+            if node.drv.bdrv_check_perm is not None:
+                node.drv.bdrv_check_perm(node, perm, shared)
+                checked.append(node)
+    except BaseException:
+        for node in reversed(checked):
+            node.drv.bdrv_abort_perm_update(node)
+        raise
+    return checked
+
+
+def _set_perm(nodes: list[BlockDriverState], perm: int, shared: int) -> None:
+    for node in nodes:
+        if node.drv.bdrv_set_perm is not None:
+            node.drv.bdrv_set_perm(node, perm, shared)

@@ -195,6 +195,9 @@ class FileProtocol:
             file_lock.take(s.fd, want - s.locked)
             s.locked = s.locked | want
             file_lock.check(s.fd, perm, shared, s.path)
+        except OSError as exc:          # ENOLCK and the like: the host's refusal
+            self.bdrv_abort_perm_update(bs)
+            raise from_oserror(exc, s.path) from None
         except BaseException:
             self.bdrv_abort_perm_update(bs)
             raise
@@ -386,17 +389,18 @@ def _release(s: _State, offsets) -> None:
 def _lock_for_create(s: _State) -> None:
     """As QEMU's raw_co_create: take write and resize, let nobody else resize,
     check that nobody holds the image, and only then empty the file."""
-    if not s.is_block and file_lock.available(s.fd):
-        perm = PERM_WRITE | PERM_RESIZE
-        shared = PERM_ALL & ~PERM_RESIZE
-        s.locked = file_lock.lock_bytes(perm, shared)
-        file_lock.take(s.fd, s.locked)
-        file_lock.check(s.fd, perm, shared, s.path)
-    if not s.is_block:
-        try:
-            os.ftruncate(s.fd, 0)
-        except OSError as exc:
-            raise from_oserror(exc, s.path) from None
+    if s.is_block:
+        return
+    try:
+        if file_lock.available(s.fd):
+            perm = PERM_WRITE | PERM_RESIZE
+            shared = PERM_ALL & ~PERM_RESIZE
+            s.locked = file_lock.lock_bytes(perm, shared)
+            file_lock.take(s.fd, s.locked)
+            file_lock.check(s.fd, perm, shared, s.path)
+        os.ftruncate(s.fd, 0)
+    except OSError as exc:
+        raise from_oserror(exc, s.path) from None
 
 
 def _allocate_first_block(fd: int, size: int) -> None:
