@@ -94,9 +94,12 @@ def open_image(path: str | os.PathLike, fmt: str | None = None, readonly: bool =
     The image is locked as QEMU locks it, so qemu and other blockdrv
     processes cannot write it while it is open (nor open it while it is
     written).  ``force_share=True`` (qemu-img's ``-U``, read-only only) takes
-    no lock that would keep a writer out.
+    no lock that would keep a writer out.  ``discard="unmap"`` (the default
+    here, as in qemu-io) passes :meth:`Image.discard` down to the driver;
+    ``discard="ignore"`` drops discards.
     """
     flags = (0 if readonly else O_RDWR) | (O_FORCE_SHARE if force_share else 0)
+    options.setdefault("discard", "unmap")
     bs = block.open_node(os.fspath(path), fmt, flags, options)
     if bs.probed_raw and not readonly:
         # The CLI prints qemu's warning here; the API speaks Python's way.

@@ -264,6 +264,9 @@ class BlockDriverState:
         self._check_request(offset, nbytes)
         if nbytes == 0 or self.drv.bdrv_co_pdiscard is None:
             return
+        if not self.open_flags & O_UNMAP:
+            # discard=ignore (QEMU's default without BDRV_O_UNMAP): dropped here.
+            return
         try:
             await self.drv.bdrv_co_pdiscard(self, offset, nbytes)
         finally:

@@ -28,7 +28,7 @@ import pytest
 from ..block import open_protocol
 from ..errors import BlockDriverError, ReadOnlyError
 from ..iov import IOVector
-from ..node import BLOCK_DATA, BLOCK_ZERO, O_RDWR, WRITE_UNMAP
+from ..node import BLOCK_DATA, BLOCK_ZERO, O_RDWR, O_UNMAP, WRITE_UNMAP
 
 
 class ProtocolConformance:
@@ -66,7 +66,9 @@ class ProtocolConformance:
                 bs.flush()
             finally:
                 bs.close()
-            node = open_protocol(name, 0 if readonly else O_RDWR, {})
+            # discard=unmap: the suite checks what a discard does when it is
+            # passed down (without O_UNMAP the generic layer drops it).
+            node = open_protocol(name, 0 if readonly else O_RDWR | O_UNMAP, {})
             nodes.append(node)
             return node
 

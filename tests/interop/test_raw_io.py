@@ -133,3 +133,26 @@ def test_harness_reports_allocation_difference(interop_tmp):
     diff = compare_files(a, b, extents="all")
     assert diff is not None and diff.offset == 2 << 20, diff
     assert compare_files(a, b, extents="payload") is not None   # raw: no prefix
+
+
+@pytest.mark.parametrize("mode", [None, "ignore", "off", "unmap", "on"])
+def test_discard_mode_as_qemu_io(qemu_io, interop_tmp, mode):
+    """qemu-io passes discards down by default; ``-d ignore``/``off`` drops
+    them (the data stays, no hole), ``-d unmap``/``on`` punches the hole."""
+    import subprocess
+    import sys
+    from blockdrv.cli.io import normalize_qemu_io_output
+    script = ["-c", "write -P 0x11 0 1M", "-c", "discard 0 512k", "-c", "read -P 0x11 0 1M"]
+    flags = [] if mode is None else ["-d", mode]
+    results = []
+    for tool in ([qemu_io], [sys.executable, "-m", "blockdrv", "io"]):
+        path = interop_tmp / f"{len(results)}.raw"
+        with open(path, "wb") as f:
+            f.truncate(1 << 20)
+        r = subprocess.run([*tool, "-f", "raw", *flags, *script, str(path)],
+                           capture_output=True, text=True)
+        results.append((r.returncode, normalize_qemu_io_output(r.stdout), r.stderr,
+                        data_extents(str(path))))
+    assert results[0] == results[1]
+    dropped = mode in ("ignore", "off")
+    assert ("Pattern verification failed" in results[0][1]) is not dropped

@@ -26,8 +26,8 @@ blockdrv disk exerciser (qemu-io's commands and output)
   -n, --nocache        disable host cache, short for -t none
   -t, --cache=MODE     cache mode: writethrough (the default: flush after
                        every write), writeback, none, directsync, unsafe
-  -d, --discard=MODE   discard mode: ignore/off, or unmap/on (pass discards
-                       down to the file: O_UNMAP)
+  -d, --discard=MODE   discard mode: unmap/on (the default: discards reach
+                       the driver and the file), or ignore/off (dropped)
   -i, --aio=MODE       AIO mode: only threads (the default) is supported
   -U, --force-share    force shared permissions (read-only images only)
   -h, --help           display this help and exit
@@ -73,7 +73,7 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
     commands: list[str] = []
     fmt = None
     readonly = force_share = False
-    options: dict[str, str] = {}
+    options: dict[str, str] = {"discard": "unmap"}     # qemu-io passes discards down
     writethrough = True
     cache_flags = 0           # O_NO_FLUSH for unsafe; O_NOCACHE for none/directsync
     for ch, val in opts:
