@@ -7,7 +7,8 @@ from typing import Any
 
 from . import block
 from .errors import InvalidArgumentError
-from .node import O_FORCE_SHARE, O_RDWR, BlockDriverState, BlockStatus, CheckResult, DriverInfo
+from .common import O_FORCE_SHARE, O_RDWR, BlockStatus, CheckResult, DriverInfo
+from .node import BlockDriverState
 from .options import parse_size
 
 
@@ -53,7 +54,7 @@ class Image:
         self.bs.pwrite(offset, data)
 
     def write_zeroes(self, offset: int, nbytes: int, unmap: bool = False) -> None:
-        from .node import WRITE_UNMAP
+        from .common import WRITE_UNMAP
         self.bs.pwrite_zeroes(offset, nbytes, WRITE_UNMAP if unmap else 0)
 
     def discard(self, offset: int, nbytes: int) -> None:
@@ -66,7 +67,11 @@ class Image:
         self.bs.truncate(parse_size(size))
 
     def block_status(self, offset: int, nbytes: int) -> BlockStatus:
-        return self.bs.block_status(offset, nbytes)
+        """Allocation of the range at ``offset`` as the guest sees it, backing
+        chain included (``qemu-img map``'s view; ``pnum`` says how far it
+        holds)."""
+        from .mapping import block_status
+        return block_status(self.bs, offset, nbytes)
 
     def info(self) -> DriverInfo:
         return self.bs.get_info()

@@ -11,7 +11,8 @@ import os
 from typing import Any, Iterable, Iterator
 
 from .errors import BlockDriverError, InvalidArgumentError
-from .node import O_FORCE_SHARE, O_PROTOCOL, O_RDWR, O_UNMAP, BlockDriverState
+from .common import O_FORCE_SHARE, O_PROTOCOL, O_RDWR, O_UNMAP
+from .node import BlockDriverState
 from .options import CreateOption, parse_create_options
 from .plugins import BoundDriver, get_registry
 from .probe import PROBE_BUF_SIZE, probe, unsupported

@@ -32,7 +32,8 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .iov import IOVector
-    from .node import BlockDriverState, BlockStatus, DriverInfo, CheckResult
+    from .common import BlockStatus, CheckResult, DriverInfo
+    from .node import BlockDriverState
     from .options import CreateOption
 
 PROJECT = "blockdrv"

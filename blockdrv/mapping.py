@@ -1,21 +1,13 @@
-"""Generic block status, as QEMU's block/io.c layers it over the drivers.
+"""Block status over a backing chain, and qemu-img map's walk over it.
 
-A driver's ``bdrv_co_block_status`` answers for its own node only.  What a
-user sees (``map``, ``compare``, ``convert``) is the answer after the
-generic rules QEMU applies on top, reproduced by :func:`co_block_status`:
-
-* ``BLOCK_RAW`` (raw-like formats): ask ``st.file`` at ``st.map`` instead and
-  report its answer;
-* any range that is ``DATA`` or ``ZERO`` is ``ALLOCATED``;
-* a ``DATA`` range with a valid offset into another node is also ``ZERO``
-  when that node reads as zeros there (a hole in the host file), and the
-  answer is cut where the host file's answer changes;
-* ``EOF`` when the range reaches the end of the node;
-* a range the node leaves unallocated (neither DATA nor ZERO) is answered by
-  its backing node, and so on down the chain (QEMU's
-  ``bdrv_block_status_above``); without a backing node, or past its end, it
-  reads as zeros.  :func:`co_block_status_depth` also tells which layer
-  answered (``qemu-img map``'s ``depth``).
+Each node's own answer, with QEMU's generic rules applied (raw forwarding,
+ALLOCATED, RECURSE into host holes, EOF), is
+:meth:`blockdrv.node.BlockDriverState.co_block_status`.  Here a range the
+node leaves unallocated (neither DATA nor ZERO) is answered by its backing
+node, and so on down the chain (QEMU's ``bdrv_block_status_above``); without
+a backing node, or past its end, it reads as zeros.
+:func:`co_block_status_depth` also tells which layer answered (``qemu-img
+map``'s ``depth``).
 
 :func:`map_entries` then walks a node like ``qemu-img map`` and merges
 adjacent ranges with the same properties.
@@ -26,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from .node import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID,
-                   BLOCK_RAW, BLOCK_ZERO, BlockDriverState, BlockStatus)
+from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID, BLOCK_ZERO,
+                     BlockStatus)
+from .node import BlockDriverState
 from .coroutine import run_sync
 
 
@@ -44,7 +37,7 @@ async def co_block_status_depth(bs: BlockDriverState, offset: int, nbytes: int,
     leaves unallocated."""
     depth, node = 0, bs
     while True:
-        st = await _co_block_status_node(node, offset, nbytes, want_zero)
+        st = await node.co_block_status(offset, nbytes, want_zero)
         if st.pnum == 0 or st.flags & BLOCK_ALLOCATED:
             break
         backing = node.backing
@@ -61,48 +54,8 @@ async def co_block_status_depth(bs: BlockDriverState, offset: int, nbytes: int,
             st = BlockStatus(BLOCK_ZERO, nbytes)
             break
         node = backing
-    return st._replace(flags=(st.flags & ~BLOCK_EOF) | _eof(bs, offset, st.pnum)), depth
-
-
-async def _co_block_status_node(bs: BlockDriverState, offset: int, nbytes: int,
-                                want_zero: bool = True) -> BlockStatus:
-    """QEMU's ``bdrv_co_block_status`` for ``bs`` alone."""
-    st = await bs.co_block_status(offset, nbytes, want_zero)
-    if st.pnum == 0:
-        return st
-    flags, pnum, host, file = st.flags, st.pnum, st.map, st.file
-    if flags & BLOCK_RAW:
-        if not flags & BLOCK_OFFSET_VALID or file is None:
-            return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED | _eof(bs, offset, pnum), pnum)
-        inner = await _file_status(file, host, pnum, want_zero)
-        pnum = inner.pnum
-        return BlockStatus((inner.flags & ~BLOCK_EOF) | _eof(bs, offset, pnum),
-                           pnum, inner.map, inner.file)
-    if flags & (BLOCK_DATA | BLOCK_ZERO):
-        flags |= BLOCK_ALLOCATED
-    if (want_zero and flags & BLOCK_OFFSET_VALID and file is not None and file is not bs
-            and flags & BLOCK_DATA and not flags & BLOCK_ZERO):
-        inner = await _file_status(file, host, pnum, want_zero)
-        if inner.flags & BLOCK_EOF and inner.flags & BLOCK_ZERO:
-            flags |= BLOCK_ZERO             # reading beyond the host file: zeros
-        else:
-            pnum = inner.pnum               # cut where the host's answer changes
-            flags |= inner.flags & BLOCK_ZERO
-    flags = (flags & ~BLOCK_EOF) | _eof(bs, offset, pnum)
-    return BlockStatus(flags, pnum, host, file)
-
-
-def _eof(bs: BlockDriverState, offset: int, pnum: int) -> int:
-    return BLOCK_EOF if offset + pnum >= bs.total_size else 0
-
-
-async def _file_status(file: BlockDriverState, host: int, nbytes: int,
-                       want_zero: bool) -> BlockStatus:
-    """Status of a host range; beyond the end of the file reads as zeros."""
-    if host >= file.total_size:
-        return BlockStatus(BLOCK_ZERO | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_EOF,
-                           nbytes, host, file)
-    return await _co_block_status_node(file, host, nbytes, want_zero)
+    eof = BLOCK_EOF if offset + st.pnum >= bs.total_size else 0
+    return st._replace(flags=(st.flags & ~BLOCK_EOF) | eof), depth
 
 
 def block_status(bs: BlockDriverState, offset: int, nbytes: int,

@@ -9,82 +9,18 @@ enforcement, fall-backs for missing callbacks and flushing down the chain.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
+from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID, BLOCK_RAW,
+                     BLOCK_RECURSE, BLOCK_ZERO, O_FORCE_SHARE, O_NO_FLUSH, O_PROTOCOL, O_RDWR, O_UNMAP, WRITE_FUA,
+                     WRITE_NO_FALLBACK, BlockStatus, CheckResult, DriverInfo)
 from .coroutine import CoLock, run_sync
 from .errors import (BlockDriverError, BlockIOError, InvalidArgumentError,
                      ReadOnlyError, UnsupportedError)
 from .iov import IOVector
 from .plugins import BoundDriver
 
-# Open flags (QEMU's BDRV_O_*).
-O_RDWR = 0x0002
-O_RESIZE = 0x0004     # the opener may resize the image (qemu-img resize): take the resize lock
-O_NOCACHE = 0x0020
-O_NO_BACKING = 0x0100 # do not open the backing chain (qemu-img info)
-O_NO_FLUSH = 0x0200   # cache=unsafe: flushes and FUA never reach the disk
-O_CHECK = 0x1000      # opened by `check`: the driver may defer repairs to bdrv_check
-O_UNMAP = 0x4000
-O_PROTOCOL = 0x8000   # the node is a protocol node under a format node
-O_NO_IO = 0x10000     # metadata only, no guest I/O (qemu-img info): no "consistent read" lock
-# blockdrv's spelling of QEMU's ``force-share=on`` option (qemu-img -U): share
-# every permission with other processes; read-only opens only.
-O_FORCE_SHARE = 0x100000
-
-# Write flags.
-WRITE_FUA = 0x1
-WRITE_UNMAP = 0x4
-WRITE_NO_FALLBACK = 0x10
-
-# Block status bits (QEMU's BDRV_BLOCK_*).
-BLOCK_DATA = 0x01
-BLOCK_ZERO = 0x02
-BLOCK_OFFSET_VALID = 0x04
-BLOCK_RAW = 0x08
-BLOCK_ALLOCATED = 0x10
-BLOCK_EOF = 0x20
-
-# check fix flags.
-FIX_LEAKS = 1
-FIX_ERRORS = 2
-
 _ZERO_CHUNK = 1 << 20
-
-
-class BlockStatus(NamedTuple):
-    """Answer of ``bdrv_co_block_status`` for ``[offset, offset + pnum)``."""
-
-    flags: int
-    pnum: int
-    map: int = 0                        # host offset in ``file`` when OFFSET_VALID
-    file: "BlockDriverState | None" = None
-
-
-@dataclass
-class DriverInfo:
-    """What ``bdrv_get_info`` reports (QEMU's BlockDriverInfo + ImageInfoSpecific)."""
-
-    cluster_size: int = 0
-    is_dirty: bool = False
-    format_specific: dict[str, Any] | None = None
-
-
-@dataclass
-class CheckResult:
-    """qemu-img check's counters; JSON keys are the dashed field names."""
-
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int | None = None
-    total_clusters: int | None = None
-    allocated_clusters: int | None = None
-    fragmented_clusters: int | None = None
-    compressed_clusters: int | None = None
-    messages: list[str] = field(default_factory=list)
 
 
 class BlockDriverState:
@@ -313,7 +249,18 @@ class BlockDriverState:
 
     async def co_block_status(self, offset: int, nbytes: int,
                               want_zero: bool = True) -> BlockStatus:
-        """Status of the range at ``offset`` (clamped to the end of the node)."""
+        """Status of the range at ``offset`` of this node alone (clamped to its
+        end): the driver's answer after QEMU's generic rules (block/io.c's
+        ``bdrv_co_block_status``), so that every consumer reads it alike:
+
+        * ``BLOCK_RAW``: the answer is ``file``'s at ``map`` (raw-like formats);
+        * ``DATA`` or ``ZERO`` means ``ALLOCATED`` in this layer;
+        * ``BLOCK_RECURSE`` on ``DATA`` at a valid offset: where ``file`` reads
+          as zeros there (a host hole, or past its end) the range is ``ZERO``
+          too, and the answer is cut where ``file``'s changes;
+        * ``EOF`` when the range reaches the end of the node.
+
+        The backing chain is :func:`blockdrv.mapping.co_block_status`'s."""
         if offset < 0 or offset > self.total_size:
             raise self._error(InvalidArgumentError(f"Invalid offset {offset}"))
         nbytes = min(nbytes, self.total_size - offset)
@@ -323,16 +270,37 @@ class BlockDriverState:
         if fn is None:
             # QEMU's default: formats are all data; protocols map 1:1.
             if self.file is None:
-                return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID,
-                                   nbytes, offset, self)
-            return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, nbytes)
+                st = BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID,
+                                 nbytes, offset, self)
+            else:
+                st = BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, nbytes)
+            return self._eof(offset, st)
         st = await fn(self, want_zero, offset, nbytes)
         if st.pnum <= 0 or st.pnum > nbytes:
             raise self._error(BlockIOError(
                 f"driver {self.drv.name} returned an invalid block status length"))
-        if offset + st.pnum == self.total_size:
-            st = st._replace(flags=st.flags | BLOCK_EOF)
-        return st
+        flags, pnum, host, file = st.flags, st.pnum, st.map, st.file
+        if flags & BLOCK_RAW:
+            if not flags & BLOCK_OFFSET_VALID or file is None:
+                return self._eof(offset, BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, pnum))
+            inner = await _file_status(file, host, pnum, want_zero)
+            return self._eof(offset, inner)
+        if flags & (BLOCK_DATA | BLOCK_ZERO):
+            flags |= BLOCK_ALLOCATED
+        if (want_zero and flags & BLOCK_RECURSE and flags & BLOCK_OFFSET_VALID
+                and file is not None and file is not self
+                and flags & BLOCK_DATA and not flags & BLOCK_ZERO):
+            inner = await _file_status(file, host, pnum, want_zero)
+            if inner.flags & BLOCK_EOF and inner.flags & BLOCK_ZERO:
+                flags |= BLOCK_ZERO             # reading beyond the host file: zeros
+            else:
+                pnum = inner.pnum               # cut where the host's answer changes
+                flags |= inner.flags & BLOCK_ZERO
+        return self._eof(offset, BlockStatus(flags & ~BLOCK_RECURSE, pnum, host, file))
+
+    def _eof(self, offset: int, st: BlockStatus) -> BlockStatus:
+        eof = BLOCK_EOF if offset + st.pnum >= self.total_size else 0
+        return st._replace(flags=(st.flags & ~BLOCK_EOF) | eof)
 
     # -- whole-node operations -------------------------------------------------
 
@@ -492,3 +460,12 @@ def _set_perm(nodes: list[BlockDriverState], perm: int, shared: int) -> None:
     for node in nodes:
         if node.drv.bdrv_set_perm is not None:
             node.drv.bdrv_set_perm(node, perm, shared)
+
+
+async def _file_status(file: BlockDriverState, host: int, nbytes: int,
+                       want_zero: bool) -> BlockStatus:
+    """Status of a host range; beyond the end of the file reads as zeros."""
+    if host >= file.total_size:
+        return BlockStatus(BLOCK_ZERO | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_EOF,
+                           nbytes, host, file)
+    return await file.co_block_status(host, nbytes, want_zero)

@@ -10,7 +10,7 @@ image cannot both hold it.  The bits and their names are QEMU 7.2's
 
 from __future__ import annotations
 
-from .node import O_FORCE_SHARE, O_NO_IO, O_RDWR, O_RESIZE
+from .common import O_FORCE_SHARE, O_NO_IO, O_RDWR, O_RESIZE
 
 PERM_CONSISTENT_READ = 0x01   # reads see what was last written (no one else changes it)
 PERM_WRITE = 0x02             # writes that may change what readers see

@@ -15,7 +15,8 @@ import time
 
 from ..errors import BlockDriverError
 from ..iov import IOVector
-from ..node import O_NOCACHE, WRITE_FUA, BlockDriverState
+from ..common import O_NOCACHE, WRITE_FUA
+from ..node import BlockDriverState
 from .common import (MAX_SIZE, ArgParser, CliError, describe, open_image,
                      parse_cache_mode, strtosz)
 

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple, NoReturn
 
 from ..block import open_node
 from ..errors import BlockDriverError
-from ..node import O_CHECK, O_FORCE_SHARE, O_NO_FLUSH, O_NOCACHE, O_RDWR, BlockDriverState
+from ..common import O_CHECK, O_FORCE_SHARE, O_NOCACHE, O_NO_FLUSH, O_RDWR
+from ..node import BlockDriverState
 from ..options import SIZE_LIMIT, SizeError, Warn
 from ..options import strtosz as _strtosz
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..errors import BlockDriverError
 from ..iov import buffer_is_zero
 from ..mapping import block_status
-from ..node import BLOCK_ALLOCATED, BLOCK_ZERO, BlockDriverState
+from ..common import BLOCK_ALLOCATED, BLOCK_ZERO
+from ..node import BlockDriverState
 from .common import ArgParser, CliError, describe, open_image, qprint, usage_error
 from .progress import Progress
 

@@ -26,7 +26,8 @@ from .. import block
 from ..errors import BlockDriverError
 from ..iov import IOVector
 from ..mapping import block_status
-from ..node import BLOCK_ZERO, WRITE_UNMAP, BlockDriverState
+from ..common import BLOCK_ZERO, WRITE_UNMAP
+from ..node import BlockDriverState
 from ..plugins import get_registry
 from .common import ArgParser, CliError, cvtnum, describe, open_image, parse_cache_mode
 from .create import option_help, parse_o, prepare_create, wants_help

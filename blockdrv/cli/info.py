@@ -7,7 +7,8 @@ import sys
 from typing import Any
 
 from ..errors import BlockDriverError
-from ..node import FIX_ERRORS, FIX_LEAKS, O_NO_BACKING, O_NO_IO, BlockDriverState, CheckResult
+from ..common import FIX_ERRORS, FIX_LEAKS, O_NO_BACKING, O_NO_IO, CheckResult
+from ..node import BlockDriverState
 from .common import (ArgParser, CliError, add_output_option, describe, dump_human,
                      open_image, output_format, qjson, qprint, size_to_str, usage_error)
 

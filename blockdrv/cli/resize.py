@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import BlockDriverError
-from ..node import O_RESIZE
+from ..common import O_RESIZE
 from .common import (PROG, SIZE_LIMIT, ArgParser, CliError, describe, open_image,
                      prealloc_error, qprint, strtosz, usage_error, warn)
 

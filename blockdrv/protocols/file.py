@@ -11,13 +11,14 @@ import mmap
 import os
 import stat
 
-from ..errors import BlockIOError, InvalidArgumentError, UnsupportedError, from_oserror
+from ..errors import InvalidArgumentError, UnsupportedError, from_oserror
 from ..hookspecs import hookimpl
 from ..iov import IOVector
 from ..perm import PERM_ALL, PERM_RESIZE, PERM_WRITE
 from . import file_lock
-from ..node import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_NO_FLUSH, O_NOCACHE,
-                    O_RDWR, WRITE_UNMAP, BlockDriverState, BlockStatus)
+from ..common import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_NOCACHE, O_NO_FLUSH,
+                      O_RDWR, WRITE_UNMAP, BlockStatus)
+from ..node import BlockDriverState
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

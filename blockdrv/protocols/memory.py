@@ -12,7 +12,7 @@ import threading
 from ..errors import InvalidArgumentError
 from ..hookspecs import hookimpl
 from ..iov import IOVector
-from ..node import BLOCK_DATA, BLOCK_OFFSET_VALID, BlockStatus
+from ..common import BLOCK_DATA, BLOCK_OFFSET_VALID, BlockStatus
 
 _store: dict[str, bytearray] = {}
 _lock = threading.Lock()

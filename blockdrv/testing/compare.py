@@ -275,7 +275,7 @@ def compare_guest(a, b, fmt_a: str | None = None, fmt_b: str | None = None,
     side reports as zero is checked to read as zeros on the other.
     """
     from ..block import open_node
-    from ..node import BLOCK_ZERO
+    from ..common import BLOCK_ZERO
 
     bs_a = open_node(os.fspath(a), fmt_a, 0)
     try:

@@ -28,7 +28,7 @@ import pytest
 from ..block import open_protocol
 from ..errors import BlockDriverError, ReadOnlyError
 from ..iov import IOVector
-from ..node import BLOCK_DATA, BLOCK_ZERO, O_RDWR, O_UNMAP, WRITE_UNMAP
+from ..common import BLOCK_DATA, BLOCK_ZERO, O_RDWR, O_UNMAP, WRITE_UNMAP
 
 
 class ProtocolConformance:

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from blockdrv.block import open_node
-from blockdrv.node import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
+from blockdrv.common import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
 from blockdrv.testing.qemu import qemu_img_check, run_qemu_img, run_qemu_io
 from blockdrv.testing.vhdx_corrupt import MiB, Vhdx, make_dirty_log
 

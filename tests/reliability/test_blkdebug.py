@@ -11,7 +11,7 @@ import pytest
 import blockdrv
 from blockdrv.block import open_node, open_protocol
 from blockdrv.errors import BlockIOError, InvalidArgumentError, NoSpaceError
-from blockdrv.node import O_RDWR, WRITE_FUA
+from blockdrv.common import O_RDWR, WRITE_FUA
 from blockdrv.plugins import get_registry
 from blockdrv.protocols import blkdebug
 
@@ -201,7 +201,7 @@ def test_reopen_of_a_top_level_filter_reopens_its_child_once(tmp_path):
     filter need not forward the transaction (doing both reopened the child
     twice and closed its new descriptor)."""
     from blockdrv.block import open_node
-    from blockdrv.node import O_RDWR
+    from blockdrv.common import O_RDWR
     path = tmp_path / "x.img"
     path.write_bytes(b"\xab" * 4096)
     bs = open_node(f"blkdebug::{path}", "blkdebug", O_RDWR)

@@ -23,7 +23,7 @@ import pytest
 import blockdrv
 from blockdrv.block import open_node
 from blockdrv.iov import IOVector
-from blockdrv.node import O_RDWR
+from blockdrv.common import O_RDWR
 
 MiB = 1 << 20
 SEC = 4096

@@ -38,7 +38,7 @@ import blockdrv
 from blockdrv.block import open_node, open_protocol
 from blockdrv.drivers.vhdx.create import create_vhdx
 from blockdrv.errors import BlockDriverError
-from blockdrv.node import O_RDWR
+from blockdrv.common import O_RDWR
 from blockdrv.plugins import get_registry
 from blockdrv.protocols import blkdebug
 from blockdrv.testing.qemu import QEMU_IMG, sparse_copy

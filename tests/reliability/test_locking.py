@@ -282,7 +282,7 @@ def test_same_lock_bytes_as_qemu(tmp_path, qemu_img, qemu_io, fmt, kind):
 def test_info_locks_metadata_only(image):
     """``info`` (O_NO_IO) takes no "consistent read", as qemu-img info."""
     from blockdrv.block import open_node
-    from blockdrv.node import O_NO_BACKING, O_NO_IO
+    from blockdrv.common import O_NO_BACKING, O_NO_IO
     bs = open_node(image, None, O_NO_BACKING | O_NO_IO)
     try:
         assert _lock_ranges(image) == [(201, 201), (203, 203)]

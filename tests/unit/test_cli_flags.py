@@ -17,8 +17,8 @@ from blockdrv.cli import convert as convert_mod
 from blockdrv.cli import main
 from blockdrv.cli.io import run as io_run
 from blockdrv.errors import InvalidArgumentError
-from blockdrv.node import (O_FORCE_SHARE, O_NO_FLUSH, O_NOCACHE, O_RDWR, O_UNMAP,
-                           BlockDriverState)
+from blockdrv.common import O_FORCE_SHARE, O_NOCACHE, O_NO_FLUSH, O_RDWR, O_UNMAP
+from blockdrv.node import BlockDriverState
 from blockdrv.testing.qemu import QEMU_IMG, QEMU_IO
 from blockdrv.testing.tools import require_tool
 

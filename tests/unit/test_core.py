@@ -12,7 +12,8 @@ from blockdrv.coroutine import run_sync
 from blockdrv.errors import BlockDriverError, InvalidArgumentError, ReadOnlyError
 from blockdrv.hookspecs import hookimpl
 from blockdrv.iov import IOVector
-from blockdrv.node import O_RDWR, BlockDriverState
+from blockdrv.common import O_RDWR
+from blockdrv.node import BlockDriverState
 from blockdrv.plugins import DriverRegistry, get_registry
 from blockdrv.protocols import memory
 from blockdrv.testing.conformance import ProtocolConformance
@@ -324,7 +325,7 @@ def test_close_releases_the_driver_even_when_its_flush_fails(tmp_path):
     import os
     from blockdrv.block import open_node
     from blockdrv.errors import BlockIOError
-    from blockdrv.node import O_RDWR
+    from blockdrv.common import O_RDWR
     path = tmp_path / "x.img"
     path.write_bytes(bytes(4096))
     bs = open_node(os.fspath(path), "raw", O_RDWR)

@@ -9,7 +9,7 @@ import pytest
 TOY_DRIVER = '''
 """A toy format: the first 8 bytes are b"TOYIMAGE", guest data follows."""
 from blockdrv.hookspecs import hookimpl
-from blockdrv.node import DriverInfo
+from blockdrv.common import DriverInfo
 
 MAGIC = b"TOYIMAGE"
 

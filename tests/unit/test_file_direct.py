@@ -11,7 +11,7 @@ import pytest
 import blockdrv
 from blockdrv.block import open_node
 from blockdrv.cli.io import main as io_main
-from blockdrv.node import O_NOCACHE, O_RDWR
+from blockdrv.common import O_NOCACHE, O_RDWR
 
 
 def _direct(bs) -> bool:

@@ -16,7 +16,7 @@ import blockdrv
 from blockdrv import block, plugins
 from blockdrv.cli import main
 from blockdrv.hookspecs import hookimpl
-from blockdrv.node import O_RDWR
+from blockdrv.common import O_RDWR
 from blockdrv.probe import match_signature, probe_buffer
 from blockdrv.testing import foreign
 from blockdrv.testing.qemu import run_blockdrv_io

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import BlockDriverError
-from ...node import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
+from ...common import BLOCK_ALLOCATED
 from ..common import prealloc_error
 from .command import Command, CommandError, Quit
 from .output import format_size, strerror
@@ -57,11 +57,10 @@ def length_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
 
 
 def _is_allocated(qio: QemuIO, offset: int, nbytes: int) -> tuple[bool, int]:
-    """bdrv_is_allocated: allocated when the driver reports data, zero or
-    allocation (QEMU sets BDRV_BLOCK_ALLOCATED for DATA|ZERO)."""
+    """bdrv_is_allocated: whether this layer (not its backing chain) answers
+    for the range; the node's generic block status says so."""
     st = qio.bs.block_status(offset, nbytes, want_zero=False)
-    alloc = bool(st.flags & (BLOCK_ALLOCATED | BLOCK_DATA | BLOCK_ZERO))
-    return alloc, st.pnum
+    return bool(st.flags & BLOCK_ALLOCATED), st.pnum
 
 
 def map_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ...errors import BlockDriverError, BlockIOError
 from ...iov import IOVector
-from ...node import WRITE_FUA, WRITE_NO_FALLBACK, WRITE_UNMAP
+from ...common import WRITE_FUA, WRITE_NO_FALLBACK, WRITE_UNMAP
 from .command import Command, CommandError, UsageError
 from .output import DumpSpool, report, strerror
 from .parse import expect_operands, getopt, parse_offset_count, parse_pattern

@@ -8,7 +8,7 @@ import sys
 from typing import Iterator, TextIO
 
 from ...errors import BlockDriverError
-from ...node import O_FORCE_SHARE, O_NOCACHE, O_RDWR
+from ...common import O_FORCE_SHARE, O_NOCACHE, O_RDWR
 from ..common import PROBED_RAW_WARNING, open_reason, parse_cache_mode
 from .parse import getopt
 from .qemuio import PROG, QemuIO

@@ -15,7 +15,7 @@ import errno
 from ...block import create_file
 from ...errors import InvalidArgumentError, ReadOnlyError
 from ...hookspecs import hookimpl
-from ...node import BLOCK_OFFSET_VALID, BLOCK_RAW, BLOCK_ZERO, BlockStatus, DriverInfo
+from ...common import BLOCK_OFFSET_VALID, BLOCK_RAW, BlockStatus, DriverInfo
 from ...options import CreateOption
 
 PREALLOC_MODES = ("off", "falloc", "full")
@@ -79,14 +79,10 @@ class RawFormat:
 
     @hookimpl
     async def bdrv_co_block_status(self, bs, want_zero, offset, nbytes) -> BlockStatus:
-        if offset >= bs.file.total_size:
-            # The sector-rounded tail of a file whose length is not a sector
-            # multiple: reads as zeros, a hole as qemu (which rounds the
-            # file's length up) reports it.
-            return BlockStatus(BLOCK_ZERO | BLOCK_OFFSET_VALID | BLOCK_RAW, nbytes, offset,
-                               bs.file)
-        st = await bs.file.co_block_status(offset, nbytes, want_zero)
-        return BlockStatus(st.flags | BLOCK_RAW, st.pnum, offset, bs.file)
+        # QEMU's raw: "ask my file, same offset".  The generic layer answers
+        # for the file, and reads the sector-rounded tail past a file whose
+        # length is not a sector multiple as zeros, a hole as qemu reports it.
+        return BlockStatus(BLOCK_RAW | BLOCK_OFFSET_VALID, nbytes, offset, bs.file)
 
     @hookimpl
     async def bdrv_co_truncate(self, bs, offset, exact, prealloc) -> None:

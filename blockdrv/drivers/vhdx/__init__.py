@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from blockdrv.block import create_file
 from blockdrv.hookspecs import hookimpl
-from blockdrv.node import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO,
-                           O_CHECK, O_NO_BACKING, O_RDWR, BlockStatus, DriverInfo)
+from blockdrv.common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE,
+                             BLOCK_ZERO, O_CHECK, O_NO_BACKING, O_RDWR, BlockStatus,
+                             DriverInfo)
 from blockdrv.options import CreateOption
 
 from typing import TYPE_CHECKING
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
 
 _CREATE_KEYS = ("subformat", "block_size", "log_size", "block_state_zero",
                 "logical_sector_size", "physical_sector_size", "backing_file", "backing_fmt")
+
+
+# A present payload block: data at a file offset, and (beyond qemu, whose vhdx
+# reports the whole disk as data) host holes inside it show as zeros in map.
+_DATA_AT = BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_RECURSE
 
 
 class VHDXFormat:
@@ -98,8 +104,7 @@ class VHDXFormat:
             from . import differencing as d
             kind, host, n = d.block_status(img, offset, nbytes)
             if kind == d.DATA:
-                return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID,
-                                   n, host, bs.file)
+                return BlockStatus(_DATA_AT, n, host, bs.file)
             if kind == d.PARENT:
                 return BlockStatus(0, n)          # unallocated: the backing chain decides
             if kind == d.ZERO:
@@ -107,8 +112,7 @@ class VHDXFormat:
             return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, n)
         state, host, n = img.block_status(offset, nbytes)
         if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-            return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID,
-                               n, host, bs.file)
+            return BlockStatus(_DATA_AT, n, host, bs.file)
         if state in (PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED):
             return BlockStatus(BLOCK_ZERO, n)          # unallocated, reads as zeros
         if state in ABSENT_STATES:

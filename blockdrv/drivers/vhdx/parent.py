@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from blockdrv.errors import BlockDriverError, CorruptImageError, InvalidArgumentError
-from blockdrv.node import O_FORCE_SHARE
+from blockdrv.common import O_FORCE_SHARE
 
 from .constants import PARENT_LOCATOR_VHDX_GUID, guid_str, guid_to_bytes
 from .metadata import ParentLocator

@@ -7,7 +7,8 @@ from typing import Any
 from ...errors import UnsupportedError
 from ...hookspecs import hookimpl
 from ...iov import IOVector
-from ...node import BLOCK_ZERO, WRITE_FUA, BlockDriverState, BlockStatus
+from ...common import BLOCK_ZERO, WRITE_FUA, BlockStatus
+from ...node import BlockDriverState
 from .config import _GLOBAL_KEYS, _OWN_OPTIONS, parse_config, split_filename
 from .events import BlkdebugState, _clip_pending, _event, _maybe_suspend
 

@@ -9,7 +9,7 @@ import pytest
 
 import blockdrv
 from blockdrv.block import open_node
-from blockdrv.node import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
+from blockdrv.common import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
 
 from blockdrv.testing.compare import file_digest
 from blockdrv.testing.vhdx_corrupt import KiB, MiB, Vhdx, make_dirty_log

@@ -22,7 +22,7 @@ from blockdrv.drivers.vhdx.bat import bitmap_index
 from blockdrv.drivers.vhdx.constants import guid_str
 from blockdrv.errors import BlockDriverError
 from blockdrv.mapping import map_entries
-from blockdrv.node import O_RDWR
+from blockdrv.common import O_RDWR
 from blockdrv.protocols import blkdebug
 from blockdrv.testing.compare import file_digest
 

@@ -15,7 +15,7 @@ from blockdrv.drivers.vhdx.bat import total_entries
 from blockdrv.drivers.vhdx.constants import (PAYLOAD_BLOCK_FULLY_PRESENT,
                                              PAYLOAD_BLOCK_ZERO)
 from blockdrv.errors import InvalidArgumentError, UnsupportedError
-from blockdrv.node import O_RDWR
+from blockdrv.common import O_RDWR
 from blockdrv.testing.crash import abandon
 
 MiB = 1 << 20

@@ -52,7 +52,7 @@ counts corruptions, :mod:`.leaks` the free space, :mod:`.repair` fixes.
 from __future__ import annotations
 
 from blockdrv.errors import BlockDriverError
-from blockdrv.node import FIX_ERRORS, FIX_LEAKS, CheckResult
+from blockdrv.common import FIX_ERRORS, FIX_LEAKS, CheckResult
 
 from ..constants import ZERO_GUID
 from ..image import VHDXImage
