@@ -8,8 +8,7 @@ import pytest
 
 TOY_DRIVER = '''
 """A toy format: the first 8 bytes are b"TOYIMAGE", guest data follows."""
-from blockdrv.hookspecs import hookimpl
-from blockdrv.common import DriverInfo
+from blockdrv.driver import DriverInfo, hookimpl    # the public driver API, nothing else
 
 MAGIC = b"TOYIMAGE"
 
@@ -99,3 +98,18 @@ def test_builtin_drivers_are_entry_points():
     from importlib.metadata import entry_points
     names = {ep.name for ep in entry_points(group="blockdrv.drivers")}
     assert {"file", "memory", "raw", "vhdx"} <= names
+
+
+def test_toy_driver_uses_only_the_public_driver_api():
+    imports = [line.split()[1] for line in TOY_DRIVER.splitlines()
+               if line.startswith(("from blockdrv", "import blockdrv"))]
+    assert imports == ["blockdrv.driver"]
+
+
+def test_public_driver_api_names_resolve():
+    import blockdrv.driver as api
+    missing = [name for name in api.__all__ if not hasattr(api, name)]
+    assert not missing
+    # the contract types are defined outside node.py (no hookspecs -> node cycle)
+    assert api.BlockStatus.__module__ == "blockdrv.common"
+    assert api.DriverInfo.__module__ == "blockdrv.common"
