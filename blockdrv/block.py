@@ -15,6 +15,7 @@ from .common import O_FORCE_SHARE, O_PROTOCOL, O_RDWR, O_UNMAP
 from .node import BlockDriverState
 from .options import CreateOption, parse_create_options
 from .plugins import BoundDriver, get_registry
+from .backing import open_backing
 from .probe import PROBE_BUF_SIZE, probe, unsupported
 
 
@@ -125,6 +126,8 @@ def open_node(filename: str, fmt: str | None = None, flags: int = 0,
                 raise
             return bs
     file_bs = open_protocol(filename, flags, options.pop("file", None))
+    bs = None
+    opened = False
     try:
         probed_raw = False
         if fmt is None:
@@ -144,11 +147,16 @@ def open_node(filename: str, fmt: str | None = None, flags: int = 0,
         bs.probed_raw = probed_raw
         _take_perm(bs, file_bs, flags)
         drv.bdrv_open(bs, options, flags)
-    except BlockDriverError as exc:
+        opened = True
+        open_backing(bs)            # unless the driver did already (or names none)
+    except BaseException as exc:
+        if bs is not None and bs.backing is not None:
+            bs.backing.close()
+        if opened and drv.bdrv_close is not None:
+            drv.bdrv_close(bs)      # opened, then its parent failed: release it
         file_bs.close()
-        raise exc.with_filename(filename)
-    except BaseException:
-        file_bs.close()
+        if isinstance(exc, BlockDriverError):
+            raise exc.with_filename(filename)
         raise
     return bs
 

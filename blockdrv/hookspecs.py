@@ -103,6 +103,18 @@ def bdrv_child_perm(bs: "BlockDriverState", perm: int, shared: int) -> tuple[int
 
 
 @hookspec(firstresult=True)
+def bdrv_check_backing(bs: "BlockDriverState", backing: "BlockDriverState") -> None:
+    """Bound, format drivers with a backing chain.  The core has opened the
+    parent ``bs`` names (``bs.backing_file``/``backing_candidates``, see
+    :mod:`blockdrv.backing`), read-only: raise to refuse it (a VHDX child
+    checks the parent's DataWriteGuid against its linkage).  The core then
+    closes it and the open fails.
+
+    Absent: any parent the names lead to is accepted.
+    """
+
+
+@hookspec(firstresult=True)
 def bdrv_check_perm(bs: "BlockDriverState", perm: int, shared: int) -> None:
     """Bound, protocol drivers.  Prepare to take ``perm`` and share only
     ``shared``: acquire what is needed and raise ``PermissionConflictError``

@@ -34,12 +34,15 @@ class BlockDriverState:
         self.options = dict(options or {})
         self.opaque: Any = None
         self.file: BlockDriverState | None = None
-        # QEMU's backing child (read-only, owned by this node) and the names
-        # `info` prints; set by formats with a backing chain.
+        # QEMU's backing child (read-only, owned by this node, opened by
+        # blockdrv.backing) and the names `info` prints.  A format names its
+        # parent in bdrv_open: backing_file (as recorded), backing_format
+        # (None: probe) and, when it records several places, backing_candidates.
         self.backing: BlockDriverState | None = None
         self.backing_file: str | None = None
         self.full_backing_file: str | None = None
         self.backing_format: str | None = None
+        self.backing_candidates: list | None = None
         self.total_size = 0
         self.request_alignment = 1
         self.growable = False         # protocol child of a format: may grow on write
@@ -116,6 +119,18 @@ class BlockDriverState:
         buf = bytearray(nbytes)
         await self.co_preadv(offset, nbytes, IOVector.from_buffer(buf))
         return buf
+
+    async def co_read_backing(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        """For format drivers: read the guest range ``[offset, offset+nbytes)``
+        of the backing chain into ``qiov`` -- zeros past the parent's end, and
+        zeros when there is no parent (QEMU's reads of unallocated ranges)."""
+        backing = self.backing
+        inside = 0 if backing is None else max(0, min(nbytes, backing.total_size - offset))
+        if inside:
+            await backing.co_preadv(offset, inside,
+                                    qiov if inside == nbytes else qiov.slice(0, inside))
+        if inside < nbytes:
+            qiov.memset(inside, nbytes - inside)
 
     # -- writes --------------------------------------------------------------
 

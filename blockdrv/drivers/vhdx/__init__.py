@@ -10,7 +10,7 @@ from __future__ import annotations
 from blockdrv.block import create_file
 from blockdrv.hookspecs import hookimpl
 from blockdrv.common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE,
-                             BLOCK_ZERO, O_CHECK, O_NO_BACKING, O_RDWR, BlockStatus,
+                             BLOCK_ZERO, O_CHECK, O_RDWR, BlockStatus,
                              DriverInfo)
 from blockdrv.options import CreateOption
 
@@ -47,21 +47,30 @@ class VHDXFormat:
     def bdrv_open(self, bs, options, flags) -> None:
         from .image import VHDXImage
         img = VHDXImage(bs.file, read_only=not flags & O_RDWR, check=bool(flags & O_CHECK))
-        img.on_validated = lambda img: _open_backing(bs, img, options, flags)
+        img.on_validated = lambda img: _name_parent(bs, img)
+        img.read_backing = bs.co_read_backing
+        bs.opaque = img             # bdrv_check_backing reads the locator from it
         try:
             img.open()
         except BaseException:
+            bs.opaque = None
             if bs.backing is not None:
                 bs.backing.close()
                 bs.backing = None
             raise
-        bs.opaque = img
         bs.total_size = img.virtual_size
         bs.request_alignment = img.logical_sector_size
 
     @hookimpl
     def bdrv_close(self, bs) -> None:
         bs.opaque = None
+
+    @hookimpl
+    def bdrv_check_backing(self, bs, backing) -> None:
+        # Spec 2.6.2.6: a VHDX parent, whose DataWriteGuid is the linkage the
+        # child recorded, with the child's logical sector size.
+        from .parent import check_parent
+        check_parent(bs.opaque, backing, bs.full_backing_file or backing.filename)
 
     @hookimpl
     def bdrv_reopen_prepare(self, bs, flags) -> None:
@@ -173,32 +182,26 @@ class VHDXFormat:
                 parent.close()
 
 
-def _open_backing(bs, img: "VHDXImage", options, flags) -> None:
+def _name_parent(bs, img: "VHDXImage") -> None:
     """Runs inside VHDXImage.open once the image is validated, before any
-    write: validate the parent locator and open the parent read-only."""
+    write: name the parent from the locator and have the core open it (a
+    child must not replay its log, or write at all, over a wrong parent)."""
     if not img.differencing:
         return
+    from blockdrv.backing import BackingCandidate, open_backing
     from . import parent as vparent
     locator = img.params.parent_locator
     vparent.validate_locator(locator)
-    cands = vparent.candidates(bs.filename, locator)
-    if options.get("backing"):
-        bs.backing_file = bs.full_backing_file = options["backing"]
-    elif cands:
-        bs.backing_file, bs.full_backing_file = cands[0]
+    cands = [BackingCandidate(name, path) for name, path in
+             vparent.candidates(bs.filename, locator)]
     bs.backing_format = "vhdx"
-    if flags & O_NO_BACKING:
-        return
-    own = vparent._real(bs.filename) if bs.filename else None
-    parent, ref = vparent.open_parent(bs.filename, locator, options, own, flags)
-    bs.backing = parent
-    img.parent, img.parent_ref = parent, ref
-    bs.backing_file, bs.full_backing_file = ref.backing_filename, ref.full_backing_filename
-    if parent.opaque.logical_sector_size != img.logical_sector_size:
-        from blockdrv.errors import CorruptImageError
-        raise CorruptImageError(
-            f"VHDX parent '{ref.full_backing_filename}' has {parent.opaque.logical_sector_size}"
-            f"-byte logical sectors, this image {img.logical_sector_size} (they must be equal)")
+    bs.backing_candidates = cands
+    override = bs.options.get("backing")
+    if override:
+        bs.backing_file = bs.full_backing_file = override
+    elif cands:
+        bs.backing_file, bs.full_backing_file = cands[0].name, cands[0].path
+    open_backing(bs)
 
 
 driver = VHDXFormat()

@@ -52,12 +52,7 @@ DATA, PARENT, ZERO, BAD = "data", "parent", "zero", "bad"
 # ------------------------------------------------------------------- reads
 
 async def read_parent(img, pos: int, n: int, part: IOVector) -> None:
-    parent = img.parent
-    inside = 0 if parent is None else max(0, min(n, parent.total_size - pos))
-    if inside:
-        await parent.co_preadv(pos, inside, part.slice(0, inside) if inside < n else part)
-    if inside < n:
-        part.memset(inside, n - inside)
+    await img.read_backing(pos, n, part)      # the core's: zeros past the parent's end
 
 
 async def readv(img, offset: int, nbytes: int, qiov: IOVector) -> None:

@@ -78,14 +78,13 @@ class VHDXImage:
         self.last_file_offset_cap: tuple[int, int] | None = None
         self.log_writer: vlog.LogWriter | None = None
         self.creator = ""
-        # Differencing images (see .differencing, .parent, .bitmap): the
-        # parent node (None until opened, or when opened without backing),
-        # where it came from, and the sector bitmaps.  ``on_validated`` runs
-        # once the image is validated and before open writes anything (the
-        # driver opens and checks the parent there).
+        # Differencing images (see .differencing, .parent, .bitmap): how to
+        # read the parent's data (the node's co_read_backing: the core owns
+        # the chain) and the sector bitmaps.  ``on_validated`` runs once the
+        # image is validated and before open writes anything (the driver
+        # names its parent there, and the core opens and checks it).
         self.differencing = False
-        self.parent = None
-        self.parent_ref = None
+        self.read_backing = None
         self.bitmaps = None
         self.on_validated = None
 

@@ -1,4 +1,4 @@
-"""Differencing VHDX: the parent locator (spec 2.6.2.6) and the parent chain.
+"""Differencing VHDX: the parent locator (spec 2.6.2.6).
 
 A child names its parent with a VHDX parent locator: ``parent_linkage`` (the
 parent's DataWriteGuid when the child was made, ``{lowercase-guid}``),
@@ -8,28 +8,20 @@ spec's order -- ``relative_path`` (against the child's directory), then
 POSIX path -- unless the caller names the parent explicitly (open option
 ``backing``, the CLI's ``-b``).
 
-The parent is opened read-only through the generic :func:`blockdrv.block.open_node`,
-so a parent may itself be differencing.  The chain of real paths being opened
-travels down in a private open option, so a cycle (``a -> b -> a``) or an
-absurdly deep chain is refused instead of recursing forever.
+This module only reads and writes the locator and judges a parent
+(:func:`check_parent`); opening the chain -- candidates, loops, depth,
+inherited options -- is the core's (:mod:`blockdrv.backing`).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-from dataclasses import dataclass
 
-from blockdrv.errors import BlockDriverError, CorruptImageError, InvalidArgumentError
-from blockdrv.common import O_FORCE_SHARE
+from blockdrv.errors import CorruptImageError, InvalidArgumentError
 
 from .constants import PARENT_LOCATOR_VHDX_GUID, guid_str, guid_to_bytes
 from .metadata import ParentLocator
-
-# Private open option: real paths of the images above this one in the chain.
-CHAIN_OPTION = "x-vhdx-chain"
-MAX_CHAIN_DEPTH = 64
 
 KEY_LINKAGE = "parent_linkage"
 KEY_LINKAGE2 = "parent_linkage2"
@@ -39,14 +31,6 @@ KEY_ABSOLUTE = "absolute_win32_path"
 
 _DRIVE = re.compile(r"^([A-Za-z]):(.*)$")
 _VOLUME = re.compile(r"^Volume\{[0-9A-Fa-f-]+\}(.*)$")
-
-
-@dataclass
-class ParentRef:
-    """Where the parent of an open child came from (for ``info``)."""
-    backing_filename: str          # as named by the locator / the caller
-    full_backing_filename: str     # the path actually opened
-    linkage: str                   # parent_linkage as stored
 
 
 def linkage_guids(locator: ParentLocator) -> list[bytes]:
@@ -132,83 +116,20 @@ def candidates(child: str | None, locator: ParentLocator) -> list[tuple[str, str
     return out
 
 
-def _real(path: str) -> str:
-    from blockdrv.block import split_protocol
-    proto, rest = split_protocol(path)
-    return os.path.realpath(rest) if proto == "file" else path
-
-
-def open_parent(child: str | None, locator: ParentLocator, options: dict,
-                own_real: str | None = None, flags: int = 0):
-    """Open the parent read-only: (BlockDriverState, ParentRef).
-
-    ``options``: the child's open options; ``backing`` overrides the locator
-    (a path, relative paths taken against the current directory as any
-    filename the caller gives), ``backing_fmt`` its format (default: probe,
-    must be vhdx).  Raises InvalidArgumentError when no candidate exists or
-    the parent's DataWriteGuid does not match the linkage.
-    """
-    from blockdrv.block import open_node
-
-    chain = list(options.get(CHAIN_OPTION, ()))
-    if own_real is not None:
-        chain.append(own_real)
-    if len(chain) >= MAX_CHAIN_DEPTH:
-        raise InvalidArgumentError(f"VHDX backing chain is deeper than {MAX_CHAIN_DEPTH} "
-                                   "images")
-    override = options.get("backing")
-    fmt = options.get("backing_fmt") or options.get("backing.driver")
-    if override is not None and not isinstance(override, str):
-        raise InvalidArgumentError("Option 'backing' must be a file name")
-    # (name as recorded, path to open, plain file path to look for).  Locator
-    # paths are plain file paths; only the caller's own ``backing`` may name
-    # a protocol (blkdebug::x), which is then not looked for as a file.
-    if override:
-        from blockdrv.block import split_protocol
-        proto, rest = split_protocol(override)
-        tries = [(override, override, rest if proto == "file" else None)]
-    else:
-        tries = [(name, path, path) for name, path in candidates(child, locator)]
-    tried = []
-    chosen = None
-    for name, path, local in tries:
-        if local is None or os.path.exists(local):
-            chosen = (name, path, local)
-            break
-        tried.append(path)
-    if chosen is None:
-        where = ", ".join(f"'{p}'" for p in tried) or "no path in the parent locator"
-        raise InvalidArgumentError(f"Could not open backing file: VHDX parent not found "
-                                   f"(tried {where})", errno=errno.ENOENT)
-    name, path, local = chosen
-    real = os.path.realpath(local) if local is not None else path
-    if real in chain:
-        raise InvalidArgumentError(f"Could not open backing file '{path}': the VHDX backing "
-                                   "chain loops back to an image already in it")
-    if fmt not in (None, "vhdx"):
-        raise InvalidArgumentError(f"VHDX differencing images need a vhdx parent, not {fmt}")
-    try:
-        opts = {CHAIN_OPTION: tuple(chain)}
-        if not override:
-            opts["file"] = {"driver": "file"}       # whatever the path's text
-        # Read-only; force-share=on is inherited as QEMU's backing options do.
-        parent = open_node(path, "vhdx", flags & O_FORCE_SHARE, opts)
-    except BlockDriverError as exc:
-        raise type(exc)(f"Could not open backing file '{path}': {exc.message}",
-                        errno=exc.errno) from None
-    try:
-        check_linkage(parent, locator, path)
-    except BaseException:
-        parent.close()
-        raise
-    return parent, ParentRef(name, path, locator.entries.get(KEY_LINKAGE, ""))
-
-
-def check_linkage(parent, locator: ParentLocator, path: str) -> None:
-    """The parent's current DataWriteGuid must be one of the linkage GUIDs
-    (spec 2.6.2.6.3); otherwise it was modified after the child was made."""
-    img = parent.opaque
-    guid = img.header.data_write_guid
+def check_parent(child, parent, path: str) -> None:
+    """Refuse a parent that is not this child's: not VHDX, another logical
+    sector size (spec 2.6.2.4), or a DataWriteGuid that is none of the linkage
+    GUIDs (spec 2.6.2.6.3: it was modified after the child was made)."""
+    if parent.format_name != "vhdx":
+        raise InvalidArgumentError(f"VHDX differencing images need a vhdx parent, not "
+                                   f"{parent.format_name}")
+    pimg = parent.opaque
+    if pimg.logical_sector_size != child.logical_sector_size:
+        raise CorruptImageError(
+            f"VHDX parent '{path}' has {pimg.logical_sector_size}-byte logical sectors, "
+            f"this image {child.logical_sector_size} (they must be equal)")
+    locator = child.params.parent_locator
+    guid = pimg.header.data_write_guid
     if guid not in linkage_guids(locator):
         raise CorruptImageError(
             f"VHDX parent '{path}' does not match this image: its DataWriteGuid "
