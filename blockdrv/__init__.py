@@ -12,8 +12,8 @@ Public API::
     blockdrv.check("disk.vhdx", repair="leaks").leaks_fixed    # qemu-img check
 """
 
-from .api import (CheckResult, CompareResult, Image, ProbedRawWarning, check, compare,
-                  convert, create_image, open_image)
+from .api import (CheckResult, Image, ProbedRawWarning, check, compare, convert,
+                  create_image, open_image)
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
                      InvalidArgumentError, PermissionConflictError, ReadOnlyError,
                      UnsupportedError)
@@ -27,3 +27,12 @@ __all__ = [
     "BlockDriverError", "BlockIOError", "CorruptImageError",
     "InvalidArgumentError", "PermissionConflictError", "ReadOnlyError", "UnsupportedError",
 ]
+
+
+def __getattr__(name: str):
+    # CompareResult comes with its engine, imported on first use (the
+    # commands that never compare do not pay for it at start-up)
+    if name == "CompareResult":
+        from .engines.compare import CompareResult
+        return CompareResult
+    raise AttributeError(f"module 'blockdrv' has no attribute '{name}'")

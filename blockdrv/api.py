@@ -4,14 +4,16 @@ the engines behind the commands (convert, compare, check) as functions."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import block
 from .errors import InvalidArgumentError
 from .common import O_FORCE_SHARE, O_RDWR, BlockStatus, CheckResult, DriverInfo
-from .engines.compare import CompareResult
 from .node import BlockDriverState
 from .options import parse_size
+
+if TYPE_CHECKING:       # the engines are imported when first used
+    from .engines.compare import CompareResult
 
 
 class ProbedRawWarning(UserWarning):

@@ -150,6 +150,7 @@ def test_compare_finds_the_first_difference(tmp_path, src, qemu_img):
     other = tmp_path / "other.raw"
     other.write_bytes(open(src, "rb").read())
     res = blockdrv.compare(src, other, fmt_a="raw", fmt_b="raw")
+    assert isinstance(res, blockdrv.CompareResult)
     assert res.identical and res.offset is None and not res.size_mismatch
     with open(other, "r+b") as f:
         f.seek(5 * MiB + 4096 + 700)
