@@ -7,9 +7,13 @@ Public API::
     img.write(0, b"data"); img.flush(); img.close()
     with blockdrv.open_image("disk.vhdx") as img:
         img.read(0, 4)
+    blockdrv.convert("disk.vhdx", "disk.raw", fmt="raw")      # qemu-img convert
+    blockdrv.compare("disk.vhdx", "disk.raw").identical        # qemu-img compare
+    blockdrv.check("disk.vhdx", repair="leaks").leaks_fixed    # qemu-img check
 """
 
-from .api import Image, ProbedRawWarning, create_image, open_image
+from .api import (CheckResult, Image, ProbedRawWarning, check, compare, convert,
+                  create_image, open_image)
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
                      InvalidArgumentError, PermissionConflictError, ReadOnlyError,
                      UnsupportedError)
@@ -19,6 +23,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Image", "open_image", "create_image", "hookimpl", "ProbedRawWarning",
+    "convert", "compare", "check", "CompareResult", "CheckResult",
     "BlockDriverError", "BlockIOError", "CorruptImageError",
     "InvalidArgumentError", "PermissionConflictError", "ReadOnlyError", "UnsupportedError",
 ]
+
+
+def __getattr__(name: str):
+    # CompareResult comes with its engine, imported on first use (the
+    # commands that never compare do not pay for it at start-up)
+    if name == "CompareResult":
+        from .engines.compare import CompareResult
+        return CompareResult
+    raise AttributeError(f"module 'blockdrv' has no attribute '{name}'")

@@ -1,15 +1,19 @@
-"""The public Python API: images you can read and write without asyncio."""
+"""The public Python API: images you can read and write without asyncio, and
+the engines behind the commands (convert, compare, check) as functions."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import block
 from .errors import InvalidArgumentError
 from .common import O_FORCE_SHARE, O_RDWR, BlockStatus, CheckResult, DriverInfo
 from .node import BlockDriverState
 from .options import parse_size
+
+if TYPE_CHECKING:       # the engines are imported when first used
+    from .engines.compare import CompareResult
 
 
 class ProbedRawWarning(UserWarning):
@@ -137,3 +141,71 @@ def create_image(path: str | os.PathLike, fmt: str, size: int | str | None = Non
                  for k, v in options.items()})
     block.create(os.fspath(path), fmt, opts)
     return open_image(path, fmt, readonly=readonly)
+
+
+# -- the engines behind the commands (blockdrv.engines) ------------------------------
+
+def convert(sources: str | os.PathLike | Sequence[str | os.PathLike],
+            target: str | os.PathLike, *, fmt: str = "raw", src_fmt: str | None = None,
+            options: dict[str, Any] | None = None, sparse_size: int = 4096,
+            coroutines: int = 1, out_of_order: bool = False, cache: str = "unsafe",
+            src_cache: str = "writeback", skip_create: bool = False,
+            force_share: bool = False,
+            progress: Callable[[float], Any] | None = None) -> None:
+    """Copy ``sources`` into a new image ``target`` (``qemu-img convert``).
+
+    ``sources``: one image or a list, concatenated in order (``src_fmt``
+    probed when None).  ``target`` is created in ``fmt`` with create
+    ``options`` (as :func:`create_image`'s; its size is the sources' total)
+    unless ``skip_create``, which writes into an existing image at least
+    that large.  Zero ranges are left unwritten when the new target reads as
+    zeros; in data, runs of zeros of ``sparse_size`` bytes or more (a
+    multiple of 512; 0 writes every byte) stay holes.  ``coroutines`` (1-16)
+    requests run at once, written in order unless ``out_of_order``.
+    ``cache``/``src_cache`` are qemu cache modes (``"unsafe"`` never
+    flushes until the end; ``"none"`` uses O_DIRECT); ``force_share`` opens
+    the sources without locks keeping writers out.  ``progress(fraction)``
+    is called as the copy advances, up to 1.0; an exception it raises stops
+    the copy.
+
+    A target that is one of the sources (any name, link or backing file) is
+    refused before anything is written; on any failure a target this call
+    created is removed.  Errors are :class:`BlockDriverError` subclasses.
+    """
+    from .engines import convert as engine
+    engine.convert(sources, target, fmt=fmt, src_fmt=src_fmt, options=options,
+                   sparse_size=sparse_size, coroutines=coroutines,
+                   out_of_order=out_of_order, cache=cache, src_cache=src_cache,
+                   skip_create=skip_create, force_share=force_share, progress=progress)
+
+
+def compare(a: str | os.PathLike, b: str | os.PathLike, *, fmt_a: str | None = None,
+            fmt_b: str | None = None, strict: bool = False, force_share: bool = False,
+            progress: Callable[[float], Any] | None = None) -> CompareResult:
+    """Compare two images as the guest sees them (``qemu-img compare``).
+
+    Returns a :class:`CompareResult`: ``identical``, else ``mismatch`` and
+    ``offset``, the first differing 512-byte sector.  Images of different
+    sizes are identical when the longer one's extra part reads as zeros
+    (``size_mismatch`` tells); ``strict=True`` also requires equal sizes
+    (``mismatch == "size"``) and equal allocation (``"block-status"``).
+    Formats are probed unless ``fmt_a``/``fmt_b``; ``progress`` as for
+    :func:`convert`.
+    """
+    from .engines.compare import compare as engine
+    return engine(a, b, fmt_a=fmt_a, fmt_b=fmt_b, strict=strict, force_share=force_share,
+                  progress=progress)
+
+
+def check(path: str | os.PathLike, repair: str | None = None, *, fmt: str | None = None,
+          force_share: bool = False) -> CheckResult:
+    """Check an image's consistency (``qemu-img check``).
+
+    ``repair``: None (only look), ``"leaks"`` or ``"all"`` (also fix
+    corruptions); a repair opens the image read-write, and the image is then
+    checked again, as qemu-img does: the counters are the second pass's,
+    ``leaks_fixed``/``corruptions_fixed`` the repair's, ``messages`` both
+    passes'.  A format without a check raises :class:`UnsupportedError`.
+    """
+    from .engines.check import check as engine
+    return engine(path, fmt=fmt, repair=repair, force_share=force_share)

@@ -33,24 +33,47 @@ def _num(name: str, text: str | None, lo: int, hi: int, default: int) -> int:
     return value
 
 
-def _parser() -> ArgParser:
-    p = ArgParser("bench")
-    p.add_argument("-c", dest="count")
-    p.add_argument("-d", dest="depth")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-i", dest="aio")
-    p.add_argument("-n", dest="nocache", action="store_true")
-    p.add_argument("-o", dest="offset")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("-s", dest="bufsize")
-    p.add_argument("-S", dest="step")
-    p.add_argument("-t", dest="cache")
-    p.add_argument("-w", dest="write", action="store_true")
-    p.add_argument("-U", "--force-share", action="store_true")
-    p.add_argument("--pattern")
-    p.add_argument("--flush-interval", dest="flush_interval")
-    p.add_argument("--no-drain", dest="no_drain", action="store_true")
-    p.add_argument("args", nargs="*")
+DESCRIPTION = """\
+Sends count requests of buffer_size bytes, the first at offset, each next one
+step_size further (wrapping at the end of the image), with up to depth in
+flight, and prints the time the requests took."""
+
+
+def parser() -> ArgParser:
+    p = ArgParser("bench", DESCRIPTION)
+    p.add_argument("-c", dest="count", metavar="count",
+                   help="number of requests (default 75000)")
+    p.add_argument("-d", dest="depth", metavar="depth",
+                   help="requests in flight at once (default 64)")
+    p.add_argument("-f", dest="fmt", metavar="fmt",
+                   help="the image's format (probed when not given)")
+    p.add_argument("-i", dest="aio", metavar="aio",
+                   help="AIO mode: only threads (the default) is supported")
+    p.add_argument("-n", dest="nocache", action="store_true",
+                   help="bypass the host page cache (O_DIRECT), short for -t none")
+    p.add_argument("-o", dest="offset", metavar="offset",
+                   help="offset of the first request (default 0)")
+    p.add_argument("-q", dest="quiet", action="store_true",
+                   help="quiet: print only the result")
+    p.add_argument("-s", dest="bufsize", metavar="buffer_size",
+                   help="bytes per request (default 4k)")
+    p.add_argument("-S", dest="step", metavar="step_size",
+                   help="distance between requests (default: buffer_size)")
+    p.add_argument("-t", dest="cache", metavar="cache",
+                   help="cache mode: writeback (default), writethrough, directsync, "
+                        "none, unsafe")
+    p.add_argument("-w", dest="write", action="store_true",
+                   help="write requests (default: read)")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open without locks that keep writers out (not with -w)")
+    p.add_argument("--pattern", metavar="pattern",
+                   help="byte value the write requests carry (default 0)")
+    p.add_argument("--flush-interval", dest="flush_interval", metavar="flush_interval",
+                   help="flush after every flush_interval writes")
+    p.add_argument("--no-drain", dest="no_drain", action="store_true",
+                   help="with --flush-interval, flush without waiting for the "
+                        "requests in flight")
+    p.add_argument("args", nargs="*", metavar="filename", help="the image")
     return p
 
 
@@ -140,8 +163,8 @@ def run_bench(bs: BlockDriverState, **kw) -> float:
     return asyncio.run(Bench(bs, **kw).run())
 
 
-def main(argv: list[str]) -> int:
-    a = _parser().parse_intermixed_args(argv)
+def run(argv: list[str]) -> int:
+    a = parser().parse_intermixed_args(argv)
     count = _num("request count", a.count, 1, INT_MAX, 75000)
     depth = _num("queue depth", a.depth, 1, INT_MAX, 64)
     offset = _num("offset", a.offset, 0, MAX_SIZE, 0)

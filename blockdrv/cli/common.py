@@ -5,19 +5,20 @@ from __future__ import annotations
 import argparse
 import errno as _errno
 import math
-import os
 import re
 import sys
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
 from ..block import open_node
+from ..common import O_CHECK, O_FORCE_SHARE, O_RDWR
+from ..engines.common import CacheMode, open_error, open_reason, parse_cache_mode  # noqa: F401
 from ..errors import BlockDriverError
-from ..common import O_CHECK, O_FORCE_SHARE, O_NOCACHE, O_NO_FLUSH, O_RDWR
 from ..node import BlockDriverState
 from ..options import SIZE_LIMIT, SizeError, Warn
 from ..options import strtosz as _strtosz
 
-PROG = "blockdrv"
+from .commands import COMMANDS, PROG
+
 MAX_SIZE = (1 << 63) - 1
 
 
@@ -54,10 +55,16 @@ def describe(exc: BaseException) -> str:
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse speaking qemu-img's getopt dialect for its errors."""
+    """argparse speaking qemu-img's getopt dialect for its errors.  ``--help``
+    prints the command table's usage line, its summary, ``description`` and
+    every option with its help string."""
 
-    def __init__(self, command: str, **kwargs: Any) -> None:
-        super().__init__(prog=f"{PROG} {command}", **kwargs)
+    def __init__(self, command: str, description: str = "", **kwargs: Any) -> None:
+        cmd = COMMANDS[command]
+        text = cmd.summary[:1].upper() + cmd.summary[1:] + "."
+        super().__init__(prog=f"{PROG} {command}", usage=f"{PROG} {cmd.usage}",
+                         description=f"{text}\n\n{description}" if description else text,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         m = re.match(r"unrecognized arguments: (\S+)", message)
@@ -70,7 +77,8 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def add_output_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default=None, metavar="human|json")
+    parser.add_argument("--output", default=None, metavar="ofmt",
+                        help="output format: human (default) or json")
 
 
 def output_format(value: str | None) -> str:
@@ -120,31 +128,7 @@ def size_to_str(value: int) -> str:
     return "%0.3g %sB" % (value / float(1 << (i * 10)), suffixes[i])
 
 
-# -- cache modes -------------------------------------------------------------------
-
-
-class CacheMode(NamedTuple):
-    """A ``-t`` cache mode, as bdrv_parse_cache_mode splits it."""
-
-    flags: int              # O_NO_FLUSH for unsafe, O_NOCACHE (O_DIRECT) for none/directsync
-    writethrough: bool      # flush after every write
-    direct: bool            # O_DIRECT (BDRV_O_NOCACHE): none/off, directsync
-
-
-_CACHE_MODES = {
-    "none": CacheMode(O_NOCACHE, False, True), "off": CacheMode(O_NOCACHE, False, True),
-    "directsync": CacheMode(O_NOCACHE, True, True),
-    "writeback": CacheMode(0, False, False),
-    "unsafe": CacheMode(O_NO_FLUSH, False, False),
-    "writethrough": CacheMode(0, True, False),
-}
-
-
-def parse_cache_mode(text: str) -> CacheMode | None:
-    """qemu's bdrv_parse_cache_mode; ``None`` for an unknown mode (each
-    command words its own error)."""
-    return _CACHE_MODES.get(text)
-
+# -- cache modes: the engines' (qemu's bdrv_parse_cache_mode) -------------------------
 
 # -- preallocation modes ---------------------------------------------------------------
 
@@ -228,22 +212,6 @@ PROBED_RAW_WARNING = (
     "         Automatically detecting the format is dangerous for raw images, "
     "write operations on block 0 will be restricted.\n"
     "         Specify the 'raw' format explicitly to remove the restrictions.")
-
-
-def open_reason(filename: str, exc: BlockDriverError | OSError) -> str:
-    """Why opening ``filename`` failed, worded as qemu's block layer: an
-    error of the host's open(2) comes wrapped in file-posix's own "Could
-    not open" (qemu-img and qemu-io both print it after their own prefix)."""
-    why = describe(exc)
-    code = getattr(exc, "errno", None) or _errno.EIO
-    if why == os.strerror(code):
-        why = f"Could not open '{getattr(exc, 'filename', None) or filename}': {why}"
-    return why
-
-
-def open_error(filename: str, exc: BlockDriverError | OSError) -> str:
-    """qemu-img's "Could not open" line for a failed open."""
-    return f"Could not open '{filename}': {open_reason(filename, exc)}"
 
 
 def open_image(filename: str, fmt: str | None, writable: bool = False,

@@ -128,16 +128,35 @@ def do_create(filename: str, fmt: str, parsed: dict[str, Any]) -> None:
         raise CliError(f"{filename}: {describe(exc)}") from None
 
 
+DESCRIPTION = """\
+Creates filename in format fmt, of size bytes (suffixes k, M, G, T, P, E),
+and prints qemu-img's "Formatting" line.  With -b the image is a
+differencing image over backing_file and takes its size unless given."""
+
+
+def parser() -> ArgParser:
+    p = ArgParser("create", DESCRIPTION)
+    p.add_argument("-f", dest="fmt", default="raw", metavar="fmt",
+                   help="the new image's format (default: raw)")
+    p.add_argument("-o", dest="options", action="append", metavar="options",
+                   help="create options, key=value[,...]; '-o help' lists the "
+                        "format's")
+    p.add_argument("-q", dest="quiet", action="store_true",
+                   help="quiet: no \"Formatting\" line")
+    p.add_argument("-b", dest="backing", metavar="backing_file",
+                   help="the backing file (parent) of a differencing image; relative "
+                        "to the new image's directory")
+    p.add_argument("-F", dest="backing_fmt", metavar="backing_fmt",
+                   help="the backing file's format")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="do not open the backing file (refused for vhdx, whose "
+                        "children need it)")
+    p.add_argument("args", nargs="*", metavar="filename", help="the image, then size")
+    return p
+
+
 def run(argv: list[str]) -> int:
-    p = ArgParser("create")
-    p.add_argument("-f", dest="fmt", default="raw")
-    p.add_argument("-o", dest="options", action="append")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("-b", dest="backing")
-    p.add_argument("-F", dest="backing_fmt")
-    p.add_argument("-u", dest="unsafe", action="store_true")
-    p.add_argument("args", nargs="*")
-    a = p.parse_intermixed_args(argv)
+    a = parser().parse_intermixed_args(argv)
     items = parse_o(a.options)
     filename = a.args[0] if a.args else None
     if wants_help(items):

@@ -35,15 +35,29 @@ def _hex(value: int) -> str:
     return "%#x" % value if value else "0"   # C's %#x prints 0 without the prefix
 
 
-def run(argv: list[str]) -> int:
-    p = ArgParser("map")
-    p.add_argument("-f", dest="fmt")
+DESCRIPTION = """\
+Lists the image's ranges as the guest sees them, backing chain included:
+human output shows where data lives in which file, json every range with
+its depth in the chain and its present/zero/data flags."""
+
+
+def parser() -> ArgParser:
+    p = ArgParser("map", DESCRIPTION)
+    p.add_argument("-f", dest="fmt", metavar="fmt",
+                   help="the image's format (probed when not given)")
     add_output_option(p)
-    p.add_argument("--start-offset", dest="start")
-    p.add_argument("--max-length", dest="max_length")
-    p.add_argument("-U", "--force-share", action="store_true")
-    p.add_argument("args", nargs="*")
-    a = p.parse_intermixed_args(argv)
+    p.add_argument("--start-offset", dest="start", metavar="offset",
+                   help="start the map at this guest offset (default 0)")
+    p.add_argument("--max-length", dest="max_length", metavar="len",
+                   help="map at most this many bytes (default: to the end)")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open without locks that keep writers out")
+    p.add_argument("args", nargs="*", metavar="filename", help="the image")
+    return p
+
+
+def run(argv: list[str]) -> int:
+    a = parser().parse_intermixed_args(argv)
     fmt = output_format(a.output)
     start = cvtnum("start offset", a.start) if a.start is not None else 0
     max_length = cvtnum("max length", a.max_length) if a.max_length is not None else None

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import sys
 
+_STEPS = 10000          # the line shows hundredths of a percent
+
 
 class Progress:
-    """Progress over ``total`` units; a no-op unless ``enabled``."""
+    """An engine's ``progress(done_fraction)`` callback drawn as qemu-img's
+    line; a no-op unless ``enabled``.  The line appears at the first call,
+    once the engine has opened its images (not before a failed open)."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self.bar = None
-        if enabled:
+
+    def update(self, fraction: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
             from tqdm import tqdm
-            self.bar = tqdm(total=max(total, 1), file=sys.stderr, leave=True,
+            self.bar = tqdm(total=_STEPS, file=sys.stderr, leave=True,
                             bar_format="    ({percentage:.2f}/100%)",
                             mininterval=0.1, dynamic_ncols=False)
-            if total == 0:
-                self.bar.update(1)
-
-    def update(self, n: int) -> None:
-        if self.bar is not None and n:
-            self.bar.update(n)
+        # whole steps, so that 1.0 shows as 100.00 whatever the float sums
+        step = min(int(fraction * _STEPS), _STEPS)
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

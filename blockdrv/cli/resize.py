@@ -10,18 +10,35 @@ from .common import (PROG, SIZE_LIMIT, ArgParser, CliError, describe, open_image
                      prealloc_error, qprint, strtosz, usage_error, warn)
 
 
+DESCRIPTION = """\
+Sets the image's virtual size to size, or grows (+) or shrinks (-) it by
+size.  Shrinking needs --shrink: the data beyond the new end is lost."""
+
+
+def parser() -> ArgParser:
+    p = ArgParser("resize", DESCRIPTION)
+    p.add_argument("-f", dest="fmt", metavar="fmt",
+                   help="the image's format (probed when not given)")
+    p.add_argument("-q", dest="quiet", action="store_true",
+                   help="quiet: no \"Image resized.\" line")
+    p.add_argument("--shrink", action="store_true",
+                   help="allow a smaller size (the data beyond it is lost)")
+    p.add_argument("--preallocation", default="off", metavar="prealloc",
+                   help="allocation of the grown part: off (default), metadata, "
+                        "falloc, full")
+    p.add_argument("args", nargs="*", metavar="filename",
+                   help="the image, then [+ | -]size")
+    return p
+
+
 def run(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        parser().parse_args(argv)          # prints the help and exits 0
     # The size is taken off first, so that "-1G" is not read as an option.
     if len(argv) < 2:
         usage_error("Not enough arguments")
     size_arg = argv[-1]
-    p = ArgParser("resize")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("--shrink", action="store_true")
-    p.add_argument("--preallocation", default="off")
-    p.add_argument("args", nargs="*")
-    a = p.parse_intermixed_args(argv[:-1])
+    a = parser().parse_intermixed_args(argv[:-1])
     bad_prealloc = prealloc_error(a.preallocation)
     if bad_prealloc:
         raise CliError(bad_prealloc)

@@ -12,7 +12,7 @@ import pytest
 
 from blockdrv.cli import main
 from blockdrv.cli.common import qjson, size_to_str, strtosz
-from blockdrv.cli.convert import SparseScanner
+from blockdrv.engines.sparse import SparseScanner
 
 
 def run(capsys, *argv):

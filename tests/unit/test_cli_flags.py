@@ -15,6 +15,7 @@ import pytest
 from blockdrv import block
 from blockdrv.cli import convert as convert_mod
 from blockdrv.cli import main
+from blockdrv.engines import convert as convert_engine
 from blockdrv.cli.io import run as io_run
 from blockdrv.errors import InvalidArgumentError
 from blockdrv.common import O_FORCE_SHARE, O_NOCACHE, O_NO_FLUSH, O_RDWR, O_UNMAP
@@ -162,7 +163,7 @@ def test_convert_m_range_is_qemus(tmp_path, capsys, qimg, src, value):
     assert not (tmp_path / "o").exists()
 
 
-class Recorder(convert_mod.Converter):
+class Recorder(convert_engine.ImgConvertState):
     """A Converter whose reads finish out of order (later extents first) and
     that records the order of its writes."""
 
@@ -192,7 +193,7 @@ class Recorder(convert_mod.Converter):
     (["-m", "16"], 12, True), (["-m", "4", "-W"], 4, False)])
 def test_convert_m_runs_n_requests_and_w_allows_out_of_order(
         tmp_path, capsys, monkeypatch, src, args, in_flight, ordered):
-    monkeypatch.setattr(convert_mod, "Converter", Recorder)
+    monkeypatch.setattr(convert_engine, "ImgConvertState", Recorder)
     out = tmp_path / "o.vhdx"
     code, _, err = run(capsys, "convert", *args, "-f", "raw", "-O", "vhdx", src, out)
     assert code == 0, err
@@ -214,7 +215,7 @@ def test_convert_m_error_mid_copy_is_one_line(tmp_path, capsys, monkeypatch, src
     async def failing(self, plan):
         from blockdrv.errors import BlockIOError
         raise self._write_error(plan[0][1], BlockIOError("Input/output error"))
-    monkeypatch.setattr(convert_mod.Converter, "co_execute", failing)
+    monkeypatch.setattr(convert_engine.ImgConvertState, "co_execute", failing)
     out = tmp_path / "o.raw"
     code, _, err = run(capsys, "convert", "-m", "8", "-O", "raw", src, out)
     assert code == 1 and one_error(err).startswith("error while writing at byte")
