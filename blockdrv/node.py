@@ -9,7 +9,7 @@ enforcement, fall-backs for missing callbacks and flushing down the chain.
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID, BLOCK_RAW,
                      BLOCK_RECURSE, BLOCK_ZERO, O_FORCE_SHARE, O_NO_FLUSH, O_PROTOCOL, O_RDWR, O_UNMAP, WRITE_FUA,
@@ -18,7 +18,8 @@ from .coroutine import CoLock, run_sync
 from .errors import (BlockDriverError, BlockIOError, InvalidArgumentError,
                      ReadOnlyError, UnsupportedError)
 from .iov import IOVector
-from .plugins import BoundDriver
+if TYPE_CHECKING:  # pragma: no cover  (the node needs no registry to run)
+    from .plugins import BoundDriver
 
 _ZERO_CHUNK = 1 << 20
 
