@@ -113,3 +113,33 @@ def test_entry_point_discovery(monkeypatch):
     monkeypatch.setattr(compare, "_REGISTRY", {"raw": compare.IDENTITY})
     import blockdrv.testing.vhdx as v
     assert get_normalizer("ep-test") is v.normalizer
+
+
+def test_global_plugin_registers_no_format_tool_fixture():
+    """vhdiinfo is the VHDX tests' fixture, not every pytest session's."""
+    import blockdrv.testing.plugin as plugin
+    from blockdrv.testing.vhdx import fixtures
+    assert not hasattr(plugin, "vhdiinfo")
+    assert hasattr(fixtures, "vhdiinfo")
+
+
+def test_docstring_example_normalizer_works(tmp_path):
+    """The example in blockdrv.testing's guide masks a header and a footer field."""
+    def mask(data, start):
+        data = bytearray(data)
+        if start == 0:
+            data[24:32] = bytes(8)
+        else:
+            data[-8:] = bytes(8)
+        return bytes(data)
+
+    register_normalizer("doc-test", mask, ranges=[(0, 512), (-512, None)])
+    try:
+        a, b = _pair(tmp_path)
+        _poke(b, 24, b"\x01" * 8)
+        _poke(b, 8192 - 8, b"\x02" * 8)
+        assert compare_files(a, b, "doc-test") is None
+        _poke(b, 8192 - 9, b"\x03")
+        assert compare_files(a, b, "doc-test").offset == 8192 - 9
+    finally:
+        compare._REGISTRY.pop("doc-test", None)
