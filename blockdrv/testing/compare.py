@@ -9,62 +9,116 @@
   streamed through blockdrv; ranges that both nodes report as zero are
   skipped.
 
-Normalizers are registered per format with :func:`register_normalizer`:
-``fn(prefix: bytes) -> bytes`` rewrites the first bytes of the file, and
-``prefix(path) -> int`` (or an int, or None for "the whole file") says how
-many.  ``raw`` is the identity; ``vhdx`` is looked up lazily in
-:mod:`blockdrv.testing.vhdx` (``normalize_vhdx``, ``structure_end``).
+Normalizers are registered per format with :func:`register_normalizer`, or
+by a package through the ``blockdrv.normalizers`` entry point group (the
+object named is a :class:`Normalizer`)::
+
+    [project.entry-points."blockdrv.normalizers"]
+    vhdx = "blockdrv.testing.vhdx:normalizer"
+
+A normalizer masks byte *ranges* anywhere in a file: ``ranges`` is a list of
+``(start, end)`` (a negative start counts from the end of the file, ``end``
+None means "to the end"; e.g. ``[(-512, None)]`` for a VHD footer) or a
+function of the path returning one; ``fn(data, start) -> data`` gets the
+bytes of each range (of the union over both files) and returns them with
+run-dependent fields masked.  ``raw`` is the identity, built in.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
 
-Normalizer = Callable[[bytes], bytes]
+RangeFn = Callable[[bytes, int], bytes]
+Ranges = list[tuple[int, "int | None"]]
 
 _CHUNK = 8 << 20
+ENTRY_POINT_GROUP = "blockdrv.normalizers"
 
 
 @dataclass
-class _Entry:
-    fn: Normalizer | None
-    prefix: Callable[[str], int] | int | None
+class Normalizer:
+    """How to mask the run-dependent bytes of one format's files.
+
+    ``fn(data, start) -> data`` rewrites the bytes of one range starting at
+    file offset ``start`` (None: the identity); ``ranges`` (a list or a
+    function of the path, see the module docstring) says which.
+    """
+
+    fn: RangeFn | None = None
+    ranges: "Callable[[str], Ranges] | Ranges | None" = ()
+
+    def resolve(self, path: str, size: int | None = None) -> list[tuple[int, int]]:
+        """Absolute, sorted, merged ``(start, end)`` ranges for the file at ``path``."""
+        if self.fn is None:
+            return []
+        if size is None:
+            size = os.path.getsize(path)
+        raw = self.ranges(path) if callable(self.ranges) else (self.ranges or ())
+        out = []
+        for start, end in raw:
+            if start < 0:
+                start = max(0, size + start)
+            end = size if end is None else (size + end if end < 0 else end)
+            end = min(end, size)
+            if start < end:
+                out.append((start, end))
+        return _merge(out)
 
 
-_REGISTRY: dict[str, _Entry] = {"raw": _Entry(None, 0)}
+IDENTITY = Normalizer(None, ())
+_REGISTRY: dict[str, Normalizer] = {"raw": IDENTITY}
+_DISCOVERED = False
 
-# Lazy defaults: (module, normalizer attribute, prefix-length attribute).
-_LAZY = {"vhdx": ("blockdrv.testing.vhdx", "normalize_vhdx", "structure_end")}
 
-
-def register_normalizer(fmt: str, fn: Normalizer | None,
-                        prefix: Callable[[str], int] | int | None = None) -> None:
+def register_normalizer(fmt: str, fn, ranges=None, prefix=None) -> None:
     """Register how to normalize files of format ``fmt``.
 
-    ``fn(data) -> data`` gets the first ``prefix`` bytes of the file (all of
-    it when ``prefix`` is None; ``prefix`` may be a function of the path) and
-    returns them with run-dependent fields masked.  ``fn=None``: identity.
+    ``fn`` is a :class:`Normalizer`, or ``fn(data, start) -> data`` with
+    ``ranges`` (list or function of the path; see the module docstring).
+    ``prefix=`` (an int or a function of the path) is the older form:
+    ``fn(data) -> data`` over the first ``prefix`` bytes.  ``fn=None``:
+    identity.  An explicit registration wins over the entry point.
     """
-    _REGISTRY[fmt] = _Entry(fn, prefix)
+    if isinstance(fn, Normalizer):
+        _REGISTRY[fmt] = fn
+        return
+    if prefix is not None:
+        one_arg = fn
+        fn = None if one_arg is None else (lambda data, start: one_arg(data))
+        ranges = (lambda path: [(0, prefix(path))]) if callable(prefix) else [(0, prefix)]
+    _REGISTRY[fmt] = Normalizer(fn, ranges if ranges is not None else [(0, None)])
 
 
-def get_normalizer(fmt: str) -> tuple[Normalizer | None, Callable[[str], int] | int | None]:
-    """(fn, prefix) for ``fmt``; identity for formats nobody registered."""
-    if fmt not in _REGISTRY and fmt in _LAZY:
-        module, fn_name, prefix_name = _LAZY[fmt]
-        try:
-            mod = importlib.import_module(module)
-            fn = getattr(mod, fn_name)
-        except (ImportError, AttributeError):
-            pass
-        else:
-            _REGISTRY[fmt] = _Entry(fn, getattr(mod, prefix_name, None))
-    entry = _REGISTRY.get(fmt, _Entry(None, 0))
-    return entry.fn, entry.prefix
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        obj = ep.load()
+        if not isinstance(obj, Normalizer):
+            raise TypeError(f"entry point {ENTRY_POINT_GROUP}:{ep.name} = {ep.value} "
+                            f"is not a blockdrv.testing.compare.Normalizer")
+        _REGISTRY[ep.name] = obj
+
+
+def get_normalizer(fmt: str) -> Normalizer:
+    """The :class:`Normalizer` of ``fmt`` (registered, or found through the
+    ``blockdrv.normalizers`` entry points); the identity for the others."""
+    if fmt not in _REGISTRY:
+        _discover()
+    return _REGISTRY.get(fmt, IDENTITY)
+
+
+def normalizer_registered(fmt: str) -> bool:
+    get_normalizer(fmt)
+    return fmt in _REGISTRY
 
 
 @dataclass
@@ -174,6 +228,24 @@ def _merge(ranges) -> list[tuple[int, int]]:
     return [(s, e) for s, e in merged]
 
 
+def _subtract(ranges, masked) -> list[tuple[int, int]]:
+    """Parts of the sorted ``ranges`` outside the sorted, merged ``masked``."""
+    out = []
+    for s, e in ranges:
+        pos = s
+        for ms, me in masked:
+            if me <= pos or ms >= e:
+                continue
+            if ms > pos:
+                out.append((pos, ms))
+            pos = max(pos, me)
+            if pos >= e:
+                break
+        if pos < e:
+            out.append((pos, e))
+    return out
+
+
 def hexdump_context(a: bytes, b: bytes, base: int, at: int, width: int = 16) -> str:
     """Two aligned hexdump rows around ``at`` (absolute), a's above b's."""
     row = (at - base) // width * width
@@ -208,8 +280,8 @@ def compare_files(a, b, fmt: str = "raw", check_size: bool = True,
     Returns None when identical, else the first :class:`Difference` (offset,
     message, hexdump context).  Holes compare as zeros, unless ``extents``
     asks for the allocation maps (SEEK_DATA/SEEK_HOLE) to match as well:
-    ``"all"`` the whole files', ``"payload"`` only beyond the normalized
-    prefix (where a format's structures lie, which one tool may write as
+    ``"all"`` the whole files', ``"payload"`` only outside the normalized
+    ranges (where a format's structures lie, which one tool may write as
     zeros and another leave as holes).
     """
     if extents not in (None, "all", "payload"):
@@ -219,30 +291,25 @@ def compare_files(a, b, fmt: str = "raw", check_size: bool = True,
     if check_size and size_a != size_b:
         return Difference(min(size_a, size_b), f"file sizes differ: {a} is {size_a} "
                           f"bytes, {b} is {size_b}")
-    fn, prefix = get_normalizer(fmt)
-    if fn is None:
-        plen = 0
-    elif prefix is None:
-        plen = max(size_a, size_b)
-    elif isinstance(prefix, int):
-        plen = prefix
-    else:
-        plen = max(prefix(a), prefix(b))
-    plen = min(plen, max(size_a, size_b))
+    norm = get_normalizer(fmt)
+    masked = _merge(norm.resolve(a, size_a) + norm.resolve(b, size_b))
+    end = max(size_a, size_b)
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        if plen:
-            ra = fa.read(plen).ljust(plen, b"\0")
-            rb = fb.read(plen).ljust(plen, b"\0")
-            na, nb = fn(ra), fn(rb)
+        for start, stop in masked:
+            n = stop - start
+            fa.seek(start)
+            fb.seek(start)
+            na = norm.fn(fa.read(n).ljust(n, b"\0"), start)
+            nb = norm.fn(fb.read(n).ljust(n, b"\0"), start)
             if na != nb:
                 i = first_diff(na, nb)
-                return Difference(i, f"normalized {fmt} files differ at offset {i:#x} "
-                                  f"(inside the first {plen:#x} bytes)",
-                                  hexdump_context(na, nb, 0, i))
-        end = max(size_a, size_b)
+                return Difference(start + i, f"normalized {fmt} files differ at offset "
+                                  f"{start + i:#x} (inside the normalized range "
+                                  f"{start:#x}..{stop:#x})",
+                                  hexdump_context(na, nb, start, start + i))
         ext_a, ext_b = data_extents(a), data_extents(b)
-        for start, stop in _merge(ext_a + ext_b):
-            pos = max(start, plen)
+        for start, stop in _subtract(_merge(ext_a + ext_b), masked):
+            pos = start
             stop = min(stop, end)
             while pos < stop:
                 n = min(_CHUNK, stop - pos)
@@ -256,8 +323,8 @@ def compare_files(a, b, fmt: str = "raw", check_size: bool = True,
                                       hexdump_context(da, db, pos, pos + i))
                 pos += n
     if extents == "payload":
-        ext_a = [e for e in ext_a if e[1] > plen]
-        ext_b = [e for e in ext_b if e[1] > plen]
+        ext_a = [e for e in ext_a if _subtract([e], masked)]
+        ext_b = [e for e in ext_b if _subtract([e], masked)]
     if extents and ext_a != ext_b:
         i = next(i for i, (x, y) in enumerate(zip(ext_a + [None], ext_b + [None])) if x != y)
         at = min(e[0] for e in (ext_a[i:i + 1] + ext_b[i:i + 1]))
@@ -322,5 +389,5 @@ def file_digest(path, mtime: bool = False) -> str | tuple[str, int]:
         return h.hexdigest(), os.fstat(f.fileno()).st_mtime_ns
 
 
-__all__ = ["register_normalizer", "get_normalizer", "Difference", "data_extents",
+__all__ = ["Normalizer", "register_normalizer", "get_normalizer", "normalizer_registered", "Difference", "data_extents",
            "compare_files", "compare_guest", "file_digest", "hexdump_context"]

@@ -2,12 +2,20 @@
 
 Fixtures:
 
-``qemu_img``, ``qemu_io``, ``vhdiinfo`` (session)
+``qemu_img``, ``qemu_io`` (session)
     paths of the oracle tools (``$QEMU_IMG`` / ``$QEMU_IO`` when set, as the
     runners of :mod:`blockdrv.testing.qemu` use them; else found on PATH); the
     test skips when one is missing, and fails under ``CI=true`` (:func:`blockdrv.testing.tools.require_tool`).
+    Format-specific tools register where they are needed (``vhdiinfo``:
+    :mod:`blockdrv.testing.vhdx.fixtures`, imported by the VHDX tests' conftest).
 ``interop_tmp``
     a fresh directory for images (pytest's ``tmp_path``).
+``figures``
+    ``figures(section, name, tried=.., survived=..)`` adds to the figures
+    printed in the terminal summary (:mod:`blockdrv.testing.figures`).
+``scratch``
+    a fresh directory on ``/dev/shm`` when there is one (crash matrices copy
+    images thousands of times), else under ``tmp_path``.
 ``replay_both``
     ``replay_both(script, fmt="raw", size="64M", image=None, create_options={})``
     copies one template image (``image``, or one made by ``qemu-img create``)
@@ -27,6 +35,7 @@ from typing import Sequence
 import pytest
 
 from .compare import Difference, compare_files
+from .figures import record, summary_lines
 from .qemu import QEMU_IMG, QEMU_IO, ScriptResult, qemu_img_create, replay_script, sparse_copy
 from .tools import require_tool
 
@@ -45,9 +54,35 @@ def qemu_io() -> str:
     return require_tool(QEMU_IO)
 
 
-@pytest.fixture(scope="session")
-def vhdiinfo() -> str:
-    return require_tool("vhdiinfo")
+@pytest.fixture
+def figures():
+    """``figures(section, name, tried=.., survived=..)`` adds to the summary."""
+    return record
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """A fresh directory, on /dev/shm when available."""
+    import shutil
+    import tempfile
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    if base is None:
+        yield str(tmp_path)
+        return
+    path = tempfile.mkdtemp(prefix="blockdrv-rel-", dir=base)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = summary_lines()
+    if not lines:
+        return
+    terminalreporter.section("reliability figures")
+    for line in lines:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from blockdrv.block import open_node
 from blockdrv.errors import BlockDriverError
 from blockdrv.common import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
 from blockdrv.testing.compare import file_digest
-from blockdrv.testing.vhdx_corrupt import (HEADER_OFFSETS, REGION_OFFSETS, KiB, MiB, Vhdx,
+from blockdrv.testing.vhdx.corrupt import (HEADER_OFFSETS, REGION_OFFSETS, KiB, MiB, Vhdx,
                                            crc_seal, make_dirty_log)
 
 TIME_BUDGET = 20          # seconds per example

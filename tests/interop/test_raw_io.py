@@ -8,7 +8,7 @@ import pytest
 
 from blockdrv.testing.compare import compare_files, compare_guest, data_extents
 from blockdrv.testing.qemu import random_script, replay_script
-from blockdrv.testing.vhdx_scripts import verify_reads
+from blockdrv.testing.scripts import verify_reads
 
 pytestmark = pytest.mark.interop
 

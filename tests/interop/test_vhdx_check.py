@@ -1,6 +1,6 @@
 """``check`` against qemu-img 7.2 on the same corrupted files.
 
-Images are made by qemu-img/qemu-io, corrupted with blockdrv.testing.vhdx_corrupt,
+Images are made by qemu-img/qemu-io, corrupted with blockdrv.testing.vhdx.corrupt,
 then checked by both tools.  Where qemu detects a problem, exit code and
 counts must be equal; where it does not (problems only blockdrv detects),
 the test records qemu's answer so a change in either tool shows up.
@@ -18,7 +18,7 @@ import pytest
 from blockdrv.block import open_node
 from blockdrv.common import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
 from blockdrv.testing.qemu import qemu_img_check, run_qemu_img, run_qemu_io
-from blockdrv.testing.vhdx_corrupt import MiB, Vhdx, make_dirty_log
+from blockdrv.testing.vhdx.corrupt import MiB, Vhdx, make_dirty_log
 
 pytestmark = pytest.mark.interop
 

@@ -24,8 +24,8 @@ import pytest
 import blockdrv
 from blockdrv.testing.compare import compare_files, file_digest
 from blockdrv.testing.qemu import run_qemu_img, run_qemu_io, sparse_copy
-from blockdrv.testing.vhdx_corrupt import MiB, Vhdx, make_dirty_log, pend_block_allocation
-from blockdrv.testing.vhdx_scripts import current_header
+from blockdrv.testing.vhdx.corrupt import MiB, Vhdx, make_dirty_log, pend_block_allocation
+from blockdrv.testing.vhdx.scripts import current_header
 
 pytestmark = pytest.mark.interop
 

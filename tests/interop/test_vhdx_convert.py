@@ -25,7 +25,7 @@ import pytest
 
 from blockdrv.testing.compare import allocation_map, compare_files, data_extents
 from blockdrv.testing.qemu import qemu_img_create, qemu_img_map, replay_script, run_qemu_img
-from blockdrv.testing.vhdx_scripts import run_blockdrv
+from blockdrv.testing.scripts import run_blockdrv
 
 pytestmark = pytest.mark.interop
 

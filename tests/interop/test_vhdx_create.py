@@ -20,7 +20,7 @@ from blockdrv.errors import InvalidArgumentError
 from blockdrv.options import parse_create_options
 from blockdrv.testing.compare import compare_files
 from blockdrv.testing.vhdx import PosixFile, normalize_vhdx
-from blockdrv.testing.vhdx_scripts import vhdiinfo_fields
+from blockdrv.testing.vhdx.scripts import vhdiinfo_fields
 
 pytestmark = pytest.mark.interop
 

@@ -30,7 +30,8 @@ import blockdrv
 from blockdrv.testing.compare import file_digest
 from blockdrv.testing.qemu import qemu_img_check, qemu_img_create, run_qemu_io
 from blockdrv.testing.tools import in_ci
-from blockdrv.testing.vhdx_scripts import run_blockdrv, vhdiinfo_fields
+from blockdrv.testing.scripts import run_blockdrv
+from blockdrv.testing.vhdx.scripts import vhdiinfo_fields
 
 pytestmark = pytest.mark.interop
 

@@ -17,7 +17,7 @@ import blockdrv
 from blockdrv.cli import main as cli_main
 from blockdrv.testing.compare import compare_files, file_digest
 from blockdrv.testing.qemu import qemu_img_check, run_qemu_img, run_qemu_io, sparse_copy
-from blockdrv.testing.vhdx_scripts import DIRTY_LOG_CASES, dirty_log_case
+from blockdrv.testing.vhdx.scripts import DIRTY_LOG_CASES, dirty_log_case
 
 pytestmark = pytest.mark.interop
 

@@ -21,7 +21,7 @@ import pytest
 
 from blockdrv.testing.compare import compare_files
 from blockdrv.testing.qemu import qemu_img_check, random_script
-from blockdrv.testing.vhdx_scripts import (LOG_ENTRY_SIZE, edge_script, log_sequences,
+from blockdrv.testing.vhdx.scripts import (LOG_ENTRY_SIZE, edge_script, log_sequences,
                                            log_wrap_script)
 
 pytestmark = pytest.mark.interop

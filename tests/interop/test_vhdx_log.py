@@ -2,7 +2,7 @@
 
 Dirty logs come from qemu itself: blkdebug injects EIO on the first write to the
 BAT sector, i.e. after the log entry was written and flushed but before the BAT
-update landed (see ``blockdrv.testing.vhdx_scripts.make_dirty``).  Files are
+update landed (see ``blockdrv.testing.vhdx.scripts.make_dirty``).  Files are
 compared byte for byte except the two 4 KiB header sectors (qemu updates
 sequence numbers and GUIDs there; the driver, not log.py, does) -- stricter
 than ``normalize_vhdx``, which also masks log entry checksums and GUIDs.
@@ -23,7 +23,7 @@ from blockdrv.errors import CorruptImageError
 from blockdrv.testing.compare import file_digest
 from blockdrv.testing.qemu import sparse_copy
 from blockdrv.testing.vhdx import PosixFile
-from blockdrv.testing.vhdx_scripts import DIRTY_LOG_CASES, current_header, dirty_log_case
+from blockdrv.testing.vhdx.scripts import DIRTY_LOG_CASES, current_header, dirty_log_case
 
 pytestmark = pytest.mark.interop
 

@@ -31,8 +31,8 @@ import pytest
 import blockdrv
 from blockdrv.testing.qemu import (qemu_img_check, qemu_img_create, qemu_img_info, qemu_img_map,
                                    random_script, replay_script, run_qemu_img, run_qemu_io)
-from blockdrv.testing.vhdx_scripts import (edge_script, guest_bytes, run_blockdrv, vhdiinfo_fields,
-                                           verify_reads)
+from blockdrv.testing.scripts import guest_bytes, run_blockdrv, verify_reads
+from blockdrv.testing.vhdx.scripts import edge_script, vhdiinfo_fields
 
 pytestmark = pytest.mark.interop
 

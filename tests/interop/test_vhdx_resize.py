@@ -18,7 +18,8 @@ import blockdrv
 from blockdrv.drivers.vhdx import log as vlog
 from blockdrv.testing.qemu import (qemu_img_check, qemu_img_create, qemu_img_info,
                                    run_qemu_img, run_qemu_io)
-from blockdrv.testing.vhdx_scripts import run_blockdrv, vhdiinfo_fields
+from blockdrv.testing.scripts import run_blockdrv
+from blockdrv.testing.vhdx.scripts import vhdiinfo_fields
 from blockdrv.testing.crash import abandon
 
 pytestmark = pytest.mark.interop

@@ -1,7 +1,7 @@
 """Invalid VHDX images are refused: one-line error, bounded time and memory, no write.
 
 Every case takes a valid image (``blockdrv.create_image``), applies one
-mutation with :mod:`blockdrv.testing.vhdx_corrupt` (re-sealing checksums where the point is to
+mutation with :mod:`blockdrv.testing.vhdx.corrupt` (re-sealing checksums where the point is to
 reach a deeper check) and opens it read-only and read-write.  Opening must
 raise a ``BlockDriverError`` subclass with a one-line message, within a
 time bound, with a bounded Python allocation peak (no buffer sized by an
@@ -30,7 +30,7 @@ import blockdrv
 from blockdrv.errors import BlockDriverError, CorruptImageError, UnsupportedError
 
 from blockdrv.testing.compare import file_digest
-from blockdrv.testing.vhdx_corrupt import (BAT_GUID, FILE_PARAMETERS, LOGICAL_SECTOR_SIZE,
+from blockdrv.testing.vhdx.corrupt import (BAT_GUID, FILE_PARAMETERS, LOGICAL_SECTOR_SIZE,
                                            METADATA_GUID, MiB, PAGE83, PHYSICAL_SECTOR_SIZE,
                                            VIRTUAL_DISK_SIZE, Vhdx, make_dirty_log)
 

@@ -12,7 +12,7 @@ from blockdrv.block import open_node
 from blockdrv.common import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
 
 from blockdrv.testing.compare import file_digest
-from blockdrv.testing.vhdx_corrupt import KiB, MiB, Vhdx, make_dirty_log
+from blockdrv.testing.vhdx.corrupt import KiB, MiB, Vhdx, make_dirty_log
 
 FIX_ALL = FIX_LEAKS | FIX_ERRORS
 

@@ -156,3 +156,20 @@ class PosixFile:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _normalize_range(data: bytes, start: int) -> bytes:
+    return normalize_vhdx(data) if start == 0 else bytes(data)
+
+
+def _ranges(path: str) -> list[tuple[int, int]]:
+    return [(0, structure_end(path))]
+
+
+def _make_normalizer():
+    from ..compare import Normalizer
+    return Normalizer(_normalize_range, _ranges)
+
+
+#: what ``compare_files(a, b, "vhdx")`` masks: the structures before the payload
+normalizer = _make_normalizer()

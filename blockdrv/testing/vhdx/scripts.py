@@ -11,19 +11,19 @@
   of the two standard ones (:data:`DIRTY_LOG_CASES`);
 * :func:`current_header` / :func:`log_sequences` -- the header in force and
   the log entries of an image file;
-* :func:`run_blockdrv` -- the ``blockdrv`` command in-process, output captured;
 * :func:`vhdiinfo_fields` -- libvhdi's ``vhdiinfo`` report as a dict;
-* :func:`guest_bytes` -- the whole guest disk through ``blockdrv.open_image``.
+
+``verify_reads``, ``run_blockdrv`` and ``guest_bytes`` are generic: they live in
+:mod:`blockdrv.testing.scripts` (re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import random
 
-from .qemu import _Shadow, qemu_img_create, run_qemu_img, run_qemu_io
+from ..qemu import _Shadow, qemu_img_create, run_qemu_img, run_qemu_io
+from ..scripts import guest_bytes, run_blockdrv, verify_reads  # noqa: F401 (re-exported)
 
 MiB = 1 << 20
 # One BAT update = descriptor sector + one data sector = 8 KiB of log.
@@ -117,35 +117,9 @@ def log_wrap_script(size: int, block_size: int, writes: int = 200,
     return cmds
 
 
-def verify_reads(script: list[str], size: int) -> list[str]:
-    """``read -P`` commands checking the final content of every range that the
-    ``write -P`` / ``write -z`` commands of ``script`` touched."""
-    shadow = _Shadow(size)
-    touched = _Shadow(size)
-    for cmd in script:
-        words = cmd.split()
-        if not words or words[0] != "write":
-            continue
-        start, length = int(words[-2]), int(words[-1])
-        if start + length > size:
-            continue
-        value = int(words[2], 0) if words[1] == "-P" else 0
-        shadow.paint(start, start + length, value)
-        touched.paint(start, start + length, 1)
-    reads = []
-    for ts, te, t in touched.segs:
-        if not t:
-            continue
-        for s, e, v in shadow.segs:
-            lo, hi = max(s, ts), min(e, te)
-            if lo < hi:
-                reads.append(f"read -P 0x{v:02x} {lo} {hi - lo}")
-    return reads
-
-
 def current_header(path):
     """``(index, VhdxHeader)`` of the header in force in an image file."""
-    from ..drivers.vhdx.header import select_current_header
+    from ...drivers.vhdx.header import select_current_header
     with open(path, "rb") as f:
         f.seek(64 * 1024)
         h1 = f.read(4096)
@@ -211,15 +185,6 @@ def dirty_log_case(directory, case: str) -> tuple[str, int]:
     return make_dirty(directory, f"{case}.vhdx", **kwargs), offset
 
 
-def run_blockdrv(*args) -> tuple[int, str, str]:
-    """``blockdrv ARGS...`` in-process -> (rc, stdout, stderr)."""
-    from ..cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
 def vhdiinfo_fields(path, vhdiinfo: str = "vhdiinfo") -> dict[str, str]:
     """``vhdiinfo PATH`` (libvhdi) as ``{field: value}``, e.g. ``"Disk type":
     "Dynamic"``, ``"Media size": "10 MiB (10486272 bytes)"``; asserts exit 0."""
@@ -234,17 +199,6 @@ def vhdiinfo_fields(path, vhdiinfo: str = "vhdiinfo") -> dict[str, str]:
         if m:
             fields[m.group(1)] = m.group(2)
     return fields
-
-
-def guest_bytes(path, fmt: str | None = None, chunk: int = 8 * MiB) -> bytes:
-    """The whole guest disk as read through ``blockdrv.open_image``."""
-    import blockdrv
-    with blockdrv.open_image(path, fmt) as img:
-        size = img.size
-        parts = []
-        for pos in range(0, size, chunk):
-            parts.append(bytes(img.read(pos, min(chunk, size - pos))))
-    return b"".join(parts)
 
 
 __all__ = ["edge_script", "log_wrap_script", "current_header", "log_sequences", "verify_reads",
