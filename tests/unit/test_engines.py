@@ -14,7 +14,7 @@ from blockdrv.cli import main
 from blockdrv.errors import BlockDriverError, InvalidArgumentError, UnsupportedError
 from blockdrv.testing.compare import compare_files, data_extents
 from blockdrv.testing.qemu import qemu_img_check, run_qemu_img, run_qemu_io
-from blockdrv.testing.vhdx_corrupt import MiB, Vhdx
+from blockdrv.testing.vhdx.corrupt import MiB, Vhdx
 
 SIZE = 12 * MiB
 
