@@ -119,6 +119,10 @@ class VPCImage:
 
     def _open_dynamic(self, flen: int) -> None:
         hdr_at = self.footer.data_offset
+        if hdr_at + DYN_HEADER_SIZE > 1 << 63:
+            # beyond any request qemu's block layer accepts (a 0-byte fixed
+            # image, whose only footer is at offset 0, ends up here in qemu too)
+            raise CorruptImageError("Error reading dynamic VHD header")
         # past the end of the file reads as zeros, as in qemu
         inside = max(0, min(DYN_HEADER_SIZE, flen - hdr_at))
         buf = bytes(self.file.pread(hdr_at, inside)) if inside else b""
