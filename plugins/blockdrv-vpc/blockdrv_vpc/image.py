@@ -7,7 +7,7 @@ import errno
 import struct
 import sys
 
-from blockdrv.driver import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RAW, BLOCK_ZERO,
+from blockdrv.driver import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE, BLOCK_ZERO,
                              BlockStatus, CorruptImageError, InvalidArgumentError,
                              IOVector, UnsupportedError)
 
@@ -258,7 +258,9 @@ class VPCImage:
 
     def block_status(self, offset: int, nbytes: int) -> BlockStatus:
         if self.fixed:
-            return BlockStatus(BLOCK_RAW | BLOCK_OFFSET_VALID, nbytes, offset, self.file)
+            # qemu-img map shows a fixed image's host holes as data *and* zero
+            return BlockStatus(BLOCK_DATA | BLOCK_OFFSET_VALID | BLOCK_RECURSE, nbytes,
+                               offset, self.file)
         bsz = self.block_size
         host = self.host_offset(offset)
         n = min(nbytes, bsz - offset % bsz)
