@@ -227,8 +227,8 @@ class VPCImage:
         The resulting bytes are qemu's (bitmap, data, footer after the block,
         BAT entry) but the order makes every prefix of it a readable image:
 
-        1. the new footer after the new block (the file now ends in a footer
-           again; the old one, where the block starts, is still intact),
+        1. the new footer after the new block, flushed (the file now ends in a
+           footer again; the old one, where the block starts, is still intact),
         2. zeros over the rest of the block, but only where an earlier
            interrupted allocation may have left stale bytes,
         3. the guest data, 4. the bitmap (over the old footer), then a flush,
@@ -241,6 +241,8 @@ class VPCImage:
         end = data_at + self.block_size
         old_len = self.file.total_size
         await self.file.co_pwrite(end, self.footer_buf)
+        # the file must end in a footer whatever part of what follows lands
+        await self.file.co_flush()
         if old_len > base + FOOTER_SIZE:
             for lo, hi in ((data_at, data_at + start), (data_at + start + n, end)):
                 hi = min(hi, old_len)
