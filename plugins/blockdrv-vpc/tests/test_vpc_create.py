@@ -24,11 +24,14 @@ def _azure_rounds(subformat, force, size):
     return subformat == "fixed" and force and size % MiB
 
 
-@pytest.mark.parametrize("subformat,force", VARIANTS, ids=lambda v: str(v))
-@pytest.mark.parametrize("size", SIZES)
+# fixed + force_size=on at a size that is not whole MiB is rounded for Azure
+# on purpose (test_azure_rounding), so it is not compared with qemu
+CASES = [(size, sub, force) for size in SIZES for sub, force in VARIANTS
+         if not _azure_rounds(sub, force, size)]
+
+
+@pytest.mark.parametrize("size,subformat,force", CASES)
 def test_create_matches_qemu(size, subformat, force, tmp_path, figures):
-    if _azure_rounds(subformat, force, size):
-        pytest.skip("rounded for Azure on purpose: test_azure_rounding")
     paths = {}
     outs = {}
     for tool in ("qemu", "blockdrv"):

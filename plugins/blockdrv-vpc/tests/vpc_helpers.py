@@ -93,3 +93,25 @@ def virtual_size(path, fmt: str = "vpc") -> int:
 
 __all__ = ["KiB", "MiB", "GiB", "QEMU_IMG", "run_blockdrv", "run_tool", "unprog",
            "normalized_copy", "compare_vpc", "info_json", "map_json", "virtual_size"]
+
+
+class VpcFormatSpec:
+    """What a format conformance suite needs to know about vpc, in one place,
+    so that a ``FormatConformance`` subclass is five lines::
+
+        class TestVpc(VpcFormatSpec, FormatConformance):
+            pass
+    """
+
+    fmt = "vpc"
+    create_variants = [{}, {"force_size": True}, {"subformat": "fixed"},
+                       {"subformat": "fixed", "force_size": True}]
+    max_size = 2040 << 30
+    supports_check = False          # as qemu: exit 63
+    supports_resize = False
+    supports_discard = False        # discards are dropped, zero writes write zeros
+
+    @staticmethod
+    def normalize(data: bytes) -> bytes:
+        from blockdrv_vpc.normalize import normalize
+        return normalize(data)
