@@ -10,7 +10,7 @@ from blockdrv.driver import DriverInfo, hookimpl
 
 from .create import CREATE_OPTS, create_vpc
 from .image import VPCImage
-from .structs import (DISK_FIXED, DISK_TYPE_NAMES, FOOTER_COOKIE, VHD_EPOCH, creator_name)
+from .structs import (DISK_TYPE_NAMES, FOOTER_COOKIE, VHD_EPOCH, creator_name)
 
 __all__ = ["VPCFormat", "driver"]
 

@@ -11,7 +11,7 @@ from blockdrv.driver import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE, BLOC
                              BlockStatus, CorruptImageError, InvalidArgumentError,
                              IOVector, UnsupportedError)
 
-from .structs import (DISK_DIFFERENCING, DISK_DYNAMIC, DISK_FIXED, DYN_COOKIE,
+from .structs import (DISK_DIFFERENCING, DISK_FIXED, DYN_COOKIE,
                       DYN_HEADER_SIZE, FOOTER_COOKIE, FOOTER_SIZE, F_CHECKSUM, MAX_GEOMETRY,
                       MAX_SECTORS, SECTOR, SIZE_FROM_FOOTER, UNALLOCATED, DynHeader, Footer,
                       bitmap_size, checksum)

@@ -246,7 +246,7 @@ def run_matrix(seed, tmp_path, figures, rotate):
                 failures.append(f"cut {n} {mode}: {problems[:3]}")
             else:
                 survived += 1
-    figures(f"crash matrix seed {seed}{'' if rotate else ' (full)'}", events=total, tried=tried, survived=survived)
+    figures("vpc", f"crash matrix seed {seed}{'' if rotate else ' (full)'}", events=total, tried=tried, survived=survived)
     print(f"\n[vpc crash matrix] seed {seed}: {total} events, {tried} cuts, {survived} survived")
     assert not failures, failures[:10]
 

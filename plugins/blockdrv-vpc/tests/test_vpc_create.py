@@ -48,7 +48,7 @@ def test_create_matches_qemu(size, subformat, force, tmp_path, figures):
              if rc else (rc, {k: v for k, v in data.items() if k != "filename"})
              for rc, data in infos]
     same_info = all(i == infos[0] for i in infos)
-    figures("interop: create", compared=1, identical=int(diff is None and same_info))
+    figures("vpc", "interop: create", compared=1, identical=int(diff is None and same_info))
     assert diff is None, diff
     assert same_info, infos
 
@@ -63,7 +63,7 @@ def test_create_too_large(subformat, force, tmp_path, figures):
         results.append((rc != 0, unprog(err).replace(str(path), "F")))
         if tool == "blockdrv":
             assert not path.exists(), "a failed create left a file"
-    figures("interop: create errors", compared=1, identical=int(results[0] == results[1]))
+    figures("vpc", "interop: create errors", compared=1, identical=int(results[0] == results[1]))
     assert results[0] == results[1]
     assert results[0][0]
 
@@ -84,4 +84,4 @@ def test_azure_rounding(size, tmp_path, figures):
         assert f"rounded up to {want}" in err, err
     else:
         assert err == ""
-    figures("azure", created=1)
+    figures("vpc", "azure", created=1)

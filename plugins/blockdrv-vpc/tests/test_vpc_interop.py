@@ -3,16 +3,13 @@ map, convert between vpc, vhdx and raw in every direction, bad images."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import struct
 
 import pytest
 
 from blockdrv.testing.compare import compare_files, compare_guest
-from blockdrv.testing.qemu import (qemu_img_create, random_script, replay_script,
-                                   run_qemu_img, run_qemu_io, sparse_copy)
+from blockdrv.testing.qemu import qemu_img_create, random_script, replay_script, run_qemu_io
 
 from vpc_helpers import (MiB, compare_vpc, info_json, map_json, run_blockdrv, run_tool,
                          unprog, virtual_size)
@@ -47,7 +44,7 @@ def test_random_script_same_output_same_file(kind, seed, replay_both, tmp_path, 
     r, out, files = _replay(replay_both, kind, script, tmp_path)
     maps = (map_json("qemu", r.qemu_path), map_json("blockdrv", r.blockdrv_path))
     same = out is None and files is None and maps[0] == maps[1]
-    figures("interop: qemu-io scripts", compared=1, identical=int(same))
+    figures("vpc", "interop: qemu-io scripts", compared=1, identical=int(same))
     assert out is None, out
     assert files is None, files
     assert maps[0] == maps[1]
@@ -81,7 +78,7 @@ def test_each_tool_reads_the_others_images(writer, kind, tmp_path, figures):
     assert rc == 0, err
     same_map = map_json("qemu", path) == map_json("blockdrv", path)
     guest = compare_guest(path, raw, "vpc", "raw")
-    figures("interop: cross-reading", compared=1,
+    figures("vpc", "interop: cross-reading", compared=1,
             identical=int(ok and same_map and guest is None))
     assert ok, got.stdout[-2000:] + got.stderr
     assert same_map
@@ -159,7 +156,7 @@ def test_convert_every_direction(source, target, tmp_path, figures):
             diff = None if d is None else str(d)
         ident = diff is None
     guest = compare_guest(src, b, sfmt, tfmt, check_size=False)
-    figures("interop: convert", compared=1, identical=int(ident and guest is None))
+    figures("vpc", "interop: convert", compared=1, identical=int(ident and guest is None))
     assert diff is None, diff
     assert guest is None, guest
 
@@ -229,7 +226,7 @@ def test_bad_images_get_qemus_messages(case, tmp_path, figures):
     if results[0][2][0]:                                  # qemu's convert failed
         assert not (tmp_path / "blockdrv.raw").exists(), "a failed convert left a file"
     same = results[0][:3] == results[1][:3] and results[0][3][0] == results[1][3][0]
-    figures("interop: bad images", compared=1, identical=int(same))
+    figures("vpc", "interop: bad images", compared=1, identical=int(same))
     assert results[0][:3] == results[1][:3]
     assert results[0][3][0] == results[1][3][0]
 
