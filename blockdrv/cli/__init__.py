@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "run"),
     "resize": ("resize", "run"),
     "bench": ("bench", "main"),
+    "nbd": ("nbd", "run"),
 }
 
 # compare reports errors with status 2 (1 means "different").
