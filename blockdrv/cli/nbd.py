@@ -267,6 +267,11 @@ async def _serve(c: _Config, export, log, ready_fd: int | None) -> int:
                 "requests in flight per client")
     finally:
         await server.shutdown()
+        # From here on a signal must not kill the process half-way through
+        # closing the image: the close below flushes and unlocks it anyway.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            asyncio.get_running_loop().remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         if pid_written:
             try:
                 os.unlink(c.pid_file)
