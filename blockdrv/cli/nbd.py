@@ -228,9 +228,11 @@ def run(argv: list[str]) -> int:
 
 
 async def _serve(c: _Config, export, log, ready_fd: int | None) -> int:
-    from ..exports.nbd import NBDServer
+    from ..exports.nbd.server import HANDSHAKE_TIMEOUT, NBDServer
+    # The environment may shorten the handshake limit (tests do).
+    timeout = float(os.environ.get("BLOCKDRV_NBD_HANDSHAKE_TIMEOUT") or HANDSHAKE_TIMEOUT)
     server = NBDServer(export, ssl_context=c.ssl_context, persistent=c.persistent,
-                       max_clients=c.shared, log=log)
+                       max_clients=c.shared, handshake_timeout=timeout, log=log)
     try:
         if c.socket is not None:
             server.listen_unix(c.socket)

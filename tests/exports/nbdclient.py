@@ -161,7 +161,8 @@ class Client:
         magic = P.U32.unpack(self.recv(4))[0]
         if magic == P.SIMPLE_REPLY_MAGIC:
             error, cookie = struct.unpack(">IQ", self.recv(12))
-            data = self.recv(read_len) if read_len and not error else b""
+            data = (self.recv(read_len) if read_len and not error and not self.structured
+                    else b"")
             return Reply(cookie, error, data)
         if magic != P.STRUCTURED_REPLY_MAGIC:
             raise NBDClientError(f"bad reply magic {magic:#x}")
