@@ -45,8 +45,6 @@ def parse_object(text: str) -> dict[str, str]:
                 continue
             raise TLSConfigError(f"Invalid parameter '{field}' in --object")
         out[key] = value
-    if "qom-type" not in out:
-        out["qom-type"] = out.pop("qom-type", "")
     return out
 
 
