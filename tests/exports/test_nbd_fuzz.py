@@ -99,3 +99,29 @@ def test_stalled_handshake_is_dropped(tmp_path, nbd_server, monkeypatch):
         assert idle.closed_by_server(10)
     _healthy(srv.sock)
     assert srv.stop() == 0
+
+
+def test_client_that_never_reads(tmp_path, nbd_server):
+    """A client pipelining reads but never reading replies is throttled (its
+    in-flight budget) and does not keep SIGTERM from closing the image."""
+    import time
+    image, fmt = make_image(tmp_path, "dynamic")
+    srv = nbd_server(image, "-f", fmt, "-t", "-e", "0")
+    c = Client(srv.sock, timeout=2)
+    c.connect()
+    sent = 0
+    try:
+        for i in range(200000):
+            c.request(P.CMD_READ, 0, 1 << 20)
+            sent += 1
+    except (socket.timeout, TimeoutError):
+        pass                                  # the server stopped reading us
+    assert sent < 200000
+    _healthy(srv.sock)                        # others are still served
+    t0 = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - t0 < 15
+    c.close()
+    m = [int(x) for x in __import__("re").findall(r"max (\d+) in flight", srv.stderr())]
+    assert m and max(m) <= 64, srv.stderr()
+    assert_clean(image, fmt)

@@ -263,8 +263,15 @@ class _Client:
     async def _finish(self) -> None:
         if self.handlers:
             # In-flight requests complete (the image stays consistent); the
-            # replies of a vanished client go nowhere.
-            await asyncio.wait(list(self.handlers), timeout=DRAIN_TIMEOUT)
+            # replies of a vanished client go nowhere.  Handlers suspend only
+            # to send; one still waiting after the timeout (a client that
+            # stopped reading; shorter when the server stops) loses its
+            # transport and finishes with a connection error.
+            wait = 5.0 if self.server._closing else DRAIN_TIMEOUT
+            _, pending = await asyncio.wait(list(self.handlers), timeout=wait)
+            if pending and self.writer is not None:
+                self.writer.transport.abort()
+                await asyncio.wait(pending, timeout=5)
         if self.writer is not None:
             self.writer.close()
             try:
