@@ -56,6 +56,11 @@ COMMANDS: dict[str, Command] = {
     "io": Command(
         "io", "io [-f fmt] [-r] [-t cache] [-d discard] [-U] -c command ... filename",
         "qemu-io: run read, write, discard, map... commands on an image"),
+    "nbd": Command(
+        "nbd", "nbd [-r] [-f fmt] [-x name] [-D text] [-k path] [-p port] [-b addr] [-t] "
+        "[-e num] [-A] [--fork] [--pid-file file] [--cache mode] [-n] [--discard mode] "
+        "[--detect-zeroes mode] [-U] [--object spec] [--tls-creds id] [-v] filename",
+        "serve an image over the NBD protocol, as qemu-nbd does"),
 }
 
 NOTES = """\
