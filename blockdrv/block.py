@@ -1,13 +1,15 @@
 """Opening and creating images: protocol selection, probing, the node chain.
 
 ``open_node("disk.vhdx")`` builds ``vhdx --file--> file``; ``fmt`` skips the
-probe.  Filenames may name a protocol as ``proto:rest`` (``memory:scratch``);
-anything else is a POSIX path.
+probe.  Filenames may name a protocol as ``proto:rest`` (``memory:scratch``)
+or be a URI whose scheme a protocol claims (``nbd+unix:///?socket=s``,
+``https://host/disk.vhdx``); anything else is a POSIX path.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Iterable, Iterator
 
 from .errors import BlockDriverError, InvalidArgumentError
@@ -19,8 +21,27 @@ from .backing import open_backing
 from .probe import PROBE_BUF_SIZE, probe, unsupported
 
 
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def uri_schemes() -> dict[str, str]:
+    """URI scheme -> protocol name: a protocol driver claims ``scheme://...``
+    filenames by listing the schemes in its ``uri_schemes`` attribute."""
+    found: dict[str, str] = {}
+    for name, drv in get_registry().protocols.items():
+        for scheme in getattr(drv.plugin, "uri_schemes", None) or ():
+            found.setdefault(scheme.lower(), name)
+    return found
+
+
 def split_protocol(filename: str) -> tuple[str, str]:
-    """``("memory", "x")`` for ``memory:x``; ``("file", path)`` otherwise."""
+    """``("memory", "x")`` for ``memory:x``; for a URI whose scheme a protocol
+    claims, ``(protocol, uri)``; ``("file", path)`` otherwise."""
+    m = _URI_SCHEME.match(filename)
+    if m:
+        proto = uri_schemes().get(m.group(1).lower())
+        if proto is not None:
+            return proto, filename
     reg = get_registry()
     head, sep, rest = filename.partition(":")
     if sep and head in reg.protocols and "/" not in head:
