@@ -6,8 +6,9 @@
 ``file:///path``.  fsspec itself comes with ``blockdrv[fsspec]``; it is
 imported on the first open, never at start-up.
 
-Read-only: opening for writing is refused.  The size is ``fs.size``; block
-status is all data (object stores say nothing about holes).  Open options
+Read-only: opening for writing is refused.  The size is ``fs.info``'s; block
+status is all data (object stores say nothing about holes).  A server must
+honour HTTP Range requests (a whole-file download is never done).  Open options
 (``file={...}`` under a format node, ``open_image(url, file={...})``):
 
 ``readahead``   bytes fetched past each read (fsspec's ``block_size``), qemu
@@ -27,6 +28,7 @@ own event loop thread does the async HTTP under it).
 from __future__ import annotations
 
 import errno
+import os
 import threading
 
 from ..common import BLOCK_DATA, BLOCK_OFFSET_VALID, O_RDWR, BlockStatus
@@ -63,7 +65,22 @@ def _error(exc: BaseException, url: str) -> BlockDriverError:
         return UnsupportedError(f"{scheme}:// needs {package}{hint}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else 'not installed'}")
     if isinstance(exc, FileNotFoundError):
-        return InvalidArgumentError("No such file or directory", errno=errno.ENOENT)
+        # fsspec's HTTP filesystem turns every failure of its HEAD/GET into
+        # FileNotFoundError; the cause says what really happened.
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and not isinstance(cause, FileNotFoundError):
+            return _error(cause, url)
+        return InvalidArgumentError("Not found", errno=errno.ENOENT)
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status >= 400:         # aiohttp's ClientResponseError
+        reason = getattr(exc, "message", "") or ""
+        code = {404: errno.ENOENT, 401: errno.EACCES, 403: errno.EACCES}.get(status, errno.EIO)
+        return BlockIOError(f"HTTP error {status} {reason}".strip(), errno=code)
+    os_error = getattr(exc, "os_error", None)                # aiohttp's ClientConnectorError
+    if isinstance(os_error, OSError) and getattr(exc, "host", None):
+        return BlockIOError(f"Failed to connect to '{exc.host}:{exc.port}': "
+                            f"{os.strerror(os_error.errno) if os_error.errno else os_error}",
+                            errno=os_error.errno or errno.EIO)
     if isinstance(exc, PermissionError):
         return ReadOnlyError("Permission denied", errno=errno.EACCES)
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -124,9 +141,15 @@ class FsspecProtocol:
         f = None
         try:
             fs, path = fsspec.core.url_to_fs(url, **storage)
-            size = fs.size(path)
+            info = fs.info(path)
+            size = info.get("size")
+            if info.get("type", "file") != "file":
+                raise InvalidArgumentError(f"Not a file (an fsspec {info.get('type')})")
             if size is None:
                 raise BlockIOError("The server does not report the image's size")
+            if info.get("partial", True) is False:
+                # fsspec's HTTP filesystem: "Accept-Ranges: none"
+                raise UnsupportedError("The HTTP server does not accept range requests")
             kwargs = {"block_size": readahead, "cache_type": cache_type}
             if cache_type == "blockcache":
                 kwargs["cache_options"] = {"maxblocks": blocks}
