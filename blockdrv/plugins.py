@@ -28,6 +28,8 @@ _BUILTIN = {
     "file": "blockdrv.protocols.file:driver",
     "memory": "blockdrv.protocols.memory:driver",
     "blkdebug": "blockdrv.protocols.blkdebug:driver",
+    "nbd": "blockdrv.protocols.nbd:driver",
+    "fsspec": "blockdrv.protocols.fsspec:driver",
     "raw": "blockdrv.drivers.raw:driver",
     "vhdx": "blockdrv.drivers.vhdx:driver",
 }

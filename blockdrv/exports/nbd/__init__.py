@@ -9,7 +9,16 @@
 * :mod:`.tls`      -- ``tls-creds-x509`` objects as Python ``ssl`` contexts.
 """
 
-from .export import Export, ExportOptions
-from .server import NBDServer
-
 __all__ = ["Export", "ExportOptions", "NBDServer"]
+
+
+def __getattr__(name: str):
+    # Lazily: the nbd protocol driver imports .protocol at every start-up,
+    # and the server's asyncio alone costs ~60 ms a short command never needs.
+    if name in ("Export", "ExportOptions"):
+        from . import export
+        return getattr(export, name)
+    if name == "NBDServer":
+        from .server import NBDServer
+        return NBDServer
+    raise AttributeError(name)

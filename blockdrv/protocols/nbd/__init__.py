@@ -19,6 +19,7 @@ block it for one round trip.  Open options (``file={...}`` under a format):
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
 
 from ...common import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_RDWR, O_UNMAP,
                        WRITE_FUA, WRITE_UNMAP, BlockStatus)
@@ -26,8 +27,10 @@ from ...errors import InvalidArgumentError, ReadOnlyError, UnsupportedError
 from ...exports.nbd import protocol as P
 from ...hookspecs import hookimpl
 from ...iov import IOVector
-from .client import NBDClient
-from .uri import SCHEMES, parse
+from .uri import SCHEMES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import NBDClient
 
 
 class _State:
@@ -71,6 +74,9 @@ class NBDProtocol:
         if options.get("create"):
             raise UnsupportedError("The nbd protocol cannot create images: "
                                    "the server provides the export", errno=errno.ENOTSUP)
+        # the client (sockets, threads, urllib) only when an nbd image opens
+        from .client import NBDClient
+        from .uri import parse
         addr = parse(bs.filename or "")
         client = NBDClient(addr, _timeout(options))
         if flags & O_RDWR and client.read_only:

@@ -18,7 +18,6 @@ one exactly ``socket=``.  qemu's legacy pseudo-protocol is accepted too::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ...errors import InvalidArgumentError, UnsupportedError
 
@@ -62,6 +61,7 @@ def _port(filename: str, text: str) -> int:
 
 def parse_uri(filename: str) -> Address:
     try:
+        from urllib.parse import parse_qsl, unquote, urlsplit   # not at start-up: ~20 ms
         parts = urlsplit(filename)
     except ValueError as exc:
         raise _bad(filename, str(exc)) from None
