@@ -23,7 +23,7 @@ import io
 import os
 from typing import Any
 
-from .common import BLOCK_DATA
+from .common import BLOCK_DATA, BLOCK_ZERO
 from .errors import InvalidArgumentError, NoSpaceError, UnsupportedError
 
 #: Buffer of the buffered stream ``open`` returns (``buffering=-1``): larger
@@ -44,9 +44,11 @@ class ImageSizeFixedError(UnsupportedError, io.UnsupportedOperation):
 def seek_data_hole(image, offset: int, whence: int) -> int:
     """``lseek(2)``'s SEEK_DATA / SEEK_HOLE over an image: the first offset
     at or after ``offset`` that holds data (or is a hole; the end of the disk
-    counts as one).  Data is what block status reports as DATA; unallocated
-    and zero ranges are holes, as in QEMU's FUSE export.  ENXIO when
-    ``offset`` is at or past the end, or no data follows it."""
+    counts as one).  Data is what block status reports as DATA and not
+    ZERO; unallocated ranges and ranges known to read as zeros (even when
+    allocated) are holes, which ``lseek(2)`` allows and sparse copies
+    (``cp --sparse``, ``tar -S``) want.  ENXIO when ``offset`` is at or past
+    the end, or no data follows it."""
     size = image.size
     if offset < 0 or offset >= size:
         raise InvalidArgumentError("offset beyond the end of the image",
@@ -54,7 +56,7 @@ def seek_data_hole(image, offset: int, whence: int) -> int:
     pos = offset
     while pos < size:
         st = image.block_status(pos, size - pos)
-        is_data = bool(st.flags & BLOCK_DATA)
+        is_data = bool(st.flags & BLOCK_DATA) and not st.flags & BLOCK_ZERO
         if is_data == (whence == os.SEEK_DATA):
             return pos
         pos += max(st.pnum, 1)
