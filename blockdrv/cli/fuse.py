@@ -23,9 +23,9 @@ qemu-storage-daemon --export fuse), so 'dd', 'e2fsck', 'mkfs', 'losetup' and
 Python's open() work on MOUNTPOINT itself.  Writes go through the image
 (locked while mounted); the disk's size is fixed (writes past the end fail
 with ENOSPC, truncation with EINVAL: open without O_TRUNC, dd conv=notrunc);
-fallocate punch-hole and zero-range zero (and deallocate) ranges; SEEK_DATA
-and SEEK_HOLE follow the image's allocation.  fsync and every close(2) flush
-the image.  Stops on SIGTERM, SIGINT, SIGHUP or 'fusermount3 -u MOUNTPOINT'."""
+fallocate punch-hole and zero-range zero ranges (punch-hole deallocates where
+the format can); SEEK_DATA and SEEK_HOLE follow the image's allocation.  fsync
+and every close(2) flush the image.  Stops on SIGTERM, SIGINT, SIGHUP or 'fusermount3 -u MOUNTPOINT'."""
 
 
 def parser() -> ArgParser:

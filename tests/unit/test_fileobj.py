@@ -146,13 +146,16 @@ def test_seek_data_hole(tmp_path):
         f.seek(6 * MiB)
         f.write(b"y")
     with blockdrv.open(path) as f:
+        # unallocated blocks are holes; so are the parts of an allocated
+        # block known to read as zeros (at the host file's granularity)
         assert f.seek(0, os.SEEK_DATA) == 3 * MiB
         assert f.seek(0, os.SEEK_HOLE) == 0
         assert f.seek(3 * MiB + 7, os.SEEK_DATA) == 3 * MiB + 7
-        assert f.seek(3 * MiB, os.SEEK_HOLE) == 4 * MiB
-        assert f.seek(4 * MiB, os.SEEK_DATA) == 6 * MiB
-        assert f.seek(6 * MiB, os.SEEK_HOLE) == 7 * MiB
-        assert f.tell() == 7 * MiB
+        hole = f.seek(3 * MiB, os.SEEK_HOLE)
+        assert 3 * MiB + 5100 <= hole <= 4 * MiB
+        assert f.seek(hole, os.SEEK_DATA) == 6 * MiB
+        hole = f.seek(6 * MiB, os.SEEK_HOLE)
+        assert 6 * MiB + 1 <= hole <= 7 * MiB and f.tell() == hole
         with pytest.raises(OSError) as exc:
             f.seek(7 * MiB, os.SEEK_DATA)           # no data after it
         assert exc.value.errno == errno.ENXIO
