@@ -7,6 +7,8 @@ Public API::
     img.write(0, b"data"); img.flush(); img.close()
     with blockdrv.open_image("disk.vhdx") as img:
         img.read(0, 4)
+    with blockdrv.open("disk.vhdx", "rb") as f:                # a file object, as gzip.open
+        tarfile.open(fileobj=f).getnames()
     blockdrv.convert("disk.vhdx", "disk.raw", fmt="raw")      # qemu-img convert
     blockdrv.compare("disk.vhdx", "disk.raw").identical        # qemu-img compare
     blockdrv.check("disk.vhdx", repair="leaks").leaks_fixed    # qemu-img check
@@ -17,12 +19,13 @@ from .api import (CheckResult, Image, ProbedRawWarning, check, compare, convert,
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
                      InvalidArgumentError, PermissionConflictError, ReadOnlyError,
                      UnsupportedError)
+from .fileobj import ImageIO, open
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Image", "open_image", "create_image", "hookimpl", "ProbedRawWarning",
+    "Image", "open", "ImageIO", "open_image", "create_image", "hookimpl", "ProbedRawWarning",
     "convert", "compare", "check", "CompareResult", "CheckResult",
     "BlockDriverError", "BlockIOError", "CorruptImageError",
     "InvalidArgumentError", "PermissionConflictError", "ReadOnlyError", "UnsupportedError",

@@ -4,6 +4,17 @@ Every error a user can provoke is a :class:`BlockDriverError` carrying an
 ``errno``; the CLI turns it into one line on stderr.  Anything else escaping
 the library is an internal bug, and is reported as such.
 
+:class:`BlockDriverError` is an ``OSError`` (as ``gzip``'s and ``zipfile``'s
+I/O errors are), so code written against files (``except OSError``) handles
+images too; ``str()`` is the message alone, ``.errno`` and ``.filename`` are
+set.  A host error wrapped by :func:`from_oserror` also keeps the builtin
+class its errno has: a missing image is a ``FileNotFoundError``
+(:class:`ImageNotFoundError`), a directory an ``IsADirectoryError``, a
+refused open a ``PermissionError`` (:class:`HostPermissionError`).  Inside
+the library, ``except OSError`` around host calls must therefore let a
+``BlockDriverError`` through untouched (``except BlockDriverError: raise``
+first), or it would be wrapped twice.
+
 * :class:`InvalidArgumentError` -- the caller asked for something impossible
   (bad size, unknown option, out-of-range I/O).
 * :class:`CorruptImageError`    -- the image on disk violates its format.
@@ -18,8 +29,9 @@ from __future__ import annotations
 import errno as _errno
 
 
-class BlockDriverError(Exception):
-    """Base of every error raised on purpose by blockdrv."""
+class BlockDriverError(OSError):
+    """Base of every error raised on purpose by blockdrv: an ``OSError`` whose
+    ``str()`` is the message alone (``strerror`` is the message too)."""
 
     default_errno = _errno.EIO
 
@@ -30,8 +42,23 @@ class BlockDriverError(Exception):
         self.errno = self.default_errno if errno is None else errno
         self.filename = filename
 
+    # OSError keeps strerror in a slot of its own; here it follows the
+    # message (which callers may reword after construction).
+    @property
+    def strerror(self) -> str:              # type: ignore[override]
+        return self.message
+
+    @strerror.setter
+    def strerror(self, value: str) -> None:
+        self.message = value
+
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self):
+        # OSError's own reduce would rebuild from args alone, losing errno
+        return (_rebuild, (type(self), self.message, self.errno, self.filename),
+                self.__dict__)
 
     def with_filename(self, filename: str | None) -> "BlockDriverError":
         """Attach ``filename`` unless one is already known; returns self."""
@@ -74,13 +101,49 @@ class NoSpaceError(BlockIOError):
     default_errno = _errno.ENOSPC
 
 
+# Host errors keep the builtin OSError subclass their errno maps to, so
+# ``except FileNotFoundError`` works on images as on files.
+
+class ImageNotFoundError(InvalidArgumentError, FileNotFoundError):
+    default_errno = _errno.ENOENT
+
+
+class IsADirectoryImageError(InvalidArgumentError, IsADirectoryError):
+    default_errno = _errno.EISDIR
+
+
+class NotADirectoryImageError(InvalidArgumentError, NotADirectoryError):
+    default_errno = _errno.ENOTDIR
+
+
+class HostPermissionError(ReadOnlyError, PermissionError):
+    default_errno = _errno.EACCES
+
+
+def _rebuild(cls, message, errno, filename):
+    return cls(message, errno=errno, filename=filename)
+
+
 def from_oserror(exc: OSError, filename: str | None = None) -> BlockDriverError:
-    """Wrap an ``OSError`` from the host into the matching blockdrv error."""
+    """Wrap an ``OSError`` from the host into the matching blockdrv error.
+
+    A :class:`BlockDriverError` (an ``OSError`` too) is returned as it is,
+    only given ``filename`` when it has none: never wrapped twice."""
+    if isinstance(exc, BlockDriverError):
+        return exc.with_filename(filename)
     code = exc.errno or _errno.EIO
     message = exc.strerror or str(exc)
-    if code in (_errno.ENOENT, _errno.EISDIR, _errno.ENOTDIR, _errno.EINVAL):
-        cls: type[BlockDriverError] = InvalidArgumentError
-    elif code in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+    if code == _errno.ENOENT:
+        cls: type[BlockDriverError] = ImageNotFoundError
+    elif code == _errno.EISDIR:
+        cls = IsADirectoryImageError
+    elif code == _errno.ENOTDIR:
+        cls = NotADirectoryImageError
+    elif code == _errno.EINVAL:
+        cls = InvalidArgumentError
+    elif code in (_errno.EACCES, _errno.EPERM):
+        cls = HostPermissionError
+    elif code == _errno.EROFS:
         cls = ReadOnlyError
     elif code == _errno.ENOSPC:
         cls = NoSpaceError

@@ -23,7 +23,7 @@ def reword(exc: BaseException, message: str,
     """``exc`` (a block error or a host ``OSError``) as a block error saying
     ``message``, of class ``cls`` or else of the same kind: the errno
     survives, so callers can still tell ENOSPC from EIO."""
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) and not isinstance(exc, BlockDriverError):
         exc = from_oserror(exc)
     if not isinstance(exc, BlockDriverError):
         return (cls or BlockDriverError)(message)

@@ -11,7 +11,8 @@ import mmap
 import os
 import stat
 
-from ..errors import InvalidArgumentError, UnsupportedError, from_oserror
+from ..errors import (BlockDriverError, InvalidArgumentError, IsADirectoryImageError,
+                      UnsupportedError, from_oserror)
 from ..hookspecs import hookimpl
 from ..iov import IOVector
 from ..perm import PERM_ALL, PERM_RESIZE, PERM_WRITE
@@ -113,8 +114,8 @@ def _open_fd(path: str, flags: int, create: bool = False) -> int:
         # open(2) of a directory succeeds read-only; file-posix refuses it
         # after its fstat (writable opens fail in open(2) with EISDIR).
         os.close(fd)
-        raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file",
-                                   filename=path)
+        raise IsADirectoryImageError(f"'file' driver requires '{path}' to be a regular file",
+                                     filename=path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         # FIFOs and character devices (sockets fail in open(2) above): no
         # image lives there, and reads of a FIFO or a terminal could block.
@@ -196,6 +197,9 @@ class FileProtocol:
             file_lock.take(s.fd, want - s.locked)
             s.locked = s.locked | want
             file_lock.check(s.fd, perm, shared, s.path)
+        except BlockDriverError:        # the conflict check's own error: as it is
+            self.bdrv_abort_perm_update(bs)
+            raise
         except OSError as exc:          # ENOLCK and the like: the host's refusal
             self.bdrv_abort_perm_update(bs)
             raise from_oserror(exc, s.path) from None
@@ -303,6 +307,8 @@ class FileProtocol:
             fallocate(s.fd, _FALLOC_FL_ZERO_RANGE, offset, nbytes)
             if end > bs.total_size:
                 bs.total_size = end
+        except BlockDriverError:        # the block-device refusal above: as it is
+            raise
         except OSError as exc:
             if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
                 raise UnsupportedError("write-zeroes not supported by the host") from None
@@ -400,6 +406,8 @@ def _lock_for_create(s: _State) -> None:
             file_lock.take(s.fd, s.locked)
             file_lock.check(s.fd, perm, shared, s.path)
         os.ftruncate(s.fd, 0)
+    except BlockDriverError:            # file_lock.check's conflict: as it is
+        raise
     except OSError as exc:
         raise from_oserror(exc, s.path) from None
 

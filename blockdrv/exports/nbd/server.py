@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from ...errors import BlockDriverError
 from .export import Export, ExportError
 from . import protocol as P
 
@@ -239,14 +240,19 @@ class _Client:
             self.stats.closed_because = self.stats.closed_because or "client went away"
         except ProtocolViolation as exc:
             self.stats.closed_because = f"protocol violation: {exc}"
+        except BlockDriverError as exc:   # an OSError, but the image's: not the link's
+            self._internal_error(exc)
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             self.stats.closed_because = f"connection error: {exc}"
         except Exception as exc:  # noqa: BLE001 - a bug costs this connection only
-            self.stats.closed_because = f"internal error: {type(exc).__name__}: {exc}"
-            print(f"blockdrv nbd: client {self.stats.number}: internal error: "
-                  f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            self._internal_error(exc)
         finally:
             await self._finish()
+
+    def _internal_error(self, exc: BaseException) -> None:
+        self.stats.closed_because = f"internal error: {type(exc).__name__}: {exc}"
+        print(f"blockdrv nbd: client {self.stats.number}: internal error: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -486,7 +492,8 @@ class _Client:
             budget.release(charge)
             if not t.cancelled() and t.exception() is not None:
                 exc = t.exception()
-                if not isinstance(exc, (ConnectionError, OSError)):
+                if (not isinstance(exc, (ConnectionError, OSError))
+                        or isinstance(exc, BlockDriverError)):
                     print(f"blockdrv nbd: client {self.stats.number}: internal error: "
                           f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         task.add_done_callback(done)
