@@ -77,22 +77,22 @@ def _real(path: str | None) -> str | None:
     return os.path.realpath(rest) if proto == "file" else path
 
 
-def open_backing(bs) -> None:
-    """Open ``bs``'s parent (idempotent; nothing to do without one)."""
-    if bs.backing is not None or bs.open_flags & O_NO_BACKING:
-        return
+def _tries(bs) -> list[BackingCandidate] | None:
+    """Where to look for the parent, in order; None: the image has none."""
     override = bs.options.get("backing")
     if override is not None and not isinstance(override, str):
         raise InvalidArgumentError("Option 'backing' must be a file name")
     if override:
-        tries = [BackingCandidate(override, override, plain=False)]
-    elif bs.backing_candidates is not None:
-        tries = list(bs.backing_candidates)     # named, maybe with no usable path
-    elif bs.backing_file:
-        tries = default_candidates(bs)
-    else:
-        return                                  # no parent
+        return [BackingCandidate(override, override, plain=False)]
+    if bs.backing_candidates is not None:
+        return list(bs.backing_candidates)      # named, maybe with no usable path
+    if bs.backing_file:
+        return default_candidates(bs)
+    return None
 
+
+def _chain_of(bs) -> list[str]:
+    """The real paths of the images above the parent, this one included."""
     chain = list(bs.options.get(CHAIN_OPTION, ()))
     own = _real(bs.filename)
     if own is not None:
@@ -102,20 +102,33 @@ def open_backing(bs) -> None:
                                    f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
         err.in_backing_chain = True
         raise err
-    chosen = None
+    return chain
+
+
+def _choose(tries: list[BackingCandidate]) -> BackingCandidate:
+    """The first candidate that exists (a protocol's is taken as it is)."""
     tried = []
     for cand in tries:
         local = _local(cand)
         if local is None or os.path.exists(local):
-            chosen = cand
-            break
+            return cand
         tried.append(cand.path)
-    if chosen is None:
-        # Never open the child alone: its unallocated ranges would read as
-        # zeros instead of the parent's data.
-        where = ", ".join(f"'{p}'" for p in tried) or "no usable path recorded"
-        raise InvalidArgumentError(f"Could not open backing file: parent not found "
-                                   f"(tried {where})", errno=errno.ENOENT)
+    # Never open the child alone: its unallocated ranges would read as
+    # zeros instead of the parent's data.
+    where = ", ".join(f"'{p}'" for p in tried) or "no usable path recorded"
+    raise InvalidArgumentError(f"Could not open backing file: parent not found "
+                               f"(tried {where})", errno=errno.ENOENT)
+
+
+def open_backing(bs) -> None:
+    """Open ``bs``'s parent (idempotent; nothing to do without one)."""
+    if bs.backing is not None or bs.open_flags & O_NO_BACKING:
+        return
+    tries = _tries(bs)
+    if tries is None:
+        return
+    chain = _chain_of(bs)
+    chosen = _choose(tries)
     local = _local(chosen)
     if (os.path.realpath(local) if local is not None else chosen.path) in chain:
         raise InvalidArgumentError(f"Could not open backing file '{chosen.path}': the "
