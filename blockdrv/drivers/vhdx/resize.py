@@ -25,7 +25,7 @@ Algorithm (under ``img.lock``; nothing moves, existing blocks stay put):
      shrink-then-grow never resurrects old data;
    * a fixed image's new blocks: the file is extended over them;
    * BAT relocation (below): the whole new BAT is written to its new region.
-3. One log entry (``LogWriter.write_sectors_and_flush``) carrying
+3. One transaction (:mod:`.transaction`, one log entry) carrying
    * the metadata sector(s) holding the VirtualDiskSize item, and
    * either the BAT sectors that change (data descriptors; whole sectors
      that become zero as zero descriptors), when the new table fits the
@@ -36,7 +36,8 @@ Algorithm (under ``img.lock``; nothing moves, existing blocks stay put):
      file.  The old BAT region becomes unreferenced space.
    The writer flushes, writes the entry, flushes, sets the header LogGuid,
    applies the sectors, flushes and clears the LogGuid.
-4. In memory: new ``Bat``, params, regions, ``bs.total_size``.  A shrink of
+4. In memory, once the entry is durable: new ``Bat``, params, regions,
+   ``bs.total_size``.  A shrink of
    a dynamic image then truncates the file after the last structure still
    referenced (the dropped blocks, when they were at the end).
 
@@ -59,8 +60,8 @@ from .bat import Bat, chunk_ratio, entry_run, region_length, total_entries
 from .constants import (ALIGNMENT, MAX_VIRTUAL_SIZE, PAYLOAD_BLOCK_FULLY_PRESENT,
                         PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS,
                         VIRTUAL_DISK_SIZE_GUID, round_up)
-from .log import SECTOR, merge_sectors
-from .log.replay import _write_zeros
+from .log import SECTOR, co_merge_sectors
+from .log.replay import co_write_zeros
 
 _ZERO_SECTOR = bytes(SECTOR)
 
@@ -118,12 +119,12 @@ async def truncate(bs, size: int, exact: bool = True, prealloc: str = "off") -> 
         if size == img.virtual_size:
             return
         # a guest-visible change: renew the DataWriteGuid first, as a write does
-        img._mark_data_write()
-        _resize(img, size)
+        await img.headers.co_mark_data_write()
+        await _resize(img, size)
         bs.total_size = img.virtual_size
 
 
-def _resize(img, new_size: int) -> None:
+async def _resize(img, new_size: int) -> None:
     file = img.file
     bsize, lss = img.block_size, img.logical_sector_size
     ratio = chunk_ratio(bsize, lss)
@@ -176,10 +177,10 @@ def _resize(img, new_size: int) -> None:
 
     # -- metadata: the VirtualDiskSize item ----------------------------------
     meta = img.region_table.metadata
-    item = next(e for e in img.metadata_table.entries
+    item = next(e for e in img.layout.metadata_table.entries
                 if e.item_id == VIRTUAL_DISK_SIZE_GUID and not e.is_user)
-    meta_updates = merge_sectors(file, meta.file_offset + item.offset,
-                                 new_size.to_bytes(8, "little"))
+    meta_updates = await co_merge_sectors(file, meta.file_offset + item.offset,
+                                          new_size.to_bytes(8, "little"))
 
     # -- BAT in place, or relocated -------------------------------------------
     relocate = new_total * 8 > bat_rt.length
@@ -190,7 +191,7 @@ def _resize(img, new_size: int) -> None:
         first, end = lo - lo % SECTOR, round_up(hi, SECTOR)
         end = min(end, bat_rt.length)
         if end > first:
-            cur = bytes(file.pread(bat_rt.file_offset + first, end - first))
+            cur = bytes(await file.co_pread(bat_rt.file_offset + first, end - first))
             want = bytearray(cur)
             top = min(end, new_total * 8)
             if top > first:
@@ -217,7 +218,7 @@ def _resize(img, new_size: int) -> None:
         e.file_offset, e.length = new_bat_offset, new_bat_length
         packed = new_rt.pack()
         for rt_off in REGION_TABLE_OFFSETS:
-            cur = bytes(file.pread(rt_off, len(packed)))
+            cur = bytes(await file.co_pread(rt_off, len(packed)))
             upd, zer = _sector_diff(file, rt_off, cur, packed)
             rt_updates += upd
             bat_zeros += zer
@@ -226,30 +227,32 @@ def _resize(img, new_size: int) -> None:
     if tail_fix is not None:
         off, zero_from = tail_fix
         if file.getlength() < off + bsize:
-            file.truncate(off + bsize)
-        _write_zeros(file, off + zero_from, off + bsize)
+            await file.co_truncate(off + bsize)
+        await co_write_zeros(file, off + zero_from, off + bsize)
     if payload_base is not None and file.getlength() < payload_end:
-        file.truncate(payload_end)
+        await file.co_truncate(payload_end)
     if relocate:
         if file.getlength() < new_bat_offset + new_bat_length:
-            file.truncate(new_bat_offset + new_bat_length)
-        file.pwrite(new_bat_offset, bytes(new_buf))
+            await file.co_truncate(new_bat_offset + new_bat_length)
+        await file.co_pwrite(new_bat_offset, bytes(new_buf))
 
-    # -- 3. one log entry --------------------------------------------------------
-    img.log_writer.write_sectors_and_flush(
-        file, bat_updates + rt_updates + meta_updates, img._set_log_guid, zeros=bat_zeros)
+    # -- 3. one transaction, 4. published in memory once durable ----------------
+    def publish() -> None:
+        img.params.virtual_size = new_size
+        img.set_bat(Bat(new_buf, new_size, bsize, lss))
+        if relocate:
+            layout = img.layout
+            layout.region_table = new_rt
+            layout.regions = [r if r != (bat_rt.file_offset, bat_rt.length)
+                              else (new_bat_offset, new_bat_length) for r in layout.regions]
 
-    # -- 4. in memory, then give back a freed tail ------------------------------
-    img.virtual_size = new_size
-    img.params.virtual_size = new_size
-    img.bat = Bat(new_buf, new_size, bsize, lss)
-    if relocate:
-        img.region_table = new_rt
-        img.bat_offset = new_bat_offset
-        img.regions = [r if r != (bat_rt.file_offset, bat_rt.length)
-                       else (new_bat_offset, new_bat_length) for r in img.regions]
+    async with img.transaction() as tx:
+        tx.write_sectors(bat_updates + rt_updates + meta_updates)
+        tx.zero(bat_zeros)
+        tx.on_commit(publish)
+    # then give back a freed tail
     if not grow and new_blocks < old_blocks:
-        _trim_tail(img, old_bat, new_blocks, old_blocks)
+        await _trim_tail(img, old_bat, new_blocks, old_blocks)
 
 
 def _copy_table(rt):
@@ -258,7 +261,7 @@ def _copy_table(rt):
                         for e in rt.entries], rt.checksum)
 
 
-def _trim_tail(img, old_bat: Bat, new_blocks: int, old_blocks: int) -> None:
+async def _trim_tail(img, old_bat: Bat, new_blocks: int, old_blocks: int) -> None:
     """Truncate the file after the last referenced structure when the dropped
     blocks were at its end.  A fixed image that preallocated dropped blocks
     it never referenced (ZERO-state entries) keeps its length: ``check -r
@@ -272,8 +275,8 @@ def _trim_tail(img, old_bat: Bat, new_blocks: int, old_blocks: int) -> None:
               + ([int(ends.max())] if len(ends) else []))
     end = round_up(end, ALIGNMENT)
     if end < file.getlength():
-        file.truncate(end)
-        file.flush()
+        await file.co_truncate(end)
+        await file.co_flush()
 
 
 __all__ = ["truncate"]

@@ -65,11 +65,7 @@ def _chain(tmp_path):
     return child, parent, base
 
 
-# VHDX metadata I/O does not await yet (Core issue, part 4)
-_SYNC_METADATA = pytest.mark.xfail(strict=True, raises=suspending.NestedSyncIOError,
-                                   reason="VHDX metadata I/O is synchronous")
-CASES = [pytest.param(c, marks=_SYNC_METADATA) for c in
-         ("vhdx-dynamic", "vhdx-fixed", "vhdx-4k", "vhdx-chain")] + ["raw"]
+CASES = ["vhdx-dynamic", "vhdx-fixed", "vhdx-4k", "vhdx-chain", "raw"]
 
 
 def _make(tmp_path, case):
@@ -188,7 +184,6 @@ def test_concurrent_io_over_suspending_protocol(tmp_path, case, seed):
             bs.close()
 
 
-@_SYNC_METADATA
 def test_resize_over_suspending_protocol(tmp_path):
     path = str(tmp_path / "r.vhdx")
     _vhdx(path)

@@ -54,6 +54,7 @@ from __future__ import annotations
 from blockdrv.errors import BlockDriverError
 from blockdrv.common import FIX_ERRORS, FIX_LEAKS, CheckResult
 
+from ..aio import blocking
 from ..constants import ZERO_GUID
 from ..image import VHDXImage
 from .analysis import _analyse
@@ -87,7 +88,7 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
                 f"{img.log_guid_without_entries.hex()}) but no valid log entry carries it")
         if fix & FIX_ERRORS and writable:
             # nothing was journaled under that GUID, so nothing needs replaying
-            img.update_headers(False, ZERO_GUID)
+            blocking(img.headers.co_update_both(False, ZERO_GUID))
             img.log_guid_without_entries = None
             result.corruptions_fixed += 1
             result.messages.append(f"Repaired: {what}; the log GUID was cleared")
@@ -100,7 +101,7 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
     if img.differencing:
         # sector bitmap entries (spec 2.5.1.2); counted, not repaired
         from ..bitmap import bitmap_problems
-        for message in bitmap_problems(img):
+        for message in bitmap_problems(img.layout, img.file_length()):
             result.corruptions += 1
             result.messages.append(message)
     try:

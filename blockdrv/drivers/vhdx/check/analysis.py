@@ -130,7 +130,7 @@ def _bad_region_copies(img: VHDXImage) -> list[int]:
     tables = []
     for at in REGION_TABLE_OFFSETS:
         try:
-            tables.append(RegionTable.parse(img._read(at, REGION_TABLE_SIZE)))
+            tables.append(RegionTable.parse(img.read(at, REGION_TABLE_SIZE)))
         except CorruptImageError:
             tables.append(None)
     good = img.region_table

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..aio import blocking
+from ..allocate import grow_file
 from ..constants import LOG_SECTOR_SIZE, MiB, PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS
 from ..image import VHDXImage
 from .analysis import _Findings
@@ -49,7 +51,7 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
         i = int(i)
         length = int(_block_lengths(img, block[i:i + 1])[0])
         src = int(off[i])
-        dst = img._grow_file(img.block_size)
+        dst = blocking(grow_file(file, img.block_size))
         pos = 0
         while pos < length:
             n = min(_COPY_CHUNK, length - pos)
@@ -63,7 +65,8 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
 
 def _journal_bat(img: VHDXImage, idx: np.ndarray, values: np.ndarray) -> None:
     """Set BAT entries ``idx`` to ``values`` through the log, whole sectors at a
-    time (at most 64 sectors per log entry); nothing the size of the BAT is copied."""
+    time (one transaction per run of at most 64 sectors); nothing the size of
+    the BAT is copied."""
     old = img.bat.entries
     moved = values != old[idx]
     changed, values = idx[moved], values[moved]
@@ -82,6 +85,13 @@ def _journal_bat(img: VHDXImage, idx: np.ndarray, values: np.ndarray) -> None:
         lo, hi = np.searchsorted(changed, [first, last])
         chunk = np.array(old[first:last])
         chunk[changed[lo:hi] - first] = values[lo:hi]
-        img.log_writer.write_and_flush(img.file, img.bat_offset + first * 8,
-                                       chunk.astype("<u8").tobytes(), img._set_log_guid)
-        old[first:last] = chunk        # the in-memory BAT follows the disk
+        blocking(_journal_run(img, first, chunk))
+
+
+async def _journal_run(img: VHDXImage, first: int, chunk: np.ndarray) -> None:
+    def publish() -> None:
+        img.bat.entries[first:first + len(chunk)] = chunk   # the in-memory BAT follows
+    async with img.lock:
+        async with img.transaction() as tx:
+            tx.write(img.bat_offset + first * 8, chunk.astype("<u8").tobytes())
+            tx.on_commit(publish)
