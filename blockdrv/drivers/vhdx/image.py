@@ -44,7 +44,7 @@ from .aio import blocking
 from .constants import ZERO_GUID
 from .header import Header
 from .loader import Layout, load
-from .mapper import BAD, DATA, PARENT, ExtentMapper, bad_state
+from .mapper import BAD, DATA, HOLE, PARENT, ZERO, ExtentMapper, bad_state
 from .transaction import Transaction
 
 
@@ -197,22 +197,36 @@ class VHDXImage:
     # ------------------------------------------------------------- guest I/O
 
     async def readv(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        one = self.mapper.lookup(offset, nbytes)
+        if one is not None and one[1] == nbytes:        # one extent: most requests
+            kind = one[0]
+            if kind is DATA and self.overlay is None:
+                await self.file.co_preadv(one[2], nbytes, qiov)
+            elif kind is HOLE or kind is ZERO:
+                qiov.memset(0, nbytes)
+            else:
+                await self._read_extent(kind, offset, nbytes, one[2], qiov)
+            return
         done = 0
         for ext in await self.mapper.map(offset, nbytes):
-            kind, n = ext.kind, ext.length
-            part = qiov if n == nbytes else qiov.slice(done, n)
-            if kind is DATA:
-                if self.overlay is not None:
-                    part.scatter(0, await self.overlay.co_pread(self.file, ext.host, n))
-                else:
-                    await self.file.co_preadv(ext.host, n, part)
-            elif kind is PARENT:
-                await self.read_backing(offset + done, n, part)
-            elif kind is BAD:
-                raise self._bad(ext.block)
-            else:
-                part.memset(0, n)
+            n = ext.length
+            await self._read_extent(ext.kind, offset + done, n, ext.host,
+                                    qiov if n == nbytes else qiov.slice(done, n))
             done += n
+
+    async def _read_extent(self, kind: str, offset: int, n: int, host: int | None,
+                           part: IOVector) -> None:
+        if kind is DATA:
+            if self.overlay is None:
+                await self.file.co_preadv(host, n, part)
+            else:
+                part.scatter(0, await self.overlay.co_pread(self.file, host, n))
+        elif kind is PARENT:
+            await self.read_backing(offset, n, part)
+        elif kind is BAD:
+            raise self._bad(offset // self.block_size)
+        else:
+            part.memset(0, n)
 
     async def writev(self, offset: int, nbytes: int, qiov: IOVector) -> None:
         if self.headers.first_visible_write:

@@ -74,6 +74,18 @@ class ExtentMapper:
         raw = self.bat.raw(block)
         return self._kinds[raw & 7], raw
 
+    def lookup(self, offset: int, nbytes: int):
+        """The first extent of the range as ``(kind, length, host)`` when the
+        BAT alone answers (no sector bitmap to read), at most to the end of
+        its block; else None.  The hot path of small guest I/O: no coroutine."""
+        block, in_block = divmod(offset, self.block_size)
+        raw = self.bat.raw(block)
+        kind = self._kinds[raw & 7]
+        if kind is _MIXED:
+            return None
+        n = min(self.block_size - in_block, nbytes)
+        return kind, n, ((raw & BAT_OFFSET_MASK) + in_block if kind is DATA else None)
+
     async def map(self, offset: int, nbytes: int, *, first: bool = False) -> list[Extent]:
         """The extents of ``[offset, offset + nbytes)``, in order; with
         ``first``, only the first (for block status), as long as it goes."""
