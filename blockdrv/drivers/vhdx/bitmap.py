@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from .aio import blocking
 from .bat import bitmap_index
-from .constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, HEADER_SECTION_SIZE,
-                        PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT,
-                        SECTOR_BITMAP_BLOCK_SIZE)
+from .constants import BAT_OFFSET_MASK, BAT_STATE_MASK, SB_BLOCK_PRESENT
 
 
 
@@ -104,44 +102,3 @@ class SectorBitmaps:
     def all_set(self, block: int, first: int, count: int) -> bool:
         runs = blocking(self.co_runs(block, first, count))
         return len(runs) == 1 and runs[0][0]
-
-
-def bitmap_problems(layout, flen: int, partial: bool = True) -> list[str]:
-    """Sector bitmap entries of a differencing image that violate 2.5.1.2: a
-    bitmap block in the header section, in a region, or past the end of the
-    file; with ``partial``, a PARTIALLY_PRESENT block whose chunk has no
-    bitmap block."""
-    bat = layout.bat
-    if not bat.differencing:
-        return []
-    ratio = bat.chunk_ratio
-    out: list[str] = []
-    chunks = -(-bat.data_blocks // ratio)
-    absent_chunks = []
-    for chunk in range(chunks):
-        idx = bitmap_index(chunk, ratio)
-        raw = bat.raw_at(idx)
-        state, off = raw & BAT_STATE_MASK, raw & BAT_OFFSET_MASK
-        if state == SB_BLOCK_PRESENT:
-            if off < HEADER_SECTION_SIZE:
-                out.append(f"VHDX BAT entry {idx} (sector bitmap) points into the header")
-            elif any(length and off < s + length and off + SECTOR_BITMAP_BLOCK_SIZE > s
-                     for s, length in layout.regions):
-                out.append(f"VHDX BAT entry {idx} (sector bitmap) points into the header, "
-                           "log, BAT or metadata")
-            elif off + SECTOR_BITMAP_BLOCK_SIZE > flen:
-                out.append(f"VHDX BAT entry {idx} (sector bitmap) points after the end of "
-                           f"file ({flen})")
-        elif state == SB_BLOCK_NOT_PRESENT:
-            absent_chunks.append(chunk)
-    if partial and absent_chunks:
-        import numpy as np
-        states = bat.states()
-        pp = np.flatnonzero(states == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-        if len(pp):
-            hit = np.isin(pp // ratio, np.array(absent_chunks))
-            for block in pp[hit][:50].tolist():
-                out.append(f"VHDX block {block} is PARTIALLY_PRESENT but its chunk has "
-                           f"no sector bitmap block (BAT entry "
-                           f"{bitmap_index(block // ratio, ratio)})")
-    return out

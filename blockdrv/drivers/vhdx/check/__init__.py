@@ -45,8 +45,9 @@ replays or drops whole updates):
   a message and not counted (nothing is moved; free space between used
   blocks stays).
 
-:mod:`.entries` holds the BAT entries as arrays, :mod:`.analysis` finds and
-counts corruptions, :mod:`.leaks` the free space, :mod:`.repair` fixes.
+:mod:`..validate` finds what is wrong with the BAT (the rules open refuses
+images by, too), :mod:`.analysis` counts it as qemu does and describes it,
+:mod:`.leaks` finds the free space, :mod:`.repair` fixes.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
         result.messages.append(message)
     if img.differencing:
         # sector bitmap entries (spec 2.5.1.2); counted, not repaired
-        from ..bitmap import bitmap_problems
+        from ..validate import bitmap_problems
         for message in bitmap_problems(img.layout, img.file_length()):
             result.corruptions += 1
             result.messages.append(message)

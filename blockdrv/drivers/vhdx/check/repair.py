@@ -6,10 +6,13 @@ import numpy as np
 
 from ..aio import blocking
 from ..allocate import grow_file
-from ..constants import LOG_SECTOR_SIZE, MiB, PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS
+from ..constants import (BAT_OFFSET_SHIFT, BAT_STATE_MASK, LOG_SECTOR_SIZE, MiB,
+                         PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS)
 from ..image import VHDXImage
 from .analysis import _Findings
-from .entries import _RESERVED_MASK, _STATE_MASK, _bat_geometry, _block_lengths, _offsets
+
+_STATE_MASK = np.uint64(BAT_STATE_MASK)
+_RESERVED_MASK = np.uint64(((1 << BAT_OFFSET_SHIFT) - 1) & ~BAT_STATE_MASK)
 
 _SECTORS_PER_LOG_ENTRY = 64
 _COPY_CHUNK = 1 * MiB
@@ -17,10 +20,9 @@ _COPY_CHUNK = 1 * MiB
 
 def _repair(img: VHDXImage, f: _Findings) -> None:
     file = img.file
-    entries, idx, is_bitmap, block, _ = _bat_geometry(img)
-    assert np.array_equal(idx, f.idx)
+    idx, is_bitmap, off, lengths = f.idx, f.is_bitmap, f.start, f.length
+    entries = img.bat.entries[idx]
     new = entries.copy()
-    off = _offsets(entries)
 
     # 1. region table copies: rewrite a bad copy from the one open used
     if f.region_copies_bad:
@@ -40,7 +42,6 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
     # 4. blocks cut short by a truncation: extend the file over them
     cut = f.cut_short & ~drop
     if cut.any():
-        lengths = _block_lengths(img, block)
         need = int((off[cut] + lengths[cut]).max())
         if need > file.getlength():
             file.truncate(need)
@@ -49,7 +50,7 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
     # 5. overlapping blocks: give each later one its own copy of the data
     for i in np.flatnonzero(f.overlapping & ~drop):
         i = int(i)
-        length = int(_block_lengths(img, block[i:i + 1])[0])
+        length = int(lengths[i])
         src = int(off[i])
         dst = blocking(grow_file(file, img.block_size))
         pos = 0
