@@ -36,6 +36,8 @@ tests/reliability/test_concurrency.py and tests/unit/vhdx/test_async.py.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from blockdrv.coroutine import CoLock
 from blockdrv.errors import CorruptImageError
 from blockdrv.iov import IOVector
@@ -47,12 +49,15 @@ from .loader import Layout, load
 from .mapper import BAD, DATA, HOLE, PARENT, ZERO, ExtentMapper, bad_state
 from .transaction import Transaction
 
+if TYPE_CHECKING:
+    from blockdrv.driver import FileChild
+
 
 class VHDXImage:
     """Driver state of one node (``bs.opaque``)."""
 
     def __init__(self, file, read_only: bool, check: bool = False) -> None:
-        self.file = file                      # the protocol node (awaitable API)
+        self.file: FileChild = file           # awaited from coroutines, blocking at open
         self.read_only = read_only
         # Opened by `check` (O_CHECK): BAT problems are reported by check,
         # not refused at open (qemu's BDRV_O_CHECK).

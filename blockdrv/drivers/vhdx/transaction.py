@@ -38,6 +38,7 @@ from typing import Callable
 from .constants import LOG_SECTOR_SIZE
 
 _U64 = struct.Struct("<Q")
+_ZERO_SECTOR = bytes(LOG_SECTOR_SIZE)
 
 
 class Transaction:
@@ -81,7 +82,7 @@ class Transaction:
     async def __aenter__(self) -> "Transaction":
         return self
 
-    async def __aexit__(self, exc_type, exc, tb) -> None:
+    async def __aexit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             await self.commit()
 
@@ -129,4 +130,25 @@ class Transaction:
         return out
 
 
-__all__ = ["Transaction"]
+def sector_diff(base: int, old: bytes, new: bytes):
+    """(data updates, zero ranges) turning the 4 KiB-aligned range at ``base``
+    from ``old`` into ``new`` -- changed sectors only; all-zero ones as zero
+    ranges (merged): for :meth:`Transaction.write_sectors` and
+    :meth:`Transaction.zero` (a resize's BAT and region tables)."""
+    updates, zeros = [], []
+    for pos in range(0, len(new), LOG_SECTOR_SIZE):
+        sec = new[pos:pos + LOG_SECTOR_SIZE]
+        if sec == old[pos:pos + LOG_SECTOR_SIZE]:
+            continue
+        off = base + pos
+        if sec == _ZERO_SECTOR:
+            if zeros and zeros[-1][0] + zeros[-1][1] == off:
+                zeros[-1] = (zeros[-1][0], zeros[-1][1] + LOG_SECTOR_SIZE)
+            else:
+                zeros.append((off, LOG_SECTOR_SIZE))
+        else:
+            updates.append((off, bytes(sec)))
+    return updates, zeros
+
+
+__all__ = ["Transaction", "sector_diff"]

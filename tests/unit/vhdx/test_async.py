@@ -225,3 +225,47 @@ def test_nested_sync_io_fails_loudly(tmp_path):
         assert suspending.state(bs).passthrough > 0
     finally:
         bs.close()
+
+
+def test_pending_log_read_through_suspending_protocol(tmp_path, monkeypatch):
+    """A read-only open of an image with a pending log reads through the
+    in-memory replay -- over the suspending file too."""
+    from blockdrv.drivers.vhdx import log as vlog
+    from blockdrv.testing.crash import abandon
+
+    class Cut(Exception):
+        pass
+
+    async def cut(writer, file, offset, data, set_log_guid, new_guid=None):
+        await file.co_flush()
+        updates = await vlog.co_merge_sectors(file, offset, data)
+        size = file.getlength()
+        guid = b"p" * 16
+        await writer.co_write_entry(file, vlog.build_entry(
+            writer.sequence, guid, writer.tail, updates, flushed_file_offset=size,
+            last_file_offset=size))
+        await file.co_flush()
+        await set_log_guid(guid)
+        raise Cut()                       # power lost before the BAT sector is written
+
+    path = str(tmp_path / "p.vhdx")
+    _vhdx(path)
+    data = _pattern(3, 64 * 1024)
+    bs = open_node(path, "vhdx", O_RDWR, options={"file": {"driver": "suspend"}})
+    monkeypatch.setattr(vlog.LogWriter, "co_write_and_flush", cut)
+    with pytest.raises(Cut):
+        asyncio.run(bs.co_pwrite(5 * MiB, data))
+    monkeypatch.undo()
+    abandon(bs)
+    bs = open_node(path, "vhdx", 0, options={"file": {"driver": "suspend"}})
+    try:
+        assert bs.opaque.overlay is not None          # replayed in memory only
+
+        async def read():
+            return bytes(await bs.co_pread(5 * MiB - 4096, len(data) + 8192))
+
+        got = asyncio.run(read())
+        assert got == bytes(4096) + data + bytes(4096)
+        assert suspending.state(bs).sleeps > 0
+    finally:
+        bs.close()

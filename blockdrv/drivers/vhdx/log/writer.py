@@ -168,14 +168,6 @@ class LogWriter:
         return blocking(self.co_write_and_flush(as_async(file), offset, data,
                                                 as_async_callback(set_log_guid), new_guid))
 
-    def write_sectors_and_flush(self, file, updates: list[tuple[int, bytes]],
-                                set_log_guid: Callable[[bytes], None], *,
-                                zeros: Iterable[tuple[int, int]] = (),
-                                new_guid: bytes | None = None) -> LogEntry:
-        return blocking(self.co_write_sectors_and_flush(
-            as_async(file), updates, as_async_callback(set_log_guid), zeros=zeros,
-            new_guid=new_guid))
-
 
 def log_entry_mask(entry: bytes) -> list[tuple[int, int]]:
     """Byte ranges of an entry that differ between two identical qemu runs.
