@@ -44,6 +44,14 @@ What the generic layer guarantees to a format driver (QEMU's block/io.c):
 * block status answers are completed by the generic rules listed in
   :meth:`BlockDriverState.co_block_status` (``BLOCK_RAW``, ``BLOCK_RECURSE``).
 
+What a format driver may call on its ``file`` child: :class:`FileChild`, all
+awaitable.  A protocol may suspend (an NBD or HTTP client), so every request
+a ``bdrv_co_*`` hook makes of ``bs.file`` is awaited; the synchronous
+``bs.file.pread``/``pwrite``/``flush``/``truncate`` are for synchronous hooks
+(``bdrv_open``, ``bdrv_close``, ``bdrv_check``, ``bdrv_create``) only, and
+raise if the protocol suspends.  :mod:`blockdrv.testing.suspending` is a
+protocol that suspends on every request, to test a format over.
+
 Create: ``bdrv_create(filename, options)`` receives the ``-o`` options parsed
 against the driver's ``create_opts`` (:class:`CreateOption`), ``size``
 included; :func:`create_file` gives it a fresh, empty, locked, growable
@@ -51,6 +59,8 @@ protocol node.  The generic layer removes the file if creation fails.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from .block import create_file, open_node
 from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID, BLOCK_RAW,
@@ -67,9 +77,32 @@ from .options import CreateOption, parse_bool, parse_size
 from .perm import (PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE,
                    PERM_WRITE_UNCHANGED)
 
+
+class FileChild(Protocol):
+    """The declared protocol of a format driver's ``file`` child (a
+    :class:`BlockDriverState`) as seen from ``bdrv_co_*`` hooks."""
+
+    total_size: int
+    request_alignment: int
+
+    def getlength(self) -> int: ...
+    async def co_preadv(self, offset: int, nbytes: int, qiov: IOVector) -> None: ...
+    async def co_pread(self, offset: int, nbytes: int) -> bytearray: ...
+    async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVector,
+                         flags: int = 0) -> None: ...
+    async def co_pwrite(self, offset: int, data, flags: int = 0) -> None: ...
+    async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int = 0) -> None: ...
+    async def co_pdiscard(self, offset: int, nbytes: int) -> None: ...
+    async def co_flush(self) -> None: ...
+    async def co_truncate(self, size: int, exact: bool = False,
+                          prealloc: str = "off") -> None: ...
+    async def co_block_status(self, offset: int, nbytes: int,
+                              want_zero: bool = True) -> BlockStatus: ...
+
+
 __all__ = [
     # hooks and nodes
-    "hookimpl", "BlockDriverState", "IOVector", "buffer_is_zero",
+    "hookimpl", "BlockDriverState", "FileChild", "IOVector", "buffer_is_zero",
     # records hooks return
     "BlockStatus", "DriverInfo", "CheckResult", "CreateOption",
     # open flags

@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 
+from blockdrv.drivers.vhdx import validate
 from blockdrv.drivers.vhdx.constants import GiB, MiB, TiB
 from blockdrv.drivers.vhdx.create import CREATE_OPTS, create_vhdx, plan_vhdx
 from blockdrv.errors import InvalidArgumentError
@@ -188,8 +189,10 @@ def _parse_with_blockdrv(path):
         assert n * 8 <= rt.bat.length
         bat = Bat(pread(rt.bat.file_offset, n * 8), params.virtual_size,
                   params.block_size, params.logical_sector_size)
-        assert bat.check(size, [(hdr.log_offset, hdr.log_length),
-                                (md.file_offset, md.length)]).corruptions == 0
+        f = validate.scan(bat, size, [(hdr.log_offset, hdr.log_offset + hdr.log_length),
+                                      (md.file_offset, md.file_offset + md.length)])
+        assert not (f.past_eof | f.cut_short | f.in_metadata | f.overlapping | f.partial
+                    | f.bad_state | f.reserved | f.stray_bitmap).any()
         return params, bat
 
 

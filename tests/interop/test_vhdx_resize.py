@@ -124,18 +124,18 @@ def test_qemu_replays_a_cut_resize(interop_tmp, qemu_img, monkeypatch, new):
                              fmt="vhdx")
     assert rc == 0, err
 
-    def cut(writer, file, updates, set_log_guid, *, zeros=(), new_guid=None):
+    async def cut(writer, file, updates, set_log_guid, *, zeros=(), new_guid=None):
         size = file.getlength()
         guid = os.urandom(16)
-        writer.write_entry(file, vlog.build_entry(
+        await writer.co_write_entry(file, vlog.build_entry(
             writer.sequence, guid, writer.tail, updates, zeros=list(zeros),
             flushed_file_offset=size, last_file_offset=size))
-        file.flush()
-        set_log_guid(guid)
+        await file.co_flush()
+        await set_log_guid(guid)
         raise _Cut()
 
     img = blockdrv.open_image(path, "vhdx", readonly=False)
-    monkeypatch.setattr(vlog.LogWriter, "write_sectors_and_flush", cut)
+    monkeypatch.setattr(vlog.LogWriter, "co_write_sectors_and_flush", cut)
     with pytest.raises(_Cut):
         img.resize(new)
     monkeypatch.undo()

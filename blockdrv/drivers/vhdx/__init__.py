@@ -1,8 +1,12 @@
 """The VHDX format driver (MS-VHDX v6.0), hook implementations.
 
 The on-disk structures live one per module (header, region, metadata, bat,
-log); :mod:`.image` holds an open image's state and I/O paths, :mod:`.create`
-makes new images exactly as qemu-img 7.2 does, :mod:`.check` audits them.
+bitmap, log); :mod:`.loader` reads and validates an image at open,
+:mod:`.headers` keeps its header pair, :mod:`.mapper` maps guest ranges to
+extents, :mod:`.transaction` journals every metadata change (used by
+:mod:`.allocate`, :mod:`.resize` and :mod:`.check`), :mod:`.image` ties them
+into an open image, :mod:`.create` makes new images exactly as qemu-img 7.2
+does, :mod:`.check` audits them.
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ from blockdrv.options import CreateOption
 
 from typing import TYPE_CHECKING
 
-from .constants import (ABSENT_STATES, BAT_STATE_MASK, FILE_SIGNATURE,
-                        PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
-                        PAYLOAD_BLOCK_UNDEFINED)
+from .constants import BAT_STATE_MASK, FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT
 from .create import CREATE_OPTS, create_vhdx
+from .mapper import DATA, HOLE, PARENT, ZERO
 
 if TYPE_CHECKING:
     from .image import VHDXImage
@@ -88,7 +91,7 @@ class VHDXFormat:
         was_ro = img.read_only
         img.read_only = not flags & O_RDWR
         if was_ro and not img.read_only:
-            img._start_writing()
+            img.start_writing()
 
     @hookimpl
     async def bdrv_co_readv(self, bs, offset, nbytes, qiov) -> None:
@@ -108,25 +111,17 @@ class VHDXFormat:
 
     @hookimpl
     async def bdrv_co_block_status(self, bs, want_zero, offset, nbytes) -> BlockStatus:
-        img: VHDXImage = bs.opaque
-        if img.differencing:
-            from . import differencing as d
-            kind, host, n = d.block_status(img, offset, nbytes)
-            if kind == d.DATA:
-                return BlockStatus(_DATA_AT, n, host, bs.file)
-            if kind == d.PARENT:
-                return BlockStatus(0, n)          # unallocated: the backing chain decides
-            if kind == d.ZERO:
-                return BlockStatus(BLOCK_ZERO | BLOCK_ALLOCATED, n)
-            return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, n)
-        state, host, n = img.block_status(offset, nbytes)
-        if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-            return BlockStatus(_DATA_AT, n, host, bs.file)
-        if state in (PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED):
+        ext = await bs.opaque.block_status(offset, nbytes)
+        kind, n = ext.kind, ext.length
+        if kind is DATA:
+            return BlockStatus(_DATA_AT, n, ext.host, bs.file)
+        if kind is PARENT:
+            return BlockStatus(0, n)                  # unallocated: the backing chain decides
+        if kind is HOLE:
             return BlockStatus(BLOCK_ZERO, n)          # unallocated, reads as zeros
-        if state in ABSENT_STATES:
+        if kind is ZERO:
             return BlockStatus(BLOCK_ZERO | BLOCK_ALLOCATED, n)   # explicit ZERO/UNMAPPED
-        return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, n)      # invalid: reads fail
+        return BlockStatus(BLOCK_DATA | BLOCK_ALLOCATED, n)      # invalid state: reads fail
 
     @hookimpl
     def bdrv_get_info(self, bs) -> DriverInfo:

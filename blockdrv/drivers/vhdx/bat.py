@@ -7,7 +7,8 @@ read through a ``memoryview`` cast to uint64; whole-table questions are
 answered with vector ops on a numpy ``<u8`` view of the same bytes.
 
 numpy costs ~40 ms to import, more than the rest of a short command, so the
-two whole-table questions every open asks (open_check, count_states) first
+two whole-table questions every open asks (the open validation in .validate,
+and count_states) first
 try a numpy-free scan: a typical table is a "background" -- every payload
 entry one absent state without offset (NOT_PRESENT, or ZERO as qemu creates
 dynamic images), every bitmap entry zero -- plus a few entries that differ.
@@ -18,14 +19,11 @@ those few; tables with many of them go to numpy.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 from blockdrv.errors import CorruptImageError
 
-from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK,
-                        HEADER_SECTION_SIZE, MAX_SECTORS_PER_BLOCK, MiB,
-                        PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
-                        SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK_SIZE, round_up)
+from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK, MAX_SECTORS_PER_BLOCK, MiB,
+                        PAYLOAD_BLOCK_FULLY_PRESENT, SECTOR_BITMAP_BLOCK_SIZE, round_up)
 
 
 
@@ -114,37 +112,12 @@ def decode_entry(raw: int) -> tuple[int, int]:
     return raw & BAT_STATE_MASK, raw & BAT_OFFSET_MASK
 
 
-@dataclass
-class BatCheck:
-    """Result of Bat.check(): per problem, payload block numbers or BAT indices (as noted)."""
-    unknown_state: np.ndarray          # payload blocks in state 4 (5 is pre-1.0 UNMAPPED)
-    partially_present: np.ndarray      # payload blocks PARTIALLY_PRESENT outside differencing
-    bad_bitmap_state: np.ndarray       # BAT indices of bitmap entries in an invalid state
-    reserved_bits: np.ndarray          # BAT indices with reserved bits 3..19 set
-    in_header: np.ndarray              # present payload blocks with offset < 1 MiB
-    beyond_eof: np.ndarray             # present payload blocks ending past the file end
-    in_regions: np.ndarray             # present payload blocks overlapping header/log/BAT/metadata
-    overlapping: np.ndarray            # BAT indices of present blocks overlapping an earlier one
-
-    @property
-    def corruptions(self) -> int:
-        return sum(len(getattr(self, n)) for n in (
-            "unknown_state", "partially_present", "bad_bitmap_state", "reserved_bits",
-            "in_header", "beyond_eof", "in_regions", "overlapping"))
-
-
 # Entries per template compare of the numpy-free scan, and the most
 # differing entries it collects before handing the table to numpy.
 _BG_GROUP = 1 << 15
 _BG_LEAF = 64
 _BG_LIMIT = 4096
 _LITTLE = sys.byteorder == "little"
-
-
-def _int64(value: int) -> int:
-    """``value`` as numpy's int64 arithmetic sees it (two's complement wrap)."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >> 63 else value
 
 
 class Bat:
@@ -193,13 +166,6 @@ class Bat:
         i = block + block // self.chunk_ratio
         q = self._q
         return q[i] if q is not None else int(self.entries[i])
-
-    @classmethod
-    def new(cls, virtual_size: int, block_size: int, logical_sector_size: int = 512, **kw) -> "Bat":
-        """An all-zero (NOT_PRESENT) writable BAT sized like qemu's region."""
-        n = total_entries(virtual_size, block_size, logical_sector_size, **kw)
-        return cls(bytearray(region_length(n)), virtual_size, block_size,
-                   logical_sector_size, **kw)
 
     def to_bytes(self) -> bytes:
         return bytes(self.buf)
@@ -296,15 +262,6 @@ class Bat:
         """(N, 8) uint8 view; column 0 holds the state, little-endian on any host."""
         return self.entries.view(np.uint8).reshape(-1, 8)
 
-    def set_payload_entries(self, values: np.ndarray) -> None:
-        """Store raw payload entries given in block order (bitmap entries untouched)."""
-        step = self.chunk_ratio + 1
-        full = self.total_entries // step
-        grid = self.entries[:full * step].reshape(full, step)
-        head = full * self.chunk_ratio
-        grid[:, :-1] = values[:head].reshape(full, self.chunk_ratio)
-        self.entries[full * step:] = values[head:]
-
     def payload_entries(self) -> np.ndarray:
         """Raw payload entries in block order (a copy)."""
         return self._grid(self.entries)[0]
@@ -364,7 +321,7 @@ class Bat:
     def present_end(self) -> int:
         """End of the furthest block a present entry references (0 if none):
         a payload block is ``block_size`` long, a sector bitmap block 1 MiB.
-        Chunked like :meth:`open_check`; offsets are the raw 44-bit fields."""
+        Chunked (bounded temporaries); offsets are the raw 44-bit fields."""
         step = self.chunk_ratio + 1
         mask = np.uint64(BAT_OFFSET_MASK)
         entries = self.entries
@@ -382,128 +339,3 @@ class Bat:
             if bitmap.any():
                 end = max(end, int(offs[bitmap].max()) + SECTOR_BITMAP_BLOCK_SIZE)
         return end
-
-    def open_check(self, file_size: int, regions=()) -> tuple[int | None, int | None]:
-        """What open refuses, without the cost of :meth:`check`.
-
-        Returns (first present payload block pointing into the header or a
-        region, first present payload block ending past ``file_size``), each
-        None when there is none -- the same blocks ``check`` reports first in
-        ``in_header``/``in_regions`` and ``beyond_eof``.  Scans the table in
-        chunks (a 512 MiB BAT needs a few MiB of temporaries) and only looks
-        at offsets of present blocks.
-        """
-        step = self.chunk_ratio + 1
-        bsize, vsize = self.block_size, self.virtual_size
-        scan = self.background_scan()
-        if scan is not None:
-            return self._open_check_few(scan[1], file_size, regions)
-        mask = np.uint64(BAT_OFFSET_MASK)
-        in_header = in_region = beyond = None
-        for lo, st in self._state_chunks():
-            idx = np.flatnonzero(st >= PAYLOAD_BLOCK_FULLY_PRESENT)   # 6 or 7
-            if not len(idx):
-                continue
-            idx += lo
-            idx = idx[idx % step != step - 1]                 # payload entries only
-            if not len(idx):
-                continue
-            blocks = idx - idx // step
-            starts = (self.entries[idx] & mask).astype(np.int64)
-            ends = starts + np.minimum(bsize, vsize - blocks * bsize)
-            if in_header is None:
-                hit = np.flatnonzero(starts < HEADER_SECTION_SIZE)
-                if len(hit):
-                    in_header = int(blocks[hit[0]])
-            if in_region is None and regions:
-                hit = np.zeros(len(starts), bool)
-                for start, length in regions:
-                    if length:
-                        hit |= (starts < start + length) & (ends > start)
-                hit &= starts >= HEADER_SECTION_SIZE
-                first = np.flatnonzero(hit)
-                if len(first):
-                    in_region = int(blocks[first[0]])
-            if beyond is None:
-                hit = np.flatnonzero(ends > file_size)
-                if len(hit):
-                    beyond = int(blocks[hit[0]])
-        return (in_header if in_header is not None else in_region), beyond
-
-    def _open_check_few(self, diff, file_size: int, regions):
-        """:meth:`open_check` over the entries of a background scan, with
-        numpy's int64 arithmetic (offsets >= 2**63 count as in the header)."""
-        step = self.chunk_ratio + 1
-        bsize, vsize = self.block_size, self.virtual_size
-        in_header = in_region = beyond = None
-        for i, value in diff:
-            if i % step == step - 1 or value & BAT_STATE_MASK < PAYLOAD_BLOCK_FULLY_PRESENT:
-                continue
-            block = i - i // step
-            start = _int64(value & BAT_OFFSET_MASK)
-            end = _int64(start + min(bsize, vsize - block * bsize))
-            if in_header is None and start < HEADER_SECTION_SIZE:
-                in_header = block
-            if in_region is None and start >= HEADER_SECTION_SIZE:
-                for rstart, length in regions:
-                    if length and start < rstart + length and end > rstart:
-                        in_region = block
-                        break
-            if beyond is None and end > file_size:
-                beyond = block
-        return (in_header if in_header is not None else in_region), beyond
-
-    # --- validation -----------------------------------------------------
-    def check(self, file_size: int, regions=()) -> BatCheck:
-        """Find BAT problems without raising.
-
-        ``regions``: (start, length) pairs payload must not overlap (log, BAT,
-        metadata, other regions; the header section is always checked).
-        Works on uint8 state columns and on present blocks only, so a 67M
-        entry BAT checks in well under a second.
-        """
-        ratio = self.chunk_ratio
-        raw = self._low_bytes()
-        pstate, bstate = self._grid(raw[:, 0] & BAT_STATE_MASK)
-        bitmap_idx = np.arange(len(bstate), dtype=np.int64) * (ratio + 1) + ratio
-
-        unknown = np.flatnonzero(pstate == 4)
-        partial = (np.flatnonzero(pstate == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-                   if not self.differencing else np.empty(0, np.int64))
-        bad = bstate != 0
-        if self.differencing:
-            bad &= bstate != SB_BLOCK_PRESENT
-        bad_bitmap = bitmap_idx[bad]
-        reserved = np.flatnonzero((raw[:, 0] & 0xF8) | raw[:, 1] | (raw[:, 2] & 0x0F))
-
-        pblocks = np.flatnonzero((pstate == PAYLOAD_BLOCK_FULLY_PRESENT)
-                                 | (pstate == PAYLOAD_BLOCK_PARTIALLY_PRESENT))
-        pidx = pblocks + pblocks // ratio
-        # offsets < 2**64; anything >= 2**63 turns negative and lands in in_header
-        starts = (self.entries[pidx] & np.uint64(BAT_OFFSET_MASK)).astype(np.int64)
-        # the last block may be short (qemu fixed images end mid-block)
-        lengths = np.minimum(self.block_size, self.virtual_size - pblocks * self.block_size)
-        ends = starts + lengths
-        in_header = pblocks[starts < HEADER_SECTION_SIZE]
-        beyond = pblocks[ends > file_size]
-        hit = np.zeros(len(starts), bool)
-        for start, length in regions:
-            if length:
-                hit |= (starts < start + length) & (ends > start)
-        in_regions = pblocks[hit & (starts >= HEADER_SECTION_SIZE)]
-
-        # overlaps among present payload blocks and present bitmap blocks
-        bpresent = bstate == SB_BLOCK_PRESENT
-        bstarts = (self.entries[bitmap_idx[bpresent]] & np.uint64(BAT_OFFSET_MASK)).astype(np.int64)
-        s = np.concatenate([starts, bstarts])
-        e = np.concatenate([ends, bstarts + SECTOR_BITMAP_BLOCK_SIZE])
-        ids = np.concatenate([pidx, bitmap_idx[bpresent]])
-        if len(s) > 1 and not np.all(s[1:] >= e[:-1]):     # fast path: in order, disjoint
-            order = np.argsort(s, kind="stable")
-            s, e, ids = s[order], e[order], ids[order]
-            prev_end = np.maximum.accumulate(e)
-            overlapping = np.sort(ids[1:][s[1:] < prev_end[:-1]])
-        else:
-            overlapping = np.empty(0, np.int64)
-        return BatCheck(unknown, partial, bad_bitmap, reserved, in_header, beyond,
-                        in_regions, overlapping)

@@ -18,23 +18,26 @@ journal entry is durable, like the BAT (see :mod:`.image`).
 
 from __future__ import annotations
 
-from blockdrv.errors import CorruptImageError
-
+from .aio import blocking
 from .bat import bitmap_index
-from .constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, HEADER_SECTION_SIZE,
-                        PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT,
-                        SECTOR_BITMAP_BLOCK_SIZE)
+from .constants import BAT_OFFSET_MASK, BAT_STATE_MASK, SB_BLOCK_PRESENT
 
 
 
 class SectorBitmaps:
-    """Cached access to the bitmap bytes of each payload block."""
+    """Cached access to the bitmap bytes of each payload block.
 
-    def __init__(self, img) -> None:
-        self.img = img
-        self.ratio = img.bat.chunk_ratio
-        self.lss = img.logical_sector_size
-        self.sectors_per_block = img.block_size // self.lss
+    ``read`` is the image's awaitable metadata read (through an in-memory
+    log replay when there is one): a bitmap's first use from a guest read may
+    suspend on the file.
+    """
+
+    def __init__(self, bat, block_size: int, logical_sector_size: int, read) -> None:
+        self.bat = bat
+        self._read = read
+        self.ratio = bat.chunk_ratio
+        self.lss = logical_sector_size
+        self.sectors_per_block = block_size // self.lss
         self.bytes_per_block = self.sectors_per_block // 8
         self._cache: dict[int, bytearray] = {}
 
@@ -43,7 +46,7 @@ class SectorBitmaps:
         return bitmap_index(block // self.ratio, self.ratio)
 
     def entry(self, block: int) -> int:
-        return self.img.bat.raw_at(self.entry_index(block))
+        return self.bat.raw_at(self.entry_index(block))
 
     def present(self, block: int) -> bool:
         return self.entry(block) & BAT_STATE_MASK == SB_BLOCK_PRESENT
@@ -53,7 +56,7 @@ class SectorBitmaps:
         return (self.entry(block) & BAT_OFFSET_MASK) + (block % self.ratio) * self.bytes_per_block
 
     # ------------------------------------------------------------------- bits
-    def bits(self, block: int) -> bytearray | None:
+    async def co_bits(self, block: int) -> bytearray | None:
         """The block's bitmap bytes, or None when its chunk has no bitmap
         block (every sector then comes from the parent)."""
         cached = self._cache.get(block)
@@ -61,14 +64,14 @@ class SectorBitmaps:
             return cached
         if not self.present(block):
             return None
-        data = bytearray(self.img._read(self.block_offset(block), self.bytes_per_block))
+        data = bytearray(await self._read(self.block_offset(block), self.bytes_per_block))
         self._cache[block] = data
         return data
 
-    def runs(self, block: int, first: int, count: int) -> list[tuple[bool, int]]:
+    async def co_runs(self, block: int, first: int, count: int) -> list[tuple[bool, int]]:
         """(in this file?, sectors) runs covering sectors ``[first, first+count)``
         of ``block``, adjacent runs of the same kind merged."""
-        bits = self.bits(block)
+        bits = await self.co_bits(block)
         if bits is None:
             return [(False, count)]
         import numpy as np
@@ -80,13 +83,9 @@ class SectorBitmaps:
         ends = [*edges.tolist(), count]
         return [(bool(arr[s]), e - s) for s, e in zip(starts, ends)]
 
-    def all_set(self, block: int, first: int, count: int) -> bool:
-        runs = self.runs(block, first, count)
-        return len(runs) == 1 and runs[0][0]
-
-    def with_bits_set(self, block: int, first: int, count: int) -> bytearray:
+    async def co_with_bits_set(self, block: int, first: int, count: int) -> bytearray:
         """A copy of the block's bitmap bytes with sectors ``[first, first+count)`` set."""
-        bits = self.bits(block)
+        bits = await self.co_bits(block)
         out = bytearray(self.bytes_per_block) if bits is None else bytearray(bits)
         value = int.from_bytes(out, "little")
         value |= ((1 << count) - 1) << first
@@ -96,51 +95,10 @@ class SectorBitmaps:
         """The journaled bits are durable: make them visible."""
         self._cache[block] = bytearray(new)
 
+    # -- synchronous forms (no event loop: check, tests) ----------------------
+    def bits(self, block: int) -> bytearray | None:
+        return blocking(self.co_bits(block))
 
-def bitmap_problems(img, partial: bool = True) -> list[str]:
-    """Sector bitmap entries of a differencing image that violate 2.5.1.2: a
-    bitmap block in the header section, in a region, or past the end of the
-    file; with ``partial``, a PARTIALLY_PRESENT block whose chunk has no
-    bitmap block."""
-    bat = img.bat
-    if not bat.differencing:
-        return []
-    ratio = bat.chunk_ratio
-    flen = img.file_length()
-    out: list[str] = []
-    chunks = -(-bat.data_blocks // ratio)
-    absent_chunks = []
-    for chunk in range(chunks):
-        idx = bitmap_index(chunk, ratio)
-        raw = bat.raw_at(idx)
-        state, off = raw & BAT_STATE_MASK, raw & BAT_OFFSET_MASK
-        if state == SB_BLOCK_PRESENT:
-            if off < HEADER_SECTION_SIZE:
-                out.append(f"VHDX BAT entry {idx} (sector bitmap) points into the header")
-            elif any(length and off < s + length and off + SECTOR_BITMAP_BLOCK_SIZE > s
-                     for s, length in img.regions):
-                out.append(f"VHDX BAT entry {idx} (sector bitmap) points into the header, "
-                           "log, BAT or metadata")
-            elif off + SECTOR_BITMAP_BLOCK_SIZE > flen:
-                out.append(f"VHDX BAT entry {idx} (sector bitmap) points after the end of "
-                           f"file ({flen})")
-        elif state == SB_BLOCK_NOT_PRESENT:
-            absent_chunks.append(chunk)
-    if partial and absent_chunks:
-        import numpy as np
-        states = bat.states()
-        pp = np.flatnonzero(states == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
-        if len(pp):
-            hit = np.isin(pp // ratio, np.array(absent_chunks))
-            for block in pp[hit][:50].tolist():
-                out.append(f"VHDX block {block} is PARTIALLY_PRESENT but its chunk has "
-                           f"no sector bitmap block (BAT entry "
-                           f"{bitmap_index(block // ratio, ratio)})")
-    return out
-
-
-def open_check(img) -> None:
-    """Refuse at open what would make reads return metadata as bitmap bits."""
-    problems = bitmap_problems(img, partial=False)
-    if problems:
-        raise CorruptImageError(problems[0])
+    def all_set(self, block: int, first: int, count: int) -> bool:
+        runs = blocking(self.co_runs(block, first, count))
+        return len(runs) == 1 and runs[0][0]

@@ -23,7 +23,6 @@ TiB = 1024 * GiB
 
 # --- Header section (spec 2.2): five 64 KiB slots inside the first 1 MiB ---
 HEADER_SECTION_SIZE = 1 * MiB
-HEADER_SLOT_SIZE = 64 * KiB
 FILE_ID_OFFSET = 0
 HEADER1_OFFSET = 64 * KiB
 HEADER2_OFFSET = 128 * KiB
@@ -57,7 +56,6 @@ MAX_VIRTUAL_SIZE = 64 * TiB
 MAX_SECTORS_PER_BLOCK = 1 << 23  # defines the chunk ratio (spec 2.5)
 SECTOR_BITMAP_BLOCK_SIZE = 1 * MiB
 LOG_SECTOR_SIZE = 4 * KiB
-LOG_MIN_SIZE = 1 * MiB
 DEFAULT_LOG_SIZE = 1 * MiB
 ALIGNMENT = 1 * MiB              # every object in the file is 1 MiB aligned (spec 2.1)
 SECTOR_SIZES = (512, 4096)

@@ -25,7 +25,7 @@ Algorithm (under ``img.lock``; nothing moves, existing blocks stay put):
      shrink-then-grow never resurrects old data;
    * a fixed image's new blocks: the file is extended over them;
    * BAT relocation (below): the whole new BAT is written to its new region.
-3. One log entry (``LogWriter.write_sectors_and_flush``) carrying
+3. One transaction (:mod:`.transaction`, one log entry) carrying
    * the metadata sector(s) holding the VirtualDiskSize item, and
    * either the BAT sectors that change (data descriptors; whole sectors
      that become zero as zero descriptors), when the new table fits the
@@ -36,7 +36,8 @@ Algorithm (under ``img.lock``; nothing moves, existing blocks stay put):
      file.  The old BAT region becomes unreferenced space.
    The writer flushes, writes the entry, flushes, sets the header LogGuid,
    applies the sectors, flushes and clears the LogGuid.
-4. In memory: new ``Bat``, params, regions, ``bs.total_size``.  A shrink of
+4. In memory, once the entry is durable: new ``Bat``, params, regions,
+   ``bs.total_size``.  A shrink of
    a dynamic image then truncates the file after the last structure still
    referenced (the dropped blocks, when they were at the end).
 
@@ -59,11 +60,9 @@ from .bat import Bat, chunk_ratio, entry_run, region_length, total_entries
 from .constants import (ALIGNMENT, MAX_VIRTUAL_SIZE, PAYLOAD_BLOCK_FULLY_PRESENT,
                         PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_ZERO, REGION_TABLE_OFFSETS,
                         VIRTUAL_DISK_SIZE_GUID, round_up)
-from .log import SECTOR, merge_sectors
-from .log.replay import _write_zeros
-
-_ZERO_SECTOR = bytes(SECTOR)
-
+from .log import SECTOR, co_merge_sectors
+from .transaction import sector_diff
+from .log.replay import co_write_zeros
 
 def _absent_state(img) -> int:
     """The state this image gives unallocated blocks."""
@@ -71,26 +70,6 @@ def _absent_state(img) -> int:
     zero = counts.get(PAYLOAD_BLOCK_ZERO, 0)
     return PAYLOAD_BLOCK_ZERO if zero and zero >= counts.get(PAYLOAD_BLOCK_NOT_PRESENT, 0) \
         else PAYLOAD_BLOCK_NOT_PRESENT
-
-
-def _sector_diff(file, base: int, old: bytes, new: bytes):
-    """(data updates, zero ranges) turning the 4 KiB-aligned range at ``base``
-    from ``old`` into ``new`` -- changed sectors only; all-zero ones as zero
-    ranges (merged)."""
-    updates, zeros = [], []
-    for pos in range(0, len(new), SECTOR):
-        sec = new[pos:pos + SECTOR]
-        if sec == old[pos:pos + SECTOR]:
-            continue
-        off = base + pos
-        if sec == _ZERO_SECTOR:
-            if zeros and zeros[-1][0] + zeros[-1][1] == off:
-                zeros[-1] = (zeros[-1][0], zeros[-1][1] + SECTOR)
-            else:
-                zeros.append((off, SECTOR))
-        else:
-            updates.append((off, bytes(sec)))
-    return updates, zeros
 
 
 def _present_spans(bat: Bat, block_size: int, skip: int | None = None):
@@ -118,138 +97,168 @@ async def truncate(bs, size: int, exact: bool = True, prealloc: str = "off") -> 
         if size == img.virtual_size:
             return
         # a guest-visible change: renew the DataWriteGuid first, as a write does
-        img._mark_data_write()
-        _resize(img, size)
+        await img.headers.co_mark_data_write()
+        await _resize(img, size)
         bs.total_size = img.virtual_size
 
 
-def _resize(img, new_size: int) -> None:
-    file = img.file
-    bsize, lss = img.block_size, img.logical_sector_size
-    ratio = chunk_ratio(bsize, lss)
-    old_size = img.virtual_size
-    old_bat = img.bat
-    old_total = old_bat.total_entries
-    new_total = total_entries(new_size, bsize, lss)
-    old_blocks = old_bat.data_blocks
-    new_blocks = -(-new_size // bsize)
-    grow = new_size > old_size
-    bat_rt = img.region_table.bat
-    flen = file.getlength()
+async def _resize(img, new_size: int) -> None:
+    await _Resize(img, new_size).run()
 
-    # -- 1. the new table in memory ------------------------------------------
-    keep = min(old_total, new_total)
-    new_buf = bytearray(new_total * 8)
-    new_buf[:keep * 8] = old_bat.buf[:keep * 8]
-    payload_base = None
-    tail_fix = None                 # (block offset, zero from, file end needed)
-    if grow:
-        if old_size % bsize and old_blocks:
-            last = old_blocks - 1
-            state, off = old_bat.get(last)
-            if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-                # the short last block becomes (more) reachable: it must be
-                # whole and read zeros past the old end
-                starts, ends = _present_spans(old_bat, bsize, skip=last)
-                spans = img.structure_spans()
-                clash = bool(np.any((starts < off + bsize) & (ends > off))) or any(
-                    s < off + bsize and e > off for s, e in spans)
-                if clash:
-                    raise UnsupportedError(
-                        "Cannot grow: the image's last block is short and followed by "
-                        "other data")
-                tail_fix = (off, old_size - last * bsize)
-                flen = max(flen, off + bsize)
-        if new_total > old_total:
-            state = _absent_state(img)
-            first_new_block = old_blocks
-            if img.fixed:
-                state = PAYLOAD_BLOCK_FULLY_PRESENT
-                payload_base = round_up(flen, ALIGNMENT)
-            # payload entries in ``state`` (with consecutive offsets from
-            # ``payload_base`` for a fixed image), bitmap entries 0
-            new_buf[old_total * 8:] = entry_run(old_total, new_total, ratio, state,
-                                                payload_base, first_new_block,
-                                                bsize).tobytes()
-    payload_end = flen if payload_base is None else \
-        payload_base + (new_blocks - old_blocks) * bsize
 
-    # -- metadata: the VirtualDiskSize item ----------------------------------
-    meta = img.region_table.metadata
-    item = next(e for e in img.metadata_table.entries
-                if e.item_id == VIRTUAL_DISK_SIZE_GUID and not e.is_user)
-    meta_updates = merge_sectors(file, meta.file_offset + item.offset,
-                                 new_size.to_bytes(8, "little"))
+class _Resize:
+    """One resize, in the steps of the module docstring."""
 
-    # -- BAT in place, or relocated -------------------------------------------
-    relocate = new_total * 8 > bat_rt.length
-    bat_updates: list = []
-    bat_zeros: list = []
-    if not relocate:
+    def __init__(self, img, new_size: int) -> None:
+        self.img, self.file, self.new_size = img, img.file, new_size
+        self.bsize, self.lss = img.block_size, img.logical_sector_size
+        self.old_size = img.virtual_size
+        self.old_bat = img.bat
+        self.old_total = self.old_bat.total_entries
+        self.new_total = total_entries(new_size, self.bsize, self.lss)
+        self.old_blocks = self.old_bat.data_blocks
+        self.new_blocks = -(-new_size // self.bsize)
+        self.grow = new_size > self.old_size
+        self.bat_rt = img.region_table.bat
+        self.flen = self.file.getlength()
+        self.payload_base = None           # a fixed image's new blocks start here
+        self.tail_fix = None               # (short last block offset, zero from)
+        self.bat_updates: list = []
+        self.zeros: list = []
+        self.rt_updates: list = []
+        self.new_rt = None                 # the region table after a relocation
+        self.new_bat_offset, self.new_bat_length = self.bat_rt.file_offset, self.bat_rt.length
+
+    async def run(self) -> None:
+        img = self.img
+        self._plan_table()
+        meta_updates = await self._size_item()
+        if not await self._bat_in_place(len(meta_updates)):
+            await self._relocate()
+        await self._unpublished_writes()
+        async with img.transaction() as tx:
+            tx.write_sectors(self.bat_updates + self.rt_updates + meta_updates)
+            tx.zero(self.zeros)
+            tx.on_commit(self._publish)
+        # then give back a freed tail
+        if not self.grow and self.new_blocks < self.old_blocks:
+            await _trim_tail(img, self.old_bat, self.new_blocks, self.old_blocks)
+
+    def _plan_table(self) -> None:
+        """1. The new table in memory."""
+        bsize, old_bat, old_total, new_total = (self.bsize, self.old_bat, self.old_total,
+                                                self.new_total)
+        keep = min(old_total, new_total)
+        self.new_buf = new_buf = bytearray(new_total * 8)
+        new_buf[:keep * 8] = old_bat.buf[:keep * 8]
+        if self.grow:
+            if self.old_size % bsize and self.old_blocks:
+                self._plan_tail_fix()
+            if new_total > old_total:
+                state = _absent_state(self.img)
+                if self.img.fixed:
+                    state = PAYLOAD_BLOCK_FULLY_PRESENT
+                    self.payload_base = round_up(self.flen, ALIGNMENT)
+                # payload entries in ``state`` (with consecutive offsets from
+                # ``payload_base`` for a fixed image), bitmap entries 0
+                new_buf[old_total * 8:] = entry_run(
+                    old_total, new_total, chunk_ratio(bsize, self.lss), state,
+                    self.payload_base, self.old_blocks, bsize).tobytes()
+        self.payload_end = self.flen if self.payload_base is None else \
+            self.payload_base + (self.new_blocks - self.old_blocks) * bsize
+
+    def _plan_tail_fix(self) -> None:
+        """Growing past a short last block that is present: it becomes (more)
+        reachable, so it must be whole and read zeros past the old end."""
+        bsize, last = self.bsize, self.old_blocks - 1
+        state, off = self.old_bat.get(last)
+        if state != PAYLOAD_BLOCK_FULLY_PRESENT:
+            return
+        starts, ends = _present_spans(self.old_bat, bsize, skip=last)
+        clash = bool(np.any((starts < off + bsize) & (ends > off))) or any(
+            s < off + bsize and e > off for s, e in self.img.structure_spans())
+        if clash:
+            raise UnsupportedError(
+                "Cannot grow: the image's last block is short and followed by other data")
+        self.tail_fix = (off, self.old_size - last * bsize)
+        self.flen = max(self.flen, off + bsize)
+
+    async def _size_item(self) -> list:
+        """The sector(s) of the VirtualDiskSize metadata item, updated."""
+        meta = self.img.region_table.metadata
+        item = next(e for e in self.img.layout.metadata_table.entries
+                    if e.item_id == VIRTUAL_DISK_SIZE_GUID and not e.is_user)
+        return await co_merge_sectors(self.file, meta.file_offset + item.offset,
+                                      self.new_size.to_bytes(8, "little"))
+
+    async def _bat_in_place(self, meta_sectors: int) -> bool:
+        """The changed sectors of the BAT region; False when the table does not
+        fit its region, or the entry would not fit the log (relocate then)."""
+        bat_rt, old_total, new_total = self.bat_rt, self.old_total, self.new_total
+        if new_total * 8 > bat_rt.length:
+            return False
         lo, hi = min(old_total, new_total) * 8, max(old_total, new_total) * 8
-        first, end = lo - lo % SECTOR, round_up(hi, SECTOR)
-        end = min(end, bat_rt.length)
+        first, end = lo - lo % SECTOR, min(round_up(hi, SECTOR), bat_rt.length)
+        updates: list = []
+        zeros: list = []
         if end > first:
-            cur = bytes(file.pread(bat_rt.file_offset + first, end - first))
+            cur = bytes(await self.file.co_pread(bat_rt.file_offset + first, end - first))
             want = bytearray(cur)
             top = min(end, new_total * 8)
             if top > first:
-                want[:top - first] = new_buf[first:top]
-            if not grow:
+                want[:top - first] = self.new_buf[first:top]
+            if not self.grow:
                 want[new_total * 8 - first:hi - first] = bytes(hi - new_total * 8)
-            bat_updates, bat_zeros = _sector_diff(file, bat_rt.file_offset + first, cur,
-                                                  bytes(want))
-        if not img.log_writer.entry_fits(len(bat_updates) + len(meta_updates),
-                                         len(bat_updates) + len(meta_updates)
-                                         + len(bat_zeros)):
-            relocate = True
-            bat_updates, bat_zeros = [], []
+            updates, zeros = sector_diff(bat_rt.file_offset + first, cur, bytes(want))
+        if not self.img.log_writer.entry_fits(len(updates) + meta_sectors,
+                                              len(updates) + meta_sectors + len(zeros)):
+            return False
+        self.bat_updates, self.zeros = updates, zeros
+        return True
 
-    rt_updates: list = []
-    new_bat_offset, new_bat_length = bat_rt.file_offset, bat_rt.length
-    if relocate:
-        new_bat_offset = round_up(max(payload_end, flen), ALIGNMENT)
-        new_bat_length = region_length(new_total)
-        if new_bat_length >= 1 << 32:
+    async def _relocate(self) -> None:
+        """A new BAT region at the end of the file: both region tables change."""
+        self.new_bat_offset = round_up(max(self.payload_end, self.flen), ALIGNMENT)
+        self.new_bat_length = region_length(self.new_total)
+        if self.new_bat_length >= 1 << 32:
             raise UnsupportedError("VHDX BAT region would exceed 4 GiB")
-        new_rt = _copy_table(img.region_table)
+        self.new_rt = new_rt = _copy_table(self.img.region_table)
         e = new_rt.bat
-        e.file_offset, e.length = new_bat_offset, new_bat_length
+        e.file_offset, e.length = self.new_bat_offset, self.new_bat_length
         packed = new_rt.pack()
         for rt_off in REGION_TABLE_OFFSETS:
-            cur = bytes(file.pread(rt_off, len(packed)))
-            upd, zer = _sector_diff(file, rt_off, cur, packed)
-            rt_updates += upd
-            bat_zeros += zer
+            cur = bytes(await self.file.co_pread(rt_off, len(packed)))
+            upd, zer = sector_diff(rt_off, cur, packed)
+            self.rt_updates += upd
+            self.zeros += zer
 
-    # -- 2. unpublished writes --------------------------------------------------
-    if tail_fix is not None:
-        off, zero_from = tail_fix
-        if file.getlength() < off + bsize:
-            file.truncate(off + bsize)
-        _write_zeros(file, off + zero_from, off + bsize)
-    if payload_base is not None and file.getlength() < payload_end:
-        file.truncate(payload_end)
-    if relocate:
-        if file.getlength() < new_bat_offset + new_bat_length:
-            file.truncate(new_bat_offset + new_bat_length)
-        file.pwrite(new_bat_offset, bytes(new_buf))
+    async def _unpublished_writes(self) -> None:
+        """2. Writes invisible to the old image (a crash leaves space unused)."""
+        file, bsize = self.file, self.bsize
+        if self.tail_fix is not None:
+            off, zero_from = self.tail_fix
+            if file.getlength() < off + bsize:
+                await file.co_truncate(off + bsize)
+            await co_write_zeros(file, off + zero_from, off + bsize)
+        if self.payload_base is not None and file.getlength() < self.payload_end:
+            await file.co_truncate(self.payload_end)
+        if self.new_rt is not None:
+            end = self.new_bat_offset + self.new_bat_length
+            if file.getlength() < end:
+                await file.co_truncate(end)
+            await file.co_pwrite(self.new_bat_offset, bytes(self.new_buf))
 
-    # -- 3. one log entry --------------------------------------------------------
-    img.log_writer.write_sectors_and_flush(
-        file, bat_updates + rt_updates + meta_updates, img._set_log_guid, zeros=bat_zeros)
-
-    # -- 4. in memory, then give back a freed tail ------------------------------
-    img.virtual_size = new_size
-    img.params.virtual_size = new_size
-    img.bat = Bat(new_buf, new_size, bsize, lss)
-    if relocate:
-        img.region_table = new_rt
-        img.bat_offset = new_bat_offset
-        img.regions = [r if r != (bat_rt.file_offset, bat_rt.length)
-                       else (new_bat_offset, new_bat_length) for r in img.regions]
-    if not grow and new_blocks < old_blocks:
-        _trim_tail(img, old_bat, new_blocks, old_blocks)
+    def _publish(self) -> None:
+        """4. In memory, once the log entry is durable."""
+        img = self.img
+        img.params.virtual_size = self.new_size
+        img.set_bat(Bat(self.new_buf, self.new_size, self.bsize, self.lss))
+        if self.new_rt is not None:
+            old = (self.bat_rt.file_offset, self.bat_rt.length)
+            layout = img.layout
+            layout.region_table = self.new_rt
+            layout.regions = [r if r != old else (self.new_bat_offset, self.new_bat_length)
+                              for r in layout.regions]
 
 
 def _copy_table(rt):
@@ -258,7 +267,7 @@ def _copy_table(rt):
                         for e in rt.entries], rt.checksum)
 
 
-def _trim_tail(img, old_bat: Bat, new_blocks: int, old_blocks: int) -> None:
+async def _trim_tail(img, old_bat: Bat, new_blocks: int, old_blocks: int) -> None:
     """Truncate the file after the last referenced structure when the dropped
     blocks were at its end.  A fixed image that preallocated dropped blocks
     it never referenced (ZERO-state entries) keeps its length: ``check -r
@@ -272,8 +281,8 @@ def _trim_tail(img, old_bat: Bat, new_blocks: int, old_blocks: int) -> None:
               + ([int(ends.max())] if len(ends) else []))
     end = round_up(end, ALIGNMENT)
     if end < file.getlength():
-        file.truncate(end)
-        file.flush()
+        await file.co_truncate(end)
+        await file.co_flush()
 
 
 __all__ = ["truncate"]

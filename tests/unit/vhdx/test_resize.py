@@ -42,15 +42,16 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.entries = []
-        orig = vlog.LogWriter.write_sectors_and_flush
+        orig = vlog.LogWriter.co_write_sectors_and_flush
         spy = self
 
-        def wrapped(writer, file, updates, set_log_guid, *, zeros=(), new_guid=None):
+        async def wrapped(writer, file, updates, set_log_guid, *, zeros=(), new_guid=None):
             zeros = list(zeros)
             spy.entries.append(([off for off, _ in updates], zeros))
-            return orig(writer, file, updates, set_log_guid, zeros=zeros, new_guid=new_guid)
+            return await orig(writer, file, updates, set_log_guid, zeros=zeros,
+                              new_guid=new_guid)
 
-        monkeypatch.setattr(vlog.LogWriter, "write_sectors_and_flush", wrapped)
+        monkeypatch.setattr(vlog.LogWriter, "co_write_sectors_and_flush", wrapped)
 
 
 def test_grow_in_place_one_entry(tmp_path, monkeypatch):
@@ -252,18 +253,18 @@ def test_crash_after_log_guid_replays_new_size(tmp_path, monkeypatch, new):
     with rw(path) as img:
         img.write(MiB, b"\x42" * 4096)
 
-    def cut(writer, file, updates, set_log_guid, *, zeros=(), new_guid=None):
+    async def cut(writer, file, updates, set_log_guid, *, zeros=(), new_guid=None):
         size = file.getlength()
         entry = vlog.build_entry(writer.sequence, b"g" * 16, writer.tail, updates,
                                  zeros=list(zeros), flushed_file_offset=size,
                                  last_file_offset=size)
-        writer.write_entry(file, entry)
-        file.flush()
-        set_log_guid(b"g" * 16)
+        await writer.co_write_entry(file, entry)
+        await file.co_flush()
+        await set_log_guid(b"g" * 16)
         raise _Cut()
 
     img = rw(path)
-    monkeypatch.setattr(vlog.LogWriter, "write_sectors_and_flush", cut)
+    monkeypatch.setattr(vlog.LogWriter, "co_write_sectors_and_flush", cut)
     with pytest.raises(_Cut):
         img.resize(new)
     monkeypatch.undo()

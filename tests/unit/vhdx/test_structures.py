@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from blockdrv.drivers.vhdx import bat as B
 from blockdrv.drivers.vhdx import checksum
+from blockdrv.drivers.vhdx import validate as V
 from blockdrv.drivers.vhdx.constants import (BAT_GUID, FILE_PARAMETERS_GUID, HEADER_SIZE,
                                              METADATA_GUID, MiB, PAYLOAD_BLOCK_FULLY_PRESENT,
                                              PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_ZERO,
@@ -313,12 +315,24 @@ def test_encode_entry_rejects_misaligned():
         B.encode_entry(6, MiB + 1)
 
 
+def new_bat(size: int, bs: int) -> B.Bat:
+    """An all-zero (NOT_PRESENT) writable BAT sized like qemu's region."""
+    return B.Bat(bytearray(B.region_length(B.total_entries(size, bs, 512))), size, bs)
+
+
+def problems(f) -> np.ndarray:
+    """Entries the validator flags, as a mask parallel to ``f.idx``."""
+    return (f.past_eof | f.cut_short | f.in_metadata | f.overlapping | f.partial
+            | f.bad_state | f.reserved | f.stray_bitmap)
+
+
 def test_bat_views_skip_bitmap_entries():
     bs = 256 * MiB                                   # chunk ratio 16
-    t = B.Bat.new(40 * bs, bs)
+    t = new_bat(40 * bs, bs)
     assert t.total_entries == 40 + 2
     values = np.arange(40, dtype=np.uint64) * np.uint64(MiB) | np.uint64(6)
-    t.set_payload_entries(values)
+    for block, value in enumerate(values.tolist()):
+        t.set(block, value & 7, value & ~7)
     assert np.array_equal(t.payload_entries(), values)
     assert t.entries[16] == 0 and t.entries[33] == 0   # bitmap entries untouched
     assert t.get(16) == (6, 16 * MiB)
@@ -332,10 +346,10 @@ def test_bat_region_too_small():
         B.Bat(bytearray(8), 10 * MiB, MiB)
 
 
-def test_bat_check_finds_problems():
+def test_validator_finds_problems():
     bs = MiB
     size = 8 * MiB
-    t = B.Bat.new(size, bs)
+    t = new_bat(size, bs)
     t.set(0, PAYLOAD_BLOCK_FULLY_PRESENT, 10 * MiB)
     t.set(1, PAYLOAD_BLOCK_FULLY_PRESENT, 10 * MiB)          # duplicate
     t.set(2, PAYLOAD_BLOCK_FULLY_PRESENT, 2 * MiB)           # inside the BAT region
@@ -344,25 +358,32 @@ def test_bat_check_finds_problems():
     t.set(5, PAYLOAD_BLOCK_PARTIALLY_PRESENT, 12 * MiB)      # not valid outside differencing
     t.set(6, 4)                                              # undefined state
     t.entries[7] = np.uint64(PAYLOAD_BLOCK_ZERO | 0x100)     # reserved bits
-    r = t.check(file_size=20 * MiB, regions=[(MiB, MiB), (2 * MiB, MiB), (3 * MiB, MiB)])
-    assert list(r.overlapping) == [1]
-    assert list(r.in_regions) == [2]
-    assert list(r.in_header) == [3]
-    assert list(r.beyond_eof) == [4]
-    assert list(r.partially_present) == [5]
-    assert list(r.unknown_state) == [6]
-    assert list(r.reserved_bits) == [7]
-    assert r.corruptions == 7
+    spans = [(MiB, 2 * MiB), (2 * MiB, 3 * MiB), (3 * MiB, 4 * MiB)]
+    f = V.scan(t, 20 * MiB, spans)
+    assert list(f.block[f.overlapping]) == [1]
+    assert list(f.block[f.in_metadata]) == [2, 3]           # a region, the header
+    assert list(f.start[f.in_metadata]) == [2 * MiB, 0]
+    assert list(f.block[f.past_eof]) == [4]
+    assert list(f.block[f.partial]) == [5]
+    assert list(f.block[f.bad_state]) == [6]
+    assert list(f.block[f.reserved]) == [7]
+    assert int(problems(f).sum()) == 7
+    # open refuses the first entry the same rules find
+    layout = SimpleNamespace(bat=t, structure_spans=lambda: [(0, MiB)] + spans)
+    with pytest.raises(CorruptImageError, match="block 2 points into VHDX metadata"):
+        V.refuse_at_open(layout, 20 * MiB)
 
 
-def test_bat_check_partial_last_block_and_bitmaps():
+def test_validator_partial_last_block_and_bitmaps():
     bs = 256 * MiB
     size = 17 * bs - 512 * 1024                               # short last block
-    t = B.Bat.new(size, bs)
+    t = new_bat(size, bs)
     for b in range(17):
         t.set(b, PAYLOAD_BLOCK_FULLY_PRESENT, 8 * MiB + b * bs)
     file_end = 8 * MiB + size
-    assert B.Bat(t.buf, size, bs).check(file_end).corruptions == 0
+    assert not problems(V.scan(B.Bat(t.buf, size, bs), file_end, [])).any()
     t.entries[16] = np.uint64(SB_BLOCK_PRESENT | (4000 * MiB))
-    assert list(t.check(file_end).bad_bitmap_state) == [16]
-    assert t.check(file_end - 1).beyond_eof.tolist() == [16]
+    f = V.scan(t, file_end, [])
+    assert list(f.idx[f.stray_bitmap]) == [16]
+    f = V.scan(t, file_end - 1, [])
+    assert list(f.block[f.past_eof | f.cut_short]) == [16]

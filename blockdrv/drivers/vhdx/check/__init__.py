@@ -45,8 +45,9 @@ replays or drops whole updates):
   a message and not counted (nothing is moved; free space between used
   blocks stays).
 
-:mod:`.entries` holds the BAT entries as arrays, :mod:`.analysis` finds and
-counts corruptions, :mod:`.leaks` the free space, :mod:`.repair` fixes.
+:mod:`..validate` finds what is wrong with the BAT (the rules open refuses
+images by, too), :mod:`.analysis` counts it as qemu does and describes it,
+:mod:`.leaks` finds the free space, :mod:`.repair` fixes.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from __future__ import annotations
 from blockdrv.errors import BlockDriverError
 from blockdrv.common import FIX_ERRORS, FIX_LEAKS, CheckResult
 
+from ..aio import blocking
 from ..constants import ZERO_GUID
 from ..image import VHDXImage
 from .analysis import _analyse
@@ -64,43 +66,14 @@ from .repair import _repair
 def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
     result = CheckResult()
     writable = not img.read_only and img.overlay is None
-    if img.log_replayed_on_open:
-        # qemu counts a log replayed by a read-write open as a fixed
-        # corruption -- and prints nothing about it (nor do we).
-        result.corruptions_fixed += 1
-    if img.overlay is not None:
-        # A pending log is what a crash leaves, not a corruption: the next
-        # read-write open replays it (spec 2.3.3); the rest of the check
-        # looks at the image as replayed.
-        result.messages.append(
-            "The image has a pending log that will be replayed on the next read-write open "
-            "(`check -r all` replays it now)")
-    if img.last_file_offset_cap is not None:
-        last, length = img.last_file_offset_cap
-        done = "was extended" if img.overlay is None else "will be extended"
-        result.messages.append(
-            f"VHDX log entry LastFileOffset {last} lies beyond everything the image "
-            f"references; the file {done} only to {length} bytes")
-        img.last_file_offset_cap = None         # said once, not again by a double check
-    if img.log_guid_without_entries is not None:
-        what = ("VHDX header names a log (GUID "
-                f"{img.log_guid_without_entries.hex()}) but no valid log entry carries it")
-        if fix & FIX_ERRORS and writable:
-            # nothing was journaled under that GUID, so nothing needs replaying
-            img.update_headers(False, ZERO_GUID)
-            img.log_guid_without_entries = None
-            result.corruptions_fixed += 1
-            result.messages.append(f"Repaired: {what}; the log GUID was cleared")
-        else:
-            result.corruptions += 1
-            result.messages.append(f"{what}; `check -r all` clears it")
+    _check_log(img, fix, writable, result)
     for message in getattr(img, "region_overlaps", ()):
         result.corruptions += 1
         result.messages.append(message)
     if img.differencing:
         # sector bitmap entries (spec 2.5.1.2); counted, not repaired
-        from ..bitmap import bitmap_problems
-        for message in bitmap_problems(img):
+        from ..validate import bitmap_problems
+        for message in bitmap_problems(img.layout, img.file_length()):
             result.corruptions += 1
             result.messages.append(message)
     try:
@@ -132,3 +105,37 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
         result.check_errors += 1
         result.messages.append(f"Check failed: {exc}")
     return result
+
+
+def _check_log(img: VHDXImage, fix: int, writable: bool, result: CheckResult) -> None:
+    """What open found about the log: replayed, pending, capped, orphaned GUID."""
+    if img.log_replayed_on_open:
+        # qemu counts a log replayed by a read-write open as a fixed
+        # corruption -- and prints nothing about it (nor do we).
+        result.corruptions_fixed += 1
+    if img.overlay is not None:
+        # A pending log is what a crash leaves, not a corruption: the next
+        # read-write open replays it (spec 2.3.3); the rest of the check
+        # looks at the image as replayed.
+        result.messages.append(
+            "The image has a pending log that will be replayed on the next read-write open "
+            "(`check -r all` replays it now)")
+    if img.last_file_offset_cap is not None:
+        last, length = img.last_file_offset_cap
+        done = "was extended" if img.overlay is None else "will be extended"
+        result.messages.append(
+            f"VHDX log entry LastFileOffset {last} lies beyond everything the image "
+            f"references; the file {done} only to {length} bytes")
+        img.last_file_offset_cap = None         # said once, not again by a double check
+    if img.log_guid_without_entries is not None:
+        what = ("VHDX header names a log (GUID "
+                f"{img.log_guid_without_entries.hex()}) but no valid log entry carries it")
+        if fix & FIX_ERRORS and writable:
+            # nothing was journaled under that GUID, so nothing needs replaying
+            blocking(img.headers.co_update_both(False, ZERO_GUID))
+            img.log_guid_without_entries = None
+            result.corruptions_fixed += 1
+            result.messages.append(f"Repaired: {what}; the log GUID was cleared")
+        else:
+            result.corruptions += 1
+            result.messages.append(f"{what}; `check -r all` clears it")

@@ -16,7 +16,7 @@ import numpy as np
 from ..constants import (MiB, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
                          round_up)
 from ..image import VHDXImage
-from .entries import _bat_geometry, _offsets, _states
+from ..validate import scan_layout
 
 # qemu and blockdrv leave 4 MiB between the metadata region and the first block.
 _QEMU_DATA_GAP = 4 * MiB
@@ -31,9 +31,8 @@ class _FreeSpace:
 
 def _free_space(img: VHDXImage) -> _FreeSpace:
     flen = img.file_length()
-    entries, idx, is_bitmap, block, _ = _bat_geometry(img)
-    state = _states(entries)
-    off = _offsets(entries)
+    f = scan_layout(img.layout, flen)
+    state, off, is_bitmap = f.state, f.start, f.is_bitmap
     present = (state == PAYLOAD_BLOCK_FULLY_PRESENT) | (state == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
     lengths = np.where(is_bitmap, MiB, img.block_size)
     starts, ends = off[present], off[present] + lengths[present]

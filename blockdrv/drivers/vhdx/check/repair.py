@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import LOG_SECTOR_SIZE, MiB, PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS
+from ..aio import blocking
+from ..allocate import grow_file
+from ..constants import (BAT_OFFSET_SHIFT, BAT_STATE_MASK, LOG_SECTOR_SIZE, MiB,
+                         PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS)
 from ..image import VHDXImage
 from .analysis import _Findings
-from .entries import _RESERVED_MASK, _STATE_MASK, _bat_geometry, _block_lengths, _offsets
+
+_STATE_MASK = np.uint64(BAT_STATE_MASK)
+_RESERVED_MASK = np.uint64(((1 << BAT_OFFSET_SHIFT) - 1) & ~BAT_STATE_MASK)
 
 _SECTORS_PER_LOG_ENTRY = 64
 _COPY_CHUNK = 1 * MiB
@@ -15,10 +20,9 @@ _COPY_CHUNK = 1 * MiB
 
 def _repair(img: VHDXImage, f: _Findings) -> None:
     file = img.file
-    entries, idx, is_bitmap, block, _ = _bat_geometry(img)
-    assert np.array_equal(idx, f.idx)
+    idx, is_bitmap, off, lengths = f.idx, f.is_bitmap, f.start, f.length
+    entries = img.bat.entries[idx]
     new = entries.copy()
-    off = _offsets(entries)
 
     # 1. region table copies: rewrite a bad copy from the one open used
     if f.region_copies_bad:
@@ -38,7 +42,6 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
     # 4. blocks cut short by a truncation: extend the file over them
     cut = f.cut_short & ~drop
     if cut.any():
-        lengths = _block_lengths(img, block)
         need = int((off[cut] + lengths[cut]).max())
         if need > file.getlength():
             file.truncate(need)
@@ -47,9 +50,9 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
     # 5. overlapping blocks: give each later one its own copy of the data
     for i in np.flatnonzero(f.overlapping & ~drop):
         i = int(i)
-        length = int(_block_lengths(img, block[i:i + 1])[0])
+        length = int(lengths[i])
         src = int(off[i])
-        dst = img._grow_file(img.block_size)
+        dst = blocking(grow_file(file, img.block_size))
         pos = 0
         while pos < length:
             n = min(_COPY_CHUNK, length - pos)
@@ -63,7 +66,8 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
 
 def _journal_bat(img: VHDXImage, idx: np.ndarray, values: np.ndarray) -> None:
     """Set BAT entries ``idx`` to ``values`` through the log, whole sectors at a
-    time (at most 64 sectors per log entry); nothing the size of the BAT is copied."""
+    time (one transaction per run of at most 64 sectors); nothing the size of
+    the BAT is copied."""
     old = img.bat.entries
     moved = values != old[idx]
     changed, values = idx[moved], values[moved]
@@ -82,6 +86,13 @@ def _journal_bat(img: VHDXImage, idx: np.ndarray, values: np.ndarray) -> None:
         lo, hi = np.searchsorted(changed, [first, last])
         chunk = np.array(old[first:last])
         chunk[changed[lo:hi] - first] = values[lo:hi]
-        img.log_writer.write_and_flush(img.file, img.bat_offset + first * 8,
-                                       chunk.astype("<u8").tobytes(), img._set_log_guid)
-        old[first:last] = chunk        # the in-memory BAT follows the disk
+        blocking(_journal_run(img, first, chunk))
+
+
+async def _journal_run(img: VHDXImage, first: int, chunk: np.ndarray) -> None:
+    def publish() -> None:
+        img.bat.entries[first:first + len(chunk)] = chunk   # the in-memory BAT follows
+    async with img.lock:
+        async with img.transaction() as tx:
+            tx.write(img.bat_offset + first * 8, chunk.astype("<u8").tobytes())
+            tx.on_commit(publish)

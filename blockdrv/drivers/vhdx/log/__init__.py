@@ -25,16 +25,16 @@ from .entry import (DATA_BYTES, MAX_FILE_OFFSET, SECTOR, SIG_DATA, SIG_DESC,  # 
                     SIG_ENTRY, SIG_ZERO, DataDescriptor, DataSector, LogEntry, LogEntryHeader,
                     ZeroDescriptor, build_entry, descriptor_sectors, join_sector, read_entry,
                     split_sector)
-from .replay import (LogWithoutEntriesError, ReplayOverlay, apply_overlay, replay_log,
-                     replay_log_in_memory)
+from .replay import (LogWithoutEntriesError, ReplayOverlay, apply_overlay, co_apply_overlay,
+                     co_write_zeros, replay_log, replay_log_in_memory)
 from .sequence import _Budget, _Ring, LogSequence, find_active_sequence  # noqa: F401
-from .writer import LogWriter, log_entry_mask, merge_sectors
+from .writer import LogWriter, co_merge_sectors, log_entry_mask, merge_sectors
 
 __all__ = [
     "LogEntryHeader", "ZeroDescriptor", "DataDescriptor", "DataSector", "LogEntry",
     "LogSequence", "ReplayOverlay", "LogWithoutEntriesError", "LogWriter", "build_entry",
     "read_entry",
     "find_active_sequence", "replay_log", "replay_log_in_memory", "apply_overlay",
-    "merge_sectors", "split_sector", "join_sector", "descriptor_sectors",
+    "merge_sectors", "co_merge_sectors", "co_apply_overlay", "co_write_zeros", "split_sector", "join_sector", "descriptor_sectors",
     "log_entry_mask", "ZERO_GUID", "SECTOR",
 ]

@@ -69,13 +69,25 @@ class ReplayOverlay:
                 yield max(zs, start), min(ze, end)
 
     def pread(self, file, offset: int, nbytes: int) -> bytes:
-        """Read ``file`` as replayed; bytes past the real end of file read as zeros."""
-        base_len = file.getlength()
+        """Read ``file`` (synchronous) as replayed; bytes past the real end of
+        file read as zeros."""
         buf = bytearray(nbytes)
-        if offset < base_len:
-            n = min(nbytes, base_len - offset)
+        n = min(nbytes, max(file.getlength() - offset, 0))
+        if n:
             buf[:n] = file.pread(offset, n)
-        end = offset + nbytes
+        return self._replayed(buf, offset)
+
+    async def co_pread(self, file, offset: int, nbytes: int) -> bytes:
+        """:meth:`pread` through an awaitable file (guest reads)."""
+        buf = bytearray(nbytes)
+        n = min(nbytes, max(file.getlength() - offset, 0))
+        if n:
+            buf[:n] = await file.co_pread(offset, n)
+        return self._replayed(buf, offset)
+
+    def _replayed(self, buf: bytearray, offset: int) -> bytes:
+        """``buf``, the file's bytes at ``offset``, with the replay applied."""
+        end = offset + len(buf)
         for zs, ze in self._zero_overlaps(offset, end):
             buf[zs - offset:ze - offset] = bytes(ze - zs)
         first, last = offset - offset % SECTOR, end
@@ -165,19 +177,19 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _write_zeros(file, start: int, end: int) -> None:
+async def co_write_zeros(file, start: int, end: int) -> None:
     """Zero ``[start, end)``: real zeros inside the file, extension beyond it."""
     cur = file.getlength()
     chunk = bytes(min(MiB, max(end - start, 0)))
     pos = start
     while pos < min(end, cur):
         n = min(len(chunk), min(end, cur) - pos)
-        file.pwrite(pos, chunk[:n])
+        await file.co_pwrite(pos, chunk[:n])
         pos += n
     if end > cur:
         if start > cur:
-            file.truncate(start)
-        file.truncate(end)              # extension reads back as zeros
+            await file.co_truncate(start)
+        await file.co_truncate(end)     # extension reads back as zeros
 
 
 def replay_log(file, header, referenced_end: int | None = None) -> LogSequence | None:
@@ -196,6 +208,12 @@ def replay_log(file, header, referenced_end: int | None = None) -> LogSequence |
 
 
 def apply_overlay(file, ov: ReplayOverlay) -> None:
+    """:func:`co_apply_overlay` for synchronous callers (any file object)."""
+    from ..aio import as_async, blocking
+    blocking(co_apply_overlay(as_async(file), ov))
+
+
+async def co_apply_overlay(file, ov: ReplayOverlay) -> None:
     """Write a computed replay to ``file``: zeros first, then sectors, extend, flush.
 
     Zero ranges only survive where no later data descriptor wrote, so this
@@ -203,14 +221,13 @@ def apply_overlay(file, ov: ReplayOverlay) -> None:
     """
     try:
         for start, end in ov.zeros:
-            _write_zeros(file, start, end)
+            await co_write_zeros(file, start, end)
         for off in sorted(ov.sectors):
             if off + SECTOR > file.getlength():
-                file.truncate(off + SECTOR)  # don't rely on writes past EOF growing it
-            file.pwrite(off, ov.sectors[off])
+                await file.co_truncate(off + SECTOR)  # don't rely on writes past EOF growing it
+            await file.co_pwrite(off, ov.sectors[off])
         if file.getlength() < ov.length:
-            file.truncate(ov.length)
-        file.flush()
+            await file.co_truncate(ov.length)
+        await file.co_flush()
     except OSError as exc:              # plain-file adapters
         raise BlockIOError(f"VHDX log replay failed: {exc}") from exc
-

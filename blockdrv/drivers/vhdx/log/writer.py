@@ -18,7 +18,7 @@ the installed binary, see tests/interop/test_vhdx_log.py):
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from blockdrv.errors import InvalidArgumentError
 
@@ -26,10 +26,11 @@ from .. import constants
 from ..constants import ZERO_GUID, MiB
 from .entry import (SECTOR, LogEntry, LogEntryHeader, ZeroDescriptor, build_entry,
                     descriptor_sectors, split_sector)
-from .replay import _write_zeros
+from ..aio import as_async, as_async_callback, blocking
+from .replay import co_write_zeros
 
 
-def merge_sectors(file, offset: int, data: bytes) -> list[tuple[int, bytes]]:
+async def co_merge_sectors(file, offset: int, data: bytes) -> list[tuple[int, bytes]]:
     """The 4 KiB sectors covering ``[offset, offset + len(data))``, as qemu logs them.
 
     Partial sectors at either end are completed with the file's current bytes
@@ -48,11 +49,16 @@ def merge_sectors(file, offset: int, data: bytes) -> list[tuple[int, bytes]]:
             cur = bytearray(SECTOR)
             if sec < flen:
                 n = min(SECTOR, flen - sec)
-                cur[:n] = file.pread(sec, n)
+                cur[:n] = await file.co_pread(sec, n)
             cur[lo - sec:hi - sec] = data[lo - offset:hi - offset]
             buf = bytes(cur)
         out.append((sec, buf))
     return out
+
+
+def merge_sectors(file, offset: int, data: bytes) -> list[tuple[int, bytes]]:
+    """:func:`co_merge_sectors` for synchronous callers (any file object)."""
+    return blocking(co_merge_sectors(as_async(file), offset, data))
 
 
 class LogWriter:
@@ -87,7 +93,10 @@ class LogWriter:
         self.tail = position            # oldest unapplied entry (always the next one)
         self.sequence = sequence or 1
 
-    def write_entry(self, file, entry: bytes) -> int:
+    # Every method has an awaitable form (``co_*``, what the driver uses: its
+    # ``file`` may suspend) and a synchronous one for plain file objects.
+
+    async def co_write_entry(self, file, entry: bytes) -> int:
         """Write a built entry at the ring position; returns where it went."""
         nsec = len(entry) // SECTOR
         # qemu keeps one sector open between head and tail, so an entry may
@@ -96,57 +105,68 @@ class LogWriter:
             raise InvalidArgumentError("VHDX log entry does not fit in the log")
         start = pos = self.position
         for i in range(nsec):
-            file.pwrite(self.log_offset + pos, entry[i * SECTOR:(i + 1) * SECTOR])
+            await file.co_pwrite(self.log_offset + pos, entry[i * SECTOR:(i + 1) * SECTOR])
             pos = (pos + SECTOR) % self.log_length
         self.position = self.tail = pos
         self.sequence = (self.sequence + 1) & 0xFFFFFFFFFFFFFFFF or 1
         return start
 
-    def write_and_flush(self, file, offset: int, data: bytes,
-                        set_log_guid: Callable[[bytes], None],
-                        new_guid: bytes | None = None) -> LogEntry:
+    async def co_write_and_flush(self, file, offset: int, data: bytes,
+                                 set_log_guid: Callable[[bytes], Awaitable[None]],
+                                 new_guid: bytes | None = None) -> LogEntry:
         """Journal ``data`` at file ``offset`` (steps 1-7 in the class docs)."""
         if len(data) > self.log_length:
             raise InvalidArgumentError("VHDX log write larger than the log")
-        file.flush()
-        return self._journal(file, merge_sectors(file, offset, data), (), set_log_guid,
-                             new_guid)
+        await file.co_flush()
+        updates = await co_merge_sectors(file, offset, data)
+        return await self._journal(file, updates, (), set_log_guid, new_guid)
 
     def entry_fits(self, data_sectors: int, descriptors: int) -> bool:
         """Whether one entry with these counts fits the ring (see write_entry)."""
         nsec = descriptor_sectors(descriptors) + data_sectors
         return nsec < self.log_length // SECTOR
 
-    def write_sectors_and_flush(self, file, updates: list[tuple[int, bytes]],
-                                set_log_guid: Callable[[bytes], None], *,
-                                zeros: Iterable[tuple[int, int]] = (),
-                                new_guid: bytes | None = None) -> LogEntry:
+    async def co_write_sectors_and_flush(self, file, updates: list[tuple[int, bytes]],
+                                         set_log_guid: Callable[[bytes], Awaitable[None]], *,
+                                         zeros: Iterable[tuple[int, int]] = (),
+                                         new_guid: bytes | None = None) -> LogEntry:
         """Journal several updates as ONE entry (atomic on replay), same steps
-        as :meth:`write_and_flush`: ``updates`` are ``(file_offset, 4 KiB)``
+        as :meth:`co_write_and_flush`: ``updates`` are ``(file_offset, 4 KiB)``
         pairs, ``zeros`` ``(file_offset, length)`` ranges (4 KiB multiples)
         applied before the data sectors, as replay does."""
-        file.flush()
-        return self._journal(file, updates, list(zeros), set_log_guid, new_guid)
+        await file.co_flush()
+        return await self._journal(file, updates, list(zeros), set_log_guid, new_guid)
 
-    def _journal(self, file, updates, zeros, set_log_guid, new_guid) -> LogEntry:
+    async def _journal(self, file, updates, zeros, set_log_guid, new_guid) -> LogEntry:
         """Steps 2-7, once step 1's flush is done."""
         guid = new_guid if new_guid is not None else constants.new_guid()
         size = file.getlength()
         seq = self.sequence
         entry = build_entry(seq, guid, self.tail, updates, zeros=zeros,
                             flushed_file_offset=size, last_file_offset=size)
-        pos = self.write_entry(file, entry)
-        file.flush()
-        set_log_guid(guid)
+        pos = await self.co_write_entry(file, entry)
+        await file.co_flush()
+        await set_log_guid(guid)
         for off, length in zeros:
-            _write_zeros(file, off, off + length)
+            await co_write_zeros(file, off, off + length)
         for off, sector in updates:
-            file.pwrite(off, sector)
-        file.flush()
-        set_log_guid(ZERO_GUID)
+            await file.co_pwrite(off, sector)
+        await file.co_flush()
+        await set_log_guid(ZERO_GUID)
         return LogEntry(pos, LogEntryHeader.parse(entry),
                         [ZeroDescriptor(off, n, seq) for off, n in zeros]
                         + [split_sector(s, off, seq)[0] for off, s in updates])
+
+    # -- synchronous forms (plain file objects, synchronous header callbacks)
+
+    def write_entry(self, file, entry: bytes) -> int:
+        return blocking(self.co_write_entry(as_async(file), entry))
+
+    def write_and_flush(self, file, offset: int, data: bytes,
+                        set_log_guid: Callable[[bytes], None],
+                        new_guid: bytes | None = None) -> LogEntry:
+        return blocking(self.co_write_and_flush(as_async(file), offset, data,
+                                                as_async_callback(set_log_guid), new_guid))
 
 
 def log_entry_mask(entry: bytes) -> list[tuple[int, int]]:
