@@ -48,6 +48,12 @@ BLOCK_RECURSE = 0x40       # DATA at OFFSET_VALID: also ask ``file`` whether it 
                            # zeros there (a host hole); without it the range stays DATA,
                            # as a driver that reports whole allocated blocks wants
 
+# -- preallocation modes (QEMU's PreallocMode) ------------------------------------
+
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+# what a plain file can do: it has no metadata to preallocate
+FILE_PREALLOC_MODES = ("off", "falloc", "full")
+
 # -- check repair flags (QEMU's BdrvCheckMode) -------------------------------------
 
 FIX_LEAKS = 1

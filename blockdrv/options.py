@@ -204,16 +204,3 @@ def parse_create_options(given: dict[str, Any] | Iterable[tuple[str, Any]],
             value = True
         out[key] = opt.parse(value)
     return out
-
-
-def format_help(opts: list[CreateOption]) -> str:
-    """``-o help`` text, laid out as qemu-img prints it."""
-    lines = ["Supported options:"]
-    for o in opts:
-        typ = {"size": "size", "number": "num", "bool": "bool", "string": "str"}[o.type]
-        head = f"  {o.name}=<{typ}>"
-        if o.help:
-            lines.append(f"{head:<24} - {o.help}")
-        else:
-            lines.append(head)
-    return "\n".join(lines) + "\n"

@@ -285,11 +285,3 @@ def get_registry() -> DriverRegistry:
                 reg.load_entry_points()
                 _registry = reg
     return _registry
-
-
-def reset_registry() -> None:
-    """Forget loaded drivers (tests that install a driver package use this)."""
-    global _registry
-    with _lock:
-        _registry = None
-        _ep_cache.clear()

@@ -17,8 +17,8 @@ from ..errors import BlockDriverError
 from ..iov import IOVector
 from ..common import O_NOCACHE, WRITE_FUA
 from ..node import BlockDriverState
-from .common import (MAX_SIZE, ArgParser, CliError, describe, open_image,
-                     parse_cache_mode, strtosz)
+from ..engines.common import parse_cache_mode
+from .common import MAX_SIZE, ArgParser, CliError, describe, open_image, strtosz
 
 INT_MAX = (1 << 31) - 1
 

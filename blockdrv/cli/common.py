@@ -10,8 +10,8 @@ import sys
 from typing import Any, NoReturn
 
 from ..block import open_node
-from ..common import O_CHECK, O_FORCE_SHARE, O_RDWR
-from ..engines.common import CacheMode, open_error, open_reason, parse_cache_mode  # noqa: F401
+from ..common import O_CHECK, O_FORCE_SHARE, O_RDWR, PREALLOC_MODES
+from ..engines.common import open_error
 from ..errors import BlockDriverError
 from ..node import BlockDriverState
 from ..options import SIZE_LIMIT, SizeError, Warn
@@ -128,11 +128,7 @@ def size_to_str(value: int) -> str:
     return "%0.3g %sB" % (value / float(1 << (i * 10)), suffixes[i])
 
 
-# -- cache modes: the engines' (qemu's bdrv_parse_cache_mode) -------------------------
-
 # -- preallocation modes ---------------------------------------------------------------
-
-PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
 
 def prealloc_error(mode: str) -> str | None:

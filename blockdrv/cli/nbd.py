@@ -22,8 +22,8 @@ import sys
 from ..block import open_node
 from ..common import O_FORCE_SHARE, O_RDWR
 from ..errors import BlockDriverError
-from .common import (PROBED_RAW_WARNING, ArgParser, CliError, open_error,
-                     parse_cache_mode, report, usage_error)
+from ..engines.common import parse_cache_mode
+from .common import PROBED_RAW_WARNING, ArgParser, CliError, open_error, report
 
 # qemu-nbd flags blockdrv nbd refuses, and why.
 _REFUSED = {
@@ -228,7 +228,7 @@ def _fork() -> int | None:
 def run(argv: list[str]) -> int:
     c = parse(argv)
     ready_fd = _fork() if c.fork else None
-    from ..exports.nbd import Export, ExportOptions, NBDServer
+    from ..exports.nbd import Export, ExportOptions
     bs = _open(c)
     try:
         export = Export(bs, ExportOptions(

@@ -17,8 +17,8 @@ from ..hookspecs import hookimpl
 from ..iov import IOVector
 from ..perm import PERM_ALL, PERM_RESIZE, PERM_WRITE
 from . import file_lock
-from ..common import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, O_NOCACHE, O_NO_FLUSH,
-                      O_RDWR, WRITE_UNMAP, BlockStatus)
+from ..common import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, FILE_PREALLOC_MODES,
+                      O_NO_FLUSH, O_NOCACHE, O_RDWR, WRITE_UNMAP, BlockStatus)
 from ..node import BlockDriverState
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -349,7 +349,7 @@ class FileProtocol:
     @hookimpl
     async def bdrv_co_truncate(self, bs, offset, exact, prealloc) -> None:
         s: _State = bs.opaque
-        if prealloc not in (None, "off", "falloc", "full"):
+        if prealloc is not None and prealloc not in FILE_PREALLOC_MODES:
             # file-posix's message (qemu-img resize --preallocation=metadata)
             raise UnsupportedError(f"Unsupported preallocation mode: {prealloc}")
         if s.is_block:

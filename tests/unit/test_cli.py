@@ -310,7 +310,7 @@ def test_dump_human_orders_nested_dicts_once():
 
 
 def test_cache_modes_shared(tmp_path, img, capsys):
-    from blockdrv.cli.common import parse_cache_mode
+    from blockdrv.engines.common import parse_cache_mode
     assert parse_cache_mode("off") == parse_cache_mode("none")
     assert parse_cache_mode("bogus") is None
     # none/off open with O_DIRECT: bench runs through it

@@ -9,7 +9,8 @@ from typing import Iterator, TextIO
 
 from ...errors import BlockDriverError
 from ...common import O_FORCE_SHARE, O_NOCACHE, O_RDWR
-from ..common import PROBED_RAW_WARNING, open_reason, parse_cache_mode
+from ...engines.common import open_reason, parse_cache_mode
+from ..common import PROBED_RAW_WARNING
 from .parse import getopt
 from .qemuio import PROG, QemuIO
 

@@ -15,10 +15,9 @@ import errno
 from ...block import create_file
 from ...errors import InvalidArgumentError, ReadOnlyError
 from ...hookspecs import hookimpl
-from ...common import BLOCK_OFFSET_VALID, BLOCK_RAW, BlockStatus, DriverInfo
+from ...common import BLOCK_OFFSET_VALID, BLOCK_RAW, FILE_PREALLOC_MODES, BlockStatus, DriverInfo
 from ...options import CreateOption
 
-PREALLOC_MODES = ("off", "falloc", "full")
 SECTOR = 512
 
 
@@ -101,7 +100,7 @@ class RawFormat:
     def bdrv_create(self, filename, options) -> None:
         size = _round_sector(options.get("size", 0))   # file-posix rounds up to sectors
         prealloc = options.get("preallocation") or "off"
-        if prealloc not in PREALLOC_MODES:
+        if prealloc not in FILE_PREALLOC_MODES:
             raise InvalidArgumentError(f"invalid parameter value: {prealloc}")
         file_bs = create_file(filename)
         try:

@@ -338,7 +338,7 @@ class _Client:
         if opt == P.OPT_EXPORT_NAME:
             name = P.Cursor(data).string(len(data)) if len(data) <= P.MAX_STRING else None
             if name != exp.name:
-                raise ProtocolViolation(f"NBD_OPT_EXPORT_NAME for an unknown export")
+                raise ProtocolViolation("NBD_OPT_EXPORT_NAME for an unknown export")
             reply = P.EXPORT_NAME_REPLY.pack(exp.size, self._flags())
             await self._send(reply if self.no_zeroes else reply + bytes(124))
             return True

@@ -11,7 +11,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from blockdrv.errors import BlockIOError, CorruptImageError, UnsupportedError
+from blockdrv.errors import BlockDriverError, BlockIOError, CorruptImageError, UnsupportedError
 
 from ..constants import ZERO_GUID, MiB, round_up
 from .entry import MAX_FILE_OFFSET, SECTOR, ZeroDescriptor
@@ -229,5 +229,7 @@ async def co_apply_overlay(file, ov: ReplayOverlay) -> None:
         if file.getlength() < ov.length:
             await file.co_truncate(ov.length)
         await file.co_flush()
+    except BlockDriverError:
+        raise                           # the node's own error, class and errno kept
     except OSError as exc:              # plain-file adapters
         raise BlockIOError(f"VHDX log replay failed: {exc}") from exc
