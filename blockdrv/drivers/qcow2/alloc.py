@@ -107,10 +107,14 @@ class Allocator:
         done = start
         old_t = -1
         blk = None
+        blk_off = dirty = None
         try:
             for ci in range(start, last + 1):
                 t = ci // self.per_block
                 if t != old_t:
+                    if dirty is not None:       # one write per block, as qemu's cache
+                        self.write(dirty, bytes(self.blocks[dirty]))
+                        dirty = None
                     try:
                         blk_off = self._refblock_for(ci)
                     except _Again:
@@ -125,12 +129,15 @@ class Allocator:
                 if value == 0 and ci < self.free_index:
                     self.free_index = ci
                 rc.put(blk, i, self.order, value)
-                self.write(blk_off, bytes(blk))
+                dirty = blk_off
                 done = ci + 1
         except _Again:
             if done > start:                      # undo, as qemu does
                 self.update(start << self.cbits, (done - start) << self.cbits, -addend)
             raise
+        finally:
+            if dirty is not None:
+                self.write(dirty, bytes(self.blocks[dirty]))
 
     # -- qemu's alloc_refcount_block / qcow2_refcount_area -----------------------------
 
