@@ -88,7 +88,7 @@ def test_l2_entry_kinds():
     entry = 0x30000 | L.OFLAG_COPIED
     bitmap = L.alloc_range_bitmap(0, 4) | L.zero_range_bitmap(4, 2)
     kinds = [L.subcluster_type(entry, bitmap, i) for i in range(8)]
-    assert kinds == [L.NORMAL] * 4 + [L.ZERO_ALLOC] * 2 + [L.UNALLOCATED] * 2
+    assert kinds == [L.NORMAL] * 4 + [L.ZERO_ALLOC] * 2 + [L.UNALLOCATED_ALLOC] * 2
     assert L.subcluster_type(entry, 1 | 1 << 32, 0) == L.INVALID
     assert L.subcluster_type(0, L.zero_range_bitmap(3, 1), 3) == L.ZERO_PLAIN
     assert L.subcluster_type(0, 1, 0) == L.INVALID

@@ -45,6 +45,8 @@ class Qcow2Format:
         if img.h.backing_file:
             bs.backing_file = img.h.backing_file
             bs.backing_format = img.h.backing_format
+            from blockdrv.block import path_combine
+            bs.full_backing_file = path_combine(bs.filename, img.h.backing_file)
 
     @hookimpl
     def bdrv_close(self, bs) -> None:

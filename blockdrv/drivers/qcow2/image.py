@@ -25,6 +25,7 @@ from .header import Header
 from .snapshot import Snapshot, parse_table
 
 L2_CACHE_BYTES = 4 << 20
+_HOSTED = (L.NORMAL, L.ZERO_ALLOC, L.UNALLOCATED_ALLOC)   # kinds with a host offset
 
 
 def _table(offset: int, entries: int, entry_len: int, max_bytes: int, name: str,
@@ -120,7 +121,7 @@ class Qcow2Image:
             k2, h2 = self._entry(table, pos)
             if k2 != kind or kind == L.COMPRESSED:
                 break
-            if kind in (L.NORMAL, L.ZERO_ALLOC) and h2 != host + pos - offset:
+            if kind in _HOSTED and h2 != host + pos - offset:
                 break
             pos += sub
         return kind, host, min(pos, end) - offset
@@ -142,7 +143,7 @@ class Qcow2Image:
         if kind == L.COMPRESSED:
             return kind, entry
         host = entry & L.L2E_OFFSET_MASK
-        if kind in (L.NORMAL, L.ZERO_ALLOC):
+        if kind in _HOSTED:
             if host % cs:
                 raise CorruptImageError(f"Cluster allocation offset {host:#x} unaligned "
                                         f"(L2 offset: {offset // cs * cs:#x}, L2 index: "
@@ -161,7 +162,7 @@ class Qcow2Image:
                 await self.file.co_preadv(host, n, part)
             elif kind in (L.ZERO_PLAIN, L.ZERO_ALLOC):
                 part.memset(0, n)
-            elif kind == L.UNALLOCATED:
+            elif kind in (L.UNALLOCATED, L.UNALLOCATED_ALLOC):
                 await self.bs.co_read_backing(offset + done, n, part)
             else:
                 data = await self._decompress(host)
@@ -191,9 +192,9 @@ class Qcow2Image:
         flags = 0
         if kind in (L.ZERO_PLAIN, L.ZERO_ALLOC):
             flags |= BLOCK_ZERO
-        elif kind != L.UNALLOCATED:
+        elif kind not in (L.UNALLOCATED, L.UNALLOCATED_ALLOC):
             flags |= BLOCK_DATA
-        if kind in (L.NORMAL, L.ZERO_ALLOC):
+        if kind in _HOSTED:
             flags |= BLOCK_OFFSET_VALID
             if flags & BLOCK_DATA and self.metadata_preallocated():
                 flags |= BLOCK_RECURSE

@@ -21,7 +21,7 @@ SUBCLUSTERS = 32
 COMPRESSED_SECTOR = 512
 
 # Cluster (and subcluster) kinds, qemu's QCow2ClusterType.
-UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED, INVALID = range(6)
+UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED, INVALID, UNALLOCATED_ALLOC = range(7)
 
 
 def l1_offset(entry: int) -> int:
@@ -54,7 +54,8 @@ def subcluster_type(entry: int, bitmap: int, index: int) -> int:
     if ctype == NORMAL:
         if alloc and zero:
             return INVALID
-        return ZERO_ALLOC if zero else NORMAL if alloc else UNALLOCATED
+        # a host cluster whose subcluster is not allocated: the backing file's
+        return ZERO_ALLOC if zero else NORMAL if alloc else UNALLOCATED_ALLOC
     # no host cluster: an allocated bit is invalid
     if alloc:
         return INVALID
