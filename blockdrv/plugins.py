@@ -164,14 +164,20 @@ class DriverRegistry:
 
     def _load_named(self, name: str) -> None:
         """Import the driver of entry point ``name``, if not yet done."""
-        value = self._pending.pop(name, None)
+        value = self._pending.get(name)
         if value is not None:
             bound = self.register(load_entry_point(value), key_hint=name)
+            del self._pending[name]
             self._order[name] = bound
 
     def _load_all(self) -> None:
+        """Import every pending driver; one that fails to import stays
+        pending (looking it up by name raises its error)."""
         for name in list(self._pending):
-            self._load_named(name)
+            try:
+                self._load_named(name)
+            except Exception:
+                pass
 
     def _lookup(self, table: dict, name: str):
         """``table[name]``, importing the driver it takes: the entry point of
@@ -207,7 +213,13 @@ class DriverRegistry:
             if drv is None:
                 light = _light_probe(self._light.get(name))
                 if light is None:                 # no light probe: ask the driver
-                    self._load_named(name)
+                    try:
+                        self._load_named(name)
+                    except Exception:
+                        # a driver that cannot be imported (a stale entry
+                        # point) cannot claim the image; a lookup by its
+                        # name still raises the import error
+                        continue
                     drv = self._order[name]
             if light is not None:
                 probe = light
