@@ -103,6 +103,7 @@ class Workload:
     prep: Callable[[], None] | None = None
     note: str = ""
     count: int = 0                # requests, for per-I/O figures
+    runner: Callable[[str], float] | None = None    # custom timing ("bd"/"qemu" -> s)
     samples: dict = field(default_factory=lambda: {"bd": [], "qemu": []})
     extra: dict = field(default_factory=dict)
 
@@ -137,6 +138,52 @@ def make_raw_with_holes(path: str, size: int) -> None:
             os.pwrite(fd, seed[:MiB], base + 4 * MiB + 4096)
     finally:
         os.close(fd)
+
+
+def make_dense(path: str, size: int) -> None:
+    """Per 4 MiB: 1 MiB random data, 1 MiB explicit zeros, 1 MiB random
+    data, 1 MiB hole: 50% data, 25% zeros, 25% holes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        zeros = bytes(MiB)
+        for base in range(0, size, 4 * MiB):
+            os.pwrite(fd, os.urandom(MiB), base)
+            os.pwrite(fd, zeros, base + MiB)
+            os.pwrite(fd, os.urandom(MiB), base + 2 * MiB)
+    finally:
+        os.close(fd)
+
+
+def qemu_io_writes(img: str, offsets: list[int], length: int, fmt: str = "vhdx") -> None:
+    """Pattern writes through qemu-io, in batches of 256 commands."""
+    for i in range(0, len(offsets), 256):
+        args = [QEMU_IO, "-f", fmt]
+        for k, off in enumerate(offsets[i:i + 256]):
+            args += ["-c", f"write -P {(i + k) % 250 + 1} {off} {length}"]
+        sh(*args, img)
+
+
+def _nbd_runner(image: str, fmt: str, work: str) -> Callable[[str], float]:
+    from . import nbd
+
+    def run(who: str) -> float:
+        sock = os.path.join(work, f"{who}.sock")
+        out = os.path.join(work, f"nbd_{who}.raw")
+        with open(os.path.join(work, f"{who}.log"), "wb") as log:
+            proc = nbd.start("bd" if who == "bd" else "qemu", image, fmt, sock, log)
+            try:
+                return nbd.convert(sock, out)
+            finally:
+                nbd.stop(proc)
+                os.unlink(out)
+    return run
+
+
+def _has_format(name: str) -> bool:
+    res = subprocess.run([*BD, "create", "-f", name, "-o", "help"],
+                         capture_output=True, text=True)
+    return res.returncode == 0
 
 
 def sh(*cmd: str) -> None:
@@ -176,6 +223,71 @@ def build(work: str, args) -> list[Workload]:
                                [*BD, "convert", "-f", "vhdx", "-O", "raw", vsrc, r1],
                                [QEMU_IMG, "convert", "-f", "vhdx", "-O", "raw", vsrc, r2],
                                target, prep=_rm(r1, r2)))
+
+    if want("data"):
+        # issue 12: images with data.  20 GiB, 200 allocated 1 MiB blocks
+        # (block 0 among them); 10 GiB, 60% of its (default-size) blocks.
+        a20 = j("a20g_200.vhdx")
+        if not os.path.exists(a20):
+            sh(QEMU_IMG, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", a20, "20G")
+            qemu_io_writes(a20, [i * 97 * MiB for i in range(200)], MiB)
+        t10 = j("t10g_60.vhdx")
+        if not os.path.exists(t10):
+            print("  making the 10 GiB image, 60% allocated ...", file=sys.stderr)
+            sh(QEMU_IMG, "create", "-q", "-f", "vhdx", t10, "10G")
+            bs = 32 * MiB
+            qemu_io_writes(t10, [b * bs for b in range(10 * GiB // bs) if b % 5 < 3], bs)
+        for tag, img in (("20G 200x1M", a20), ("10G 60%", t10)):
+            for cmd in (["info"], ["check"], ["map", "--output=json"]):
+                wl.append(Workload(f"{' '.join(cmd)} {tag}", [*BD, *cmd, img],
+                                   [QEMU_IMG, *cmd, img], 4.0))
+        wl.append(Workload("io read 4k 20G 200x1M",
+                           [*BD, "io", "-f", "vhdx", "-r", "-c", "read 0 4k", a20],
+                           [QEMU_IO, "-f", "vhdx", "-r", "-c", "read 0 4k", a20], 4.0))
+
+    if want("dense"):
+        sizes = [512 * MiB] + ([4 * GiB] if args.full else [])
+        for size in sizes:
+            tag = f"{size // MiB}M" if size < GiB else f"{size // GiB}G"
+            src, vsrc = j(f"dense{tag}.raw"), j(f"dense{tag}.vhdx")
+            if not os.path.exists(src):
+                print(f"  making {src} ...", file=sys.stderr)
+                make_dense(src, size)
+            if not os.path.exists(vsrc):
+                sh(QEMU_IMG, "convert", "-f", "raw", "-O", "vhdx", src, vsrc)
+            for sfmt, dfmt, s in (("raw", "vhdx", src), ("vhdx", "raw", vsrc),
+                                  ("vhdx", "vhdx", vsrc)):
+                o1, o2 = j(f"dout_bd.{dfmt}"), j(f"dout_q.{dfmt}")
+                wl.append(Workload(f"convert dense {sfmt}->{dfmt} {tag}",
+                                   [*BD, "convert", "-f", sfmt, "-O", dfmt, s, o1],
+                                   [QEMU_IMG, "convert", "-f", sfmt, "-O", dfmt, s, o2],
+                                   1.0, prep=_rm(o1, o2)))
+
+    if want("qcow2"):
+        q = j("dense512M.qcow2")
+        src = j("dense512M.raw")
+        if not os.path.exists(src):
+            make_dense(src, 512 * MiB)
+        if not os.path.exists(q):
+            sh(QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", src, q)
+        if _has_format("qcow2"):
+            o1, o2 = j("qout_bd.raw"), j("qout_q.raw")
+            wl.append(Workload("convert dense qcow2->raw 512M",
+                               [*BD, "convert", "-f", "qcow2", "-O", "raw", q, o1],
+                               [QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", q, o2],
+                               1.0, prep=_rm(o1, o2)))
+        else:
+            print("  no qcow2 driver in this tree: qcow2 rows skipped", file=sys.stderr)
+
+    if want("nbd"):
+        from . import nbd
+        nimg = nbd.make_images(work, 256 * MiB) if not os.path.exists(j("data.vhdx")) \
+            else {"raw": (j("data.raw"), "raw"), "vhdx (dynamic)": (j("data.vhdx"), "vhdx")}
+        for label, (image, fmt) in nimg.items():
+            run = _nbd_runner(image, fmt, work)
+            wl.append(Workload(f"served: qemu-img convert from nbd, {label} 256M",
+                               [], [], 1.2, runner=run,
+                               note="blockdrv nbd vs qemu-nbd, -r -t, unix socket"))
 
     if want("bench"):
         img = j("bench1G.vhdx")
@@ -279,7 +391,8 @@ def fmt_t(v: float) -> str:
 def report(wl: list[Workload], args, machine: str) -> str:
     start = next(w for w in wl if w.name.startswith("python -c pass"))
     py0 = statistics.median(s.metric for s in start.samples["bd"])
-    lines = [f"Machine: {machine}. {args.reps} alternating repetitions (ABBA), medians.",
+    lines = [f"Machine: {machine}, {time.strftime('%Y-%m-%d')}. {args.reps} alternating "
+             f"repetitions (ABBA), medians; `python -c pass`: {fmt_t(py0)}.",
              "",
              "| workload | blockdrv | qemu | ratio | target | met | notes |",
              "| --- | ---: | ---: | ---: | --- | --- | --- |"]
@@ -293,6 +406,10 @@ def report(wl: list[Workload], args, machine: str) -> str:
         target, met = "", ""
         if w.note.startswith("no target"):
             notes.append(w.note)
+        elif w.runner is not None:
+            target = f"<= {w.target:g}x"
+            met = "yes" if ratio <= w.target else "no"
+            notes.append(w.note)
         elif w.name.startswith("create"):
             beyond = bd - py0
             target = "<= 100 ms beyond start-up"
@@ -301,13 +418,17 @@ def report(wl: list[Workload], args, machine: str) -> str:
         elif w.target is not None:
             target = f"<= {w.target:g}x"
             met = "yes" if ratio <= w.target else "no"
+        if w.metric == "wall":
+            sb = sorted(x.metric for x in w.samples["bd"])
+            sq = sorted(x.metric for x in w.samples["qemu"])
+            notes.append(f"spread {fmt_t(sb[0])}-{fmt_t(sb[-1])} vs {fmt_t(sq[0])}-{fmt_t(sq[-1])}")
         if w.count and w.metric == "bench":
             us_bd, us_q = bd / w.count * 1e6, q / w.count * 1e6
             notes.append(f"{us_bd:.1f} vs {us_q:.1f} us/IO")
             if "bare" in w.extra:
                 notes.append(f"Python overhead {us_bd - w.extra['bare'] / w.count * 1e6:.1f}"
                              " us/IO over bare os.preadv/pwritev")
-        if w.name.startswith("info"):
+        if w.name.startswith("info 64") or w.name.startswith("info 40"):
             rss_bd = statistics.median(s.rss_kib for s in w.samples["bd"]) / 1024
             rss_q = statistics.median(s.rss_kib for s in w.samples["qemu"]) / 1024
             notes.append(f"peak RSS {rss_bd:.0f} vs {rss_q:.0f} MiB")
@@ -348,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--full", action="store_true", help="add the 4 GiB converts")
-    p.add_argument("--only", help="comma list of groups: convert,bench,alloc,info,create")
+    p.add_argument("--only", help="comma list of groups: convert,dense,data,qcow2,nbd,bench,"
+                                  "alloc,info,create")
     p.add_argument("--requests", type=int, default=50000, help="requests per bench row")
     p.add_argument("--allocs", type=int, default=64, help="allocating writes per run")
     p.add_argument("--workdir", help="keep images here (default: a temp dir, removed)")
@@ -379,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
                 for who in order:
                     if w.prep:
                         w.prep()
+                    if w.runner is not None:
+                        t = w.runner(who)
+                        w.samples[who].append(Sample(t, 0, t))
+                        continue
                     w.samples[who].append(run_rusage(w.bd if who == "bd" else w.qemu,
                                                      w.metric))
         table = report(wl, args, args.machine)

@@ -20,6 +20,9 @@ from . import hookspecs
 from .errors import InvalidArgumentError, UnsupportedError
 
 ENTRY_POINT_GROUP = "blockdrv.drivers"
+# Light format probes, "name = module:callable(buf, filename) -> score": the
+# registry calls them instead of importing every driver to probe an image.
+PROBE_GROUP = "blockdrv.probes"
 
 # Built-ins, used only when the package metadata is unavailable (running from
 # a source tree that was never installed); an installed blockdrv finds the very
@@ -100,10 +103,17 @@ class DriverRegistry:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self.formats: dict[str, BoundDriver] = {}
-        self.protocols: dict[str, BoundDriver] = {}
+        self.formats: dict[str, BoundDriver] = _Table(self)
+        self.protocols: dict[str, BoundDriver] = _Table(self)
+        # entry points not imported yet, in declaration order: name -> value
+        self._pending: dict[str, str] = {}
+        # every entry point and explicitly registered driver, in order (the
+        # probe's tie-break): name -> BoundDriver once loaded, else None
+        self._order: dict[str, BoundDriver | None] = {}
+        self._light: dict[str, str] = {}      # name -> light probe ("module:attr")
 
-    def register(self, plugin: Any, name: str | None = None) -> BoundDriver:
+    def register(self, plugin: Any, name: str | None = None, *,
+                 key_hint: str | None = None) -> BoundDriver:
         if isinstance(plugin, type):
             plugin = plugin()
         fmt = getattr(plugin, "format_name", None)
@@ -112,13 +122,16 @@ class DriverRegistry:
             raise TypeError(f"driver {plugin!r} has neither format_name nor protocol_name")
         key = name or f"{'format' if fmt else 'protocol'}:{fmt or proto}"
         if self.pm.get_plugin(key) is not None:
-            return self.formats.get(fmt) or self.protocols[proto]
+            return (dict.get(self.formats, fmt) if fmt else None) \
+                or dict.__getitem__(self.protocols, proto)
         self.pm.register(plugin, name=key)
         bound = self._bind(plugin)
         if fmt:
-            self.formats[fmt] = bound
+            dict.__setitem__(self.formats, fmt, bound)
         if proto:
-            self.protocols[proto] = bound
+            dict.__setitem__(self.protocols, proto, bound)
+        if key_hint is None and bound.name not in self._order:
+            self._order[bound.name] = bound
         return bound
 
     def _bind(self, plugin: Any) -> BoundDriver:
@@ -133,15 +146,47 @@ class DriverRegistry:
         return BoundDriver(plugin, impls)
 
     def load_entry_points(self) -> None:
-        seen = set()
-        for name, value in entry_points(ENTRY_POINT_GROUP):
-            if name in seen:
+        """Learn the drivers' entry points, importing none of them: a driver
+        module is imported when its name is first looked up (see
+        :mod:`blockdrv._lazy`)."""
+        from ._lazy import BUILTIN_PROBES
+        found = [(n, v) for n, v in entry_points(ENTRY_POINT_GROUP)]
+        found += [(n, v) for n, v in _BUILTIN.items()]
+        for name, value in found:
+            if name in self._order or dict.__contains__(self.formats, name) \
+                    or dict.__contains__(self.protocols, name):
                 continue
-            seen.add(name)
-            self.register(load_entry_point(value))
-        for name, target in _BUILTIN.items():
-            if name not in seen and name not in self.formats and name not in self.protocols:
-                self.register(load_entry_point(target))
+            self._order[name] = None
+            self._pending[name] = value
+        light = dict(BUILTIN_PROBES)
+        light.update(entry_points(PROBE_GROUP))
+        self._light = light
+
+    def _load_named(self, name: str) -> None:
+        """Import the driver of entry point ``name``, if not yet done."""
+        value = self._pending.get(name)
+        if value is not None:
+            bound = self.register(load_entry_point(value), key_hint=name)
+            del self._pending[name]
+            self._order[name] = bound
+
+    def _load_all(self) -> None:
+        """Import every pending driver; one that fails to import stays
+        pending (looking it up by name raises its error)."""
+        for name in list(self._pending):
+            try:
+                self._load_named(name)
+            except Exception:
+                pass
+
+    def _lookup(self, table: dict, name: str):
+        """``table[name]``, importing the driver it takes: the entry point of
+        that name first, every pending one if that was not it."""
+        if not dict.__contains__(table, name) and self._pending:
+            self._load_named(name)
+            if not dict.__contains__(table, name):
+                self._load_all()
+        return dict.get(table, name)
 
     # -- lookups -----------------------------------------------------------
 
@@ -162,16 +207,37 @@ class DriverRegistry:
     def probe(self, buf: bytes, filename: str | None) -> tuple[BoundDriver | None, int]:
         """The format driver with the highest probe score (ties: first registered)."""
         best, best_score = None, 0
-        for drv in self.formats.values():
-            if drv.bdrv_probe is None:
+        for name in list(self._order):
+            drv = self._order[name]
+            light = None
+            if drv is None:
+                light = _light_probe(self._light.get(name))
+                if light is None:                 # no light probe: ask the driver
+                    try:
+                        self._load_named(name)
+                    except Exception:
+                        # a driver that cannot be imported (a stale entry
+                        # point) cannot claim the image; a lookup by its
+                        # name still raises the import error
+                        continue
+                    drv = self._order[name]
+            if light is not None:
+                probe = light
+            elif drv.format_name is None or drv.bdrv_probe is None:
                 continue
+            else:
+                probe = drv.bdrv_probe
             try:
-                score = drv.bdrv_probe(buf=buf, filename=filename) or 0
+                score = probe(buf=buf, filename=filename) or 0
             except Exception:  # a probe must never take the open down
                 score = 0
             if score > best_score:
-                best, best_score = drv, score
-        return best, best_score
+                best, best_score = name, score
+        if best is None:
+            return None, 0
+        self._load_named(best)
+        drv = self._order[best]
+        return (drv if drv is not None and drv.format_name else None), best_score
 
 
 # -- entry-point discovery -----------------------------------------------------
@@ -269,6 +335,58 @@ def load_entry_point(value: str) -> Any:
     for attr in filter(None, attrs.strip().split(".")):
         obj = getattr(obj, attr)
     return obj
+
+
+def _light_probe(value: str | None):
+    return None if value is None else load_entry_point(value)
+
+
+class _Table(dict):
+    """name -> BoundDriver (``formats``/``protocols``); a lookup imports the
+    driver it names, iterating imports them all (listings)."""
+
+    __slots__ = ("_reg",)
+
+    def __init__(self, reg: "DriverRegistry") -> None:
+        super().__init__()
+        self._reg = reg
+
+    def __getitem__(self, name):
+        drv = self._reg._lookup(self, name)
+        if drv is None:
+            raise KeyError(name)
+        return drv
+
+    def get(self, name, default=None):
+        drv = self._reg._lookup(self, name)
+        return default if drv is None else drv
+
+    def __contains__(self, name) -> bool:
+        return self._reg._lookup(self, name) is not None
+
+    def __iter__(self):
+        self._reg._load_all()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._reg._load_all()
+        return dict.__len__(self)
+
+    def keys(self):
+        self._reg._load_all()
+        return dict.keys(self)
+
+    def values(self):
+        self._reg._load_all()
+        return dict.values(self)
+
+    def items(self):
+        self._reg._load_all()
+        return dict.items(self)
+
+    def __repr__(self) -> str:
+        self._reg._load_all()
+        return dict.__repr__(self)
 
 
 _registry: DriverRegistry | None = None

@@ -203,7 +203,7 @@ class Bat:
         """(background payload value, [(BAT index, raw entry), ...]) for the
         entries of ``[0, payload end)`` that differ from the background (see
         the module docstring), in index order -- or None when the table has
-        no such background or more than ``limit`` differing entries."""
+        more than ``limit`` differing entries."""
         q, buf = self._q, self.buf
         if q is None:
             return None
@@ -218,9 +218,12 @@ class Bat:
         if n == 0:
             return 0, []
         step = self.chunk_ratio + 1
-        bg = q[0]
-        if bg >> 3 or (bg & BAT_STATE_MASK) >= PAYLOAD_BLOCK_FULLY_PRESENT:
-            return None                      # offset or reserved bits: no background
+        bg = self._background(n, step)
+        if bg is None:
+            # no absent state to speak of (a dense image): judge every entry
+            # against NOT_PRESENT, so a small table (up to ``limit`` present
+            # entries) is still answered here
+            bg = 0
         period = bg.to_bytes(8, "little") * (step - 1) + bytes(8)
         reps = -(-min(_BG_GROUP, n) // step) + 1
         tmpl = memoryview(period * reps)     # any phase: start at (i % step) * 8
@@ -244,6 +247,26 @@ class Bat:
             if len(out) > limit:
                 return None
         return bg, out
+
+    _BG_SAMPLES = 64
+
+    def _background(self, n: int, step: int) -> int | None:
+        """The absent payload state most of the table is in: the commonest
+        offset-free value among payload entries sampled evenly over
+        ``[0, n)`` (the first block is often allocated, so entry 0 alone is
+        no guide), or None when no sample is such a value."""
+        q = self._q
+        votes: dict[int, int] = {}
+        stride = max(1, n // self._BG_SAMPLES)
+        for i in range(0, n, stride):
+            if i % step == step - 1:
+                i -= 1                       # a bitmap entry: take the payload before it
+                if i < 0:
+                    continue
+            v = q[i]
+            if not v >> 3 and v < PAYLOAD_BLOCK_FULLY_PRESENT:
+                votes[v] = votes.get(v, 0) + 1
+        return max(votes, key=votes.get) if votes else None
 
     # --- vector views ---------------------------------------------------
     def _grid(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
