@@ -39,6 +39,12 @@ def probe_vhdx(buf=None, filename=None) -> int:
     return 100 if bytes(buf[:8]) == VHDX_SIGNATURE else 0
 
 
+def probe_qcow2(buf=None, filename=None) -> int:
+    """qcow2: the magic and a version of 2 or more (as qcow2_probe)."""
+    head = bytes(buf[:8])
+    return 100 if head[:4] == b"QFI\xfb" and int.from_bytes(head[4:8], "big") >= 2 else 0
+
+
 BUILTIN_PROBES = {
     "file": "blockdrv._lazy:not_a_format",
     "memory": "blockdrv._lazy:not_a_format",
@@ -47,4 +53,5 @@ BUILTIN_PROBES = {
     "fsspec": "blockdrv._lazy:not_a_format",
     "raw": "blockdrv._lazy:probe_raw",
     "vhdx": "blockdrv._lazy:probe_vhdx",
+    "qcow2": "blockdrv._lazy:probe_qcow2",
 }
