@@ -5,7 +5,9 @@ Dynamic and fixed images (qemu 7.2's order, so that both tools leave the
 same bytes): an absent block gets a new FULLY_PRESENT block at the end of
 the file -- the file extended to the next 1 MiB boundary plus one block --,
 the guest's bytes are written there (the rest reads zeros: the extension),
-then its BAT entry is journaled.
+then its BAT entry is journaled.  In a session that acts on discards
+(explicit ``discard=unmap``, see :mod:`.discard`) a freed block is taken
+first, zero-filled before the guest's bytes go in.
 
 Differencing images (HasParent, spec 2.4 and 2.5.1):
 
