@@ -214,3 +214,18 @@ def check(path: str | os.PathLike, repair: str | None = None, *, fmt: str | None
     """
     from .engines.check import check as engine
     return engine(path, fmt=fmt, repair=repair, force_share=force_share)
+
+
+def compact(path: str | os.PathLike, *, fmt: str | None = None, dry_run: bool = False,
+            progress: Callable[[float], Any] | None = None):
+    """Compact a dynamic or differencing VHDX image offline (``blockdrv
+    compact``, Hyper-V's Optimize-VHD): blocks of zeros become ZERO blocks,
+    blocks at the end of the file move into holes, the file is truncated.
+    Guest data and the DataWriteGuid never change; each move is crash-safe.
+    ``dry_run`` opens read-only and only measures.  Returns a report with
+    ``length_before``, ``length_after``, ``freed``, ``zeroed_blocks``,
+    ``moved_blocks``.  Fixed images, images in use (locked), read-only files
+    are refused with a :class:`BlockDriverError`; a pending log is replayed
+    first."""
+    from .engines.compact import compact as engine
+    return engine(path, fmt=fmt, dry_run=dry_run, progress=progress)
