@@ -126,6 +126,9 @@ class VHDXFormat:
             from blockdrv.errors import UnsupportedError
             raise UnsupportedError("Resizing VHDX differencing images is not supported")
         from .resize import truncate
+        img: VHDXImage = bs.opaque
+        img.free.clear()              # a resize moves the end of the file: gather again
+        img.free_scanned = False
         await truncate(bs, offset, exact, prealloc)
 
     @hookimpl

@@ -81,6 +81,7 @@ async def co_compact(img, *, dry_run: bool = False,
         raise ReadOnlyError("Cannot compact a read-only image")
     report = progress or (lambda f: None)
     file, bat = img.file, img.bat
+    await file.co_flush()            # the zero scan asks the file's block status
     report_ = CompactReport(dry_run, file.getlength(), file.getlength())
 
     # 1. zero blocks, stale offsets, unneeded sector bitmap blocks
@@ -120,6 +121,10 @@ async def co_compact(img, *, dry_run: bool = False,
         return report_
 
     async with img.lock:
+        # the holes are about to be filled: the session's free list (see
+        # .discard) is gathered again when next needed
+        img.free.clear()
+        img.free_scanned = False
         items = sorted(entries.items())
         for k in range(0, len(items), BATCH):
             async with img.transaction() as tx:

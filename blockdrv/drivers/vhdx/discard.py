@@ -181,8 +181,13 @@ def take_space(img) -> int | None:
         img.free_scanned = True
         # (it finds the blocks freed so far this session too)
         img.free[:] = sorted(set(img.free) | set(free_blocks(img)))
-    if img.free and img.inflight <= 1:
-        return heapq.heappop(img.free)
+    if img.inflight > 1:
+        return None
+    length = img.file.getlength()
+    while img.free:
+        at = heapq.heappop(img.free)
+        if at + img.block_size <= length:      # (never past the end: a safety net)
+            return at
     return None
 
 
