@@ -113,3 +113,28 @@ def test_compact_image_written_by_qemu(tmp_path):
     qemu_clean(path)
     qemu_compare(path, before)
     assert qemu_img_check(path, "vhdx")[0] == 0
+
+
+def test_pyvhdi_reads_discarded_and_compacted_images(tmp_path):
+    """libvhdi (pyvhdi) reads UNMAPPED and ZERO blocks and moved blocks as we do."""
+    pyvhdi = pytest.importorskip("pyvhdi")
+    path, raw = str(tmp_path / "a.vhdx"), str(tmp_path / "a.raw")
+    create(path)
+    ok_io(*run_blockdrv_io(path, ["write -P 0x61 0 12M", "write -z 4M 2M",
+                                  "write -P 0x62 30M 2M"], fmt="vhdx"))
+    ok_io(*run_blockdrv_io(path, ["discard 1M 1M", "discard 8M 1536k", "write -z -u 10M 1M"],
+                           fmt="vhdx", extra=["-d", "unmap"]))
+
+    def same():
+        rc, _, err = run_blockdrv("convert", "-O", "raw", path, raw)
+        assert rc == 0, err
+        f = pyvhdi.file()
+        f.open(path)
+        try:
+            assert f.read_buffer(f.get_media_size()) == open(raw, "rb").read()
+        finally:
+            f.close()
+    same()
+    rc, _, err = run_blockdrv("compact", "-q", path)
+    assert rc == 0, err
+    same()
