@@ -14,7 +14,8 @@ from __future__ import annotations
 from blockdrv.block import create_file
 from blockdrv.hookspecs import hookimpl
 from blockdrv.common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE,
-                             BLOCK_ZERO, O_CHECK, O_RDWR, WRITE_UNMAP, BlockStatus,
+                             BLOCK_ZERO, O_CHECK, O_RDWR, WRITE_NO_FALLBACK, WRITE_UNMAP,
+                             BlockStatus,
                              DriverInfo)
 from blockdrv.options import CreateOption
 
@@ -115,7 +116,12 @@ class VHDXFormat:
     async def bdrv_co_pwrite_zeroes(self, bs, offset, nbytes, flags) -> None:
         from .discard import co_unmap, target_state
         img: VHDXImage = bs.opaque
-        if not (flags & WRITE_UNMAP and img.unmap and target_state(img, True) is not None):
+        bsize = img.block_size
+        cheap = flags & WRITE_UNMAP and img.unmap and target_state(img, True) is not None
+        if cheap and flags & WRITE_NO_FALLBACK and (
+                offset % bsize or (nbytes % bsize and offset + nbytes < img.virtual_size)):
+            cheap = False        # partial blocks would take a zero buffer: not "fast"
+        if not cheap:
             from blockdrv.errors import UnsupportedError
             raise UnsupportedError("write-zeroes not supported")   # the core writes zeros
         await co_unmap(img, offset, nbytes, zero_write=True)
