@@ -67,7 +67,7 @@ import heapq
 from .bat import encode_entry
 from .constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, PAYLOAD_BLOCK_FULLY_PRESENT,
                         PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNMAPPED,
-                        PAYLOAD_BLOCK_ZERO, ZERO_STATES)
+                        PAYLOAD_BLOCK_ZERO)
 
 # Payload entries per transaction: at most 8 BAT sectors (32 KiB of log).
 BATCH = 4096
