@@ -61,6 +61,9 @@ COMMANDS: dict[str, Command] = {
         "[-e num] [-A] [--fork] [--pid-file file] [--cache mode] [-n] [--discard mode] "
         "[--detect-zeroes mode] [-U] [--object spec] [--tls-creds id] [-v] filename",
         "serve an image over the NBD protocol, as qemu-nbd does"),
+    "compact": Command(
+        "compact", "compact [-p] [-q] [-f fmt] [--dry-run] filename",
+        "give a VHDX image's unused space back, offline (Optimize-VHD)"),
     "fuse": Command(
         "fuse", "fuse [-r] [-f fmt] [-U] filename mountpoint",
         "mount an image's disk over a regular file (FUSE), as qemu-storage-daemon"),

@@ -77,12 +77,17 @@ class Plan:
     name: str
     size: int
     create: dict
-    ops: list                         # ("w", offset, bytes) | ("f",) | ("t", new size)
+    # ("w", offset, bytes) | ("f",) | ("t", new size) | ("d", offset, nbytes): a
+    # discard, modelled as a zero write (the plan's open_options must make
+    # the driver act on it) | ("x", name, fn): fn(bs) flushes, then does
+    # something that must not change guest data (a compaction)
+    ops: list
     setup: list = field(default_factory=list)   # ops applied to the base, flushed
     full_blocks: bool = True          # verify whole touched blocks (else written +- 1 sector)
     block_size: int = MiB
     lss: int = SECTOR
     fmt: str = "vhdx"
+    open_options: dict = field(default_factory=dict)   # of the plan's run (discard=unmap)
 
 
 def _pattern(rng: random.Random, tag: int, nbytes: int) -> bytes:
@@ -171,9 +176,11 @@ def make_base(path: str, plan: Plan, make_image: Callable | None = None) -> None
             img.flush()
 
 
-def open_blkdebug(path: str, config: dict, flags: int = O_RDWR, fmt: str = "vhdx"):
+def open_blkdebug(path: str, config: dict, flags: int = O_RDWR, fmt: str = "vhdx",
+                  options: dict | None = None):
     return open_node(path, fmt, flags,
-                     options={"file": {"driver": "blkdebug", "config": config}})
+                     options={**(options or {}),
+                              "file": {"driver": "blkdebug", "config": config}})
 
 
 # --------------------------------------------------------------------------
@@ -227,9 +234,10 @@ class Model:
 def base_content(path: str, plan: Plan) -> dict[int, np.ndarray]:
     blocks = set()
     for op in plan.ops:
-        if op[0] == "w":
+        if op[0] in ("w", "d"):
+            n = len(op[2]) if op[0] == "w" else op[2]
             first = op[1] // plan.block_size
-            last = (op[1] + len(op[2]) - 1) // plan.block_size
+            last = (op[1] + n - 1) // plan.block_size
             blocks.update(range(first, last + 1))
     out = {}
     with blockdrv.open_image(path, plan.fmt) as img:
@@ -345,7 +353,7 @@ def run_plan(path: str, plan: Plan, model: Model, config: dict):
     """Run ``plan`` on ``path`` through blkdebug; returns the filter state
     (None when the crash hit the open itself and the open failed)."""
     try:
-        bs = open_blkdebug(path, config, fmt=plan.fmt)
+        bs = open_blkdebug(path, config, fmt=plan.fmt, options=plan.open_options)
     except BlockDriverError as exc:
         assert "lost power" in str(exc), f"open failed before the crash: {exc}"
         return None
@@ -362,6 +370,16 @@ def run_plan(path: str, plan: Plan, model: Model, config: dict):
                     bs.pwrite(op[1], op[2])
                     if not st.crashed:
                         model.ack(op[1], len(op[2]))
+                elif op[0] == "d":
+                    if not st.crashed:
+                        model.issue(op[1], bytes(op[2]))
+                    bs.pdiscard(op[1], op[2])
+                    if not st.crashed:
+                        model.ack(op[1], op[2])
+                elif op[0] == "x":
+                    op[2](bs)
+                    if not st.crashed:
+                        model.flushed()
                 elif op[0] == "t":
                     if not st.crashed:
                         model.resize_issued(op[1])

@@ -52,3 +52,29 @@ class TestVhdxDifferencing(VhdxDifferencingConformance):
                            name="allocating writes over a parent"),
                 plan_overwrite(2, create=dict(self.create_options),
                                name="overwrites over a parent")]
+
+
+class _ExplicitUnmap:
+    """Opened with an explicit discard=unmap: discards and unmapping zero
+    writes become block states (UNMAPPED/ZERO), partial blocks are zeroed
+    (whole sectors only: the sub-sector edges of a discard keep their data,
+    as a discard allows; tests/unit/vhdx/test_discard.py checks the zeros)."""
+
+    discard_zeroes = None
+
+    def open(self, path, readonly: bool = True):
+        import blockdrv
+        return blockdrv.open_image(path, self.format, readonly=readonly, discard="unmap")
+
+    def crash_plans(self):
+        return []                  # discard's crash plans: tests/reliability
+
+
+class TestVhdxDynamicUnmap(_ExplicitUnmap, VhdxConformance):
+    variant_name = "vhdx dynamic, discard=unmap"
+    create_options = {"block_size": MiB, "log_size": MiB}
+
+
+class TestVhdxDifferencingUnmap(_ExplicitUnmap, VhdxDifferencingConformance):
+    variant_name = "vhdx differencing, discard=unmap"
+    create_options = {"block_size": MiB, "log_size": MiB}

@@ -171,3 +171,33 @@ def test_resize_crash_images_pass_qemu_img_check(scratch, figures):
     run_matrix(scratch, plan_resize_relocate(seed=11),
                lambda total, trace: range(1, total + 2, 2), rotate_modes, figures,
                label="resize relocate + qemu-img check", qemu_img=qemu_img, qemu_every=2)
+
+
+# --- discard and compact (issue 14) ------------------------------------------
+
+from blockdrv.testing.vhdx.crash import plan_compact, plan_discard  # noqa: E402
+
+SPACE_PLANS = [plan_discard, plan_compact]
+SPACE_IDS = ["discard", "compact"]
+
+
+@pytest.mark.parametrize("make", SPACE_PLANS, ids=SPACE_IDS)
+def test_crash_matrix_discard_compact(make, scratch, figures):
+    """Every cut point: discarded ranges read zeros or (unflushed) their old
+    data, reused blocks never show another block's bytes, a compaction cut
+    anywhere leaves every block on its old or its new copy."""
+    run_matrix(scratch, make(), every_cut, rotate_modes, figures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", SPACE_PLANS, ids=SPACE_IDS)
+def test_crash_matrix_discard_compact_full(make, scratch, figures):
+    run_matrix(scratch, make(), every_cut, all_modes, figures, label=make().name + " (full)")
+
+
+@pytest.mark.parametrize("make", SPACE_PLANS, ids=SPACE_IDS)
+def test_discard_compact_crash_images_pass_qemu_img_check(make, scratch, figures):
+    qemu_img = require_tool(QEMU_IMG)
+    run_matrix(scratch, make(), lambda total, trace: range(1, total + 2, 3), rotate_modes,
+               figures, label=make().name + " + qemu-img check", qemu_img=qemu_img,
+               qemu_every=2)

@@ -8,7 +8,7 @@ import sys
 from typing import Iterator, TextIO
 
 from ...errors import BlockDriverError
-from ...common import O_FORCE_SHARE, O_NOCACHE, O_RDWR
+from ...common import O_FORCE_SHARE, O_NOCACHE, O_RDWR, O_UNMAP
 from ...engines.common import open_reason, parse_cache_mode
 from ..common import PROBED_RAW_WARNING
 from .parse import getopt
@@ -74,7 +74,10 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
     commands: list[str] = []
     fmt = None
     readonly = force_share = False
-    options: dict[str, str] = {"discard": "unmap"}     # qemu-io passes discards down
+    # qemu-io passes discards down by default (BDRV_O_UNMAP): O_UNMAP without
+    # the open option, so that drivers that act on discards only when asked
+    # explicitly (vhdx: qemu's has no discard at all) keep qemu's results.
+    options: dict[str, str] = {}
     writethrough = True
     cache_flags = 0           # O_NO_FLUSH for unsafe; O_NOCACHE for none/directsync
     for ch, val in opts:
@@ -127,7 +130,7 @@ def run(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = N
         return 1
     filename = operands[0]
     flags = ((0 if readonly else O_RDWR) | (O_FORCE_SHARE if force_share else 0)
-             | cache_flags)
+             | cache_flags | (0 if "discard" in options else O_UNMAP))
     try:
         bs = open_node(filename, fmt, flags, options)
     except BlockDriverError as exc:

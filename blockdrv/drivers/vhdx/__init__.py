@@ -14,7 +14,8 @@ from __future__ import annotations
 from blockdrv.block import create_file
 from blockdrv.hookspecs import hookimpl
 from blockdrv.common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE,
-                             BLOCK_ZERO, O_CHECK, O_RDWR, BlockStatus,
+                             BLOCK_ZERO, O_CHECK, O_RDWR, WRITE_NO_FALLBACK, WRITE_UNMAP,
+                             BlockStatus,
                              DriverInfo)
 from blockdrv.options import CreateOption
 
@@ -52,6 +53,9 @@ class VHDXFormat:
         img = VHDXImage(bs.file, read_only=not flags & O_RDWR, check=bool(flags & O_CHECK))
         img.on_validated = lambda img: _name_parent(bs, img)
         img.read_backing = bs.co_read_backing
+        # Only an explicit discard=unmap/on turns discards and unmapping zero
+        # writes into block states (qemu's vhdx has neither; see .discard).
+        img.unmap = str(options.get("discard", "")) in ("unmap", "on")
         bs.opaque = img             # bdrv_check_backing reads the locator from it
         try:
             img.open()
@@ -102,11 +106,35 @@ class VHDXFormat:
         await bs.opaque.writev(offset, nbytes, qiov)
 
     @hookimpl
+    async def bdrv_co_pdiscard(self, bs, offset, nbytes) -> None:
+        from .discard import co_unmap, target_state
+        img: VHDXImage = bs.opaque
+        if img.unmap and target_state(img, False) is not None:
+            await co_unmap(img, offset, nbytes, zero_write=False)
+
+    @hookimpl
+    async def bdrv_co_pwrite_zeroes(self, bs, offset, nbytes, flags) -> None:
+        from .discard import co_unmap, target_state
+        img: VHDXImage = bs.opaque
+        bsize = img.block_size
+        cheap = flags & WRITE_UNMAP and img.unmap and target_state(img, True) is not None
+        if cheap and flags & WRITE_NO_FALLBACK and (
+                offset % bsize or (nbytes % bsize and offset + nbytes < img.virtual_size)):
+            cheap = False        # partial blocks would take a zero buffer: not "fast"
+        if not cheap:
+            from blockdrv.errors import UnsupportedError
+            raise UnsupportedError("write-zeroes not supported")   # the core writes zeros
+        await co_unmap(img, offset, nbytes, zero_write=True)
+
+    @hookimpl
     async def bdrv_co_truncate(self, bs, offset, exact, prealloc) -> None:
         if bs.opaque.differencing:
             from blockdrv.errors import UnsupportedError
             raise UnsupportedError("Resizing VHDX differencing images is not supported")
         from .resize import truncate
+        img: VHDXImage = bs.opaque
+        img.free.clear()              # a resize moves the end of the file: gather again
+        img.free_scanned = False
         await truncate(bs, offset, exact, prealloc)
 
     @hookimpl

@@ -5,7 +5,9 @@ Dynamic and fixed images (qemu 7.2's order, so that both tools leave the
 same bytes): an absent block gets a new FULLY_PRESENT block at the end of
 the file -- the file extended to the next 1 MiB boundary plus one block --,
 the guest's bytes are written there (the rest reads zeros: the extension),
-then its BAT entry is journaled.
+then its BAT entry is journaled.  In a session that acts on discards
+(explicit ``discard=unmap``, see :mod:`.discard`) a freed block is taken
+first, zero-filled before the guest's bytes go in.
 
 Differencing images (HasParent, spec 2.4 and 2.5.1):
 
@@ -41,6 +43,19 @@ async def grow_file(file, nbytes: int) -> int:
     return at
 
 
+async def payload_space(img, fill: bool = True) -> int:
+    """Room for a new payload block: a block freed by a discard (zeroed
+    when ``fill``: the guest's bytes go in after, the rest must read zeros;
+    the transaction flushes it before the BAT names it), else the file grown."""
+    from .discard import take_space
+    at = take_space(img)
+    if at is None:
+        return await grow_file(img.file, img.block_size)
+    if fill:
+        await img.file.co_pwrite_zeroes(at, img.block_size)
+    return at
+
+
 async def allocate(img, block: int, in_block: int, n: int, part: IOVector) -> None:
     """Lock held, ``block`` not writable in place: write ``part`` there,
     allocating what it needs."""
@@ -64,7 +79,7 @@ async def allocate_full(img, block: int, in_block: int, n: int, part: IOVector) 
     writers queue on the lock, and no write can land in -- nor a flush
     complete over -- a block whose entry is not yet durable)."""
     file = img.file
-    new_offset = await grow_file(file, img.block_size)
+    new_offset = await payload_space(img)
     async with img.transaction() as tx:
         await file.co_pwritev(new_offset + in_block, n, part)
         tx.set_bat(img.bat.index(block), encode_entry(PAYLOAD_BLOCK_FULLY_PRESENT, new_offset))
@@ -84,7 +99,7 @@ async def _allocate_partial(img, block: int, in_block: int, n: int, part: IOVect
     """NOT_PRESENT, partial write: PARTIALLY_PRESENT with the written bits set."""
     file, bitmaps, bat = img.file, img.bitmaps, img.bat
     lss = img.logical_sector_size
-    base = await grow_file(file, img.block_size)
+    base = await payload_space(img, fill=False)
     async with img.transaction() as tx:
         # Published in this order once durable: bitmap entry and bits before
         # the payload entry, so a lock-free reader that sees
@@ -102,4 +117,4 @@ async def _allocate_partial(img, block: int, in_block: int, n: int, part: IOVect
         tx.set_bat(bat.index(block), base | PAYLOAD_BLOCK_PARTIALLY_PRESENT)
 
 
-__all__ = ["allocate", "allocate_full", "grow_file"]
+__all__ = ["allocate", "allocate_full", "grow_file", "payload_space"]

@@ -74,6 +74,14 @@ class VHDXImage:
         # before open writes anything (the driver names its parent there).
         self.read_backing = None
         self.on_validated = None
+        # Discards and zero writes change block states only when asked for
+        # explicitly (open option discard=unmap, see .discard); the payload
+        # blocks they freed, reused before the file grows; guest requests
+        # in flight (a freed block is reused only when no other one is).
+        self.unmap = False
+        self.free: list[int] = []           # a heap
+        self.free_scanned = False
+        self.inflight = 0
 
     # ------------------------------------------------------------------ open
 
@@ -202,6 +210,13 @@ class VHDXImage:
     # ------------------------------------------------------------- guest I/O
 
     async def readv(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        self.inflight += 1
+        try:
+            await self._readv(offset, nbytes, qiov)
+        finally:
+            self.inflight -= 1
+
+    async def _readv(self, offset: int, nbytes: int, qiov: IOVector) -> None:
         one = self.mapper.lookup(offset, nbytes)
         if one is not None and one[1] == nbytes:        # one extent: most requests
             kind = one[0]
@@ -234,6 +249,13 @@ class VHDXImage:
             part.memset(0, n)
 
     async def writev(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        self.inflight += 1
+        try:
+            await self._writev(offset, nbytes, qiov)
+        finally:
+            self.inflight -= 1
+
+    async def _writev(self, offset: int, nbytes: int, qiov: IOVector) -> None:
         if self.headers.first_visible_write:
             async with self.lock:
                 await self.headers.co_mark_data_write()

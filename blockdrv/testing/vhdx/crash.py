@@ -114,6 +114,56 @@ def plan_resize_fixed(seed: int = 9) -> Plan:
                  "block_state_zero": False}, ops)
 
 
+def _compact(bs) -> None:
+    """The ``("x", ...)`` op of the compaction plans: flush, then compact
+    the open image (as ``blockdrv compact`` does after its open)."""
+    from blockdrv.drivers.vhdx.compact import compact
+    bs.flush()
+    compact(bs.opaque)
+
+
+def plan_discard(seed: int = 10) -> Plan:
+    """Discards with an explicit discard=unmap: whole blocks journaled to
+    UNMAPPED (several per log entry), partial ones zeroed in place; then
+    allocations that reuse the freed blocks (zero-filled first), overwrites
+    and more discards, flushed now and then."""
+    rng = random.Random(seed)
+    setup = [("w", b * MiB, _pattern(rng, 1000 + b, MiB)) for b in range(12)]
+    ops = [("d", 2 * MiB, 3 * MiB), ("d", 6 * MiB + 64 * 1024, 128 * 1024), ("f",)]
+    ops += _writes(rng, 1, 3, [13, 14, 15], MiB, SECTOR, span_next=0.0, flush_every=(1, 2))
+    ops += [("d", 8 * MiB, MiB), ("w", 9 * MiB + 4096, _pattern(rng, 50, 8192)),
+            ("d", 10 * MiB, 2 * MiB), ("f",)]
+    ops += _writes(rng, 100, 4, [2, 3, 10, 16, 17], MiB, SECTOR, span_next=0.0,
+                   flush_every=(1, 3))
+    ops += [("d", 0, MiB), ("d", 13 * MiB, 4 * MiB), ("f",)]
+    ops += _writes(rng, 200, 2, [0, 18], MiB, SECTOR, span_next=0.0)
+    return Plan("discard: UNMAPPED blocks and reuse", 20 * MiB,
+                {"block_size": MiB, "log_size": MiB}, ops, setup,
+                open_options={"discard": "unmap"})
+
+
+def plan_compact(seed: int = 11) -> Plan:
+    """Compaction: blocks of zeros (written as data) become ZERO, the blocks
+    at the end of the file move into the holes discards left (several per
+    transaction), the file is truncated; writes before and after."""
+    rng = random.Random(seed)
+    order = list(range(20))
+    rng.shuffle(order)
+    setup = []
+    for i, b in enumerate(order):
+        setup.append(("w", b * MiB, bytes(MiB) if i % 4 == 0 else
+                      _pattern(rng, 1000 + b, MiB)))
+    ops = [("d", order[1] * MiB, MiB), ("d", order[2] * MiB, MiB),
+           ("d", order[6] * MiB, MiB), ("f",)]
+    ops += _writes(rng, 1, 2, [order[3], order[5]], MiB, SECTOR, span_next=0.0)
+    ops.append(("x", "compact", _compact))
+    ops += _writes(rng, 100, 3, [order[1], 21, order[19]], MiB, SECTOR, span_next=0.0,
+                   flush_every=(1, 2))
+    return Plan("compact: zero blocks, moves, truncate", 24 * MiB,
+                {"block_size": MiB, "log_size": MiB}, ops, setup,
+                open_options={"discard": "unmap"})
+
+
 def wrap_windows(log_offset: int, window: int, stride: int):
     """Cut points around every write to the first log sector after the first
     (the ring wrapping), plus every ``stride``-th event."""
@@ -137,5 +187,5 @@ def wrap_windows(log_offset: int, window: int, stride: int):
 
 
 
-__all__ = ["vhdx_crash_checks", "plan_wrap", "plan_resize_grow", "plan_resize_relocate",
+__all__ = ["vhdx_crash_checks", "plan_wrap", "plan_discard", "plan_compact", "plan_resize_grow", "plan_resize_relocate",
            "plan_resize_shrink", "plan_resize_fixed", "wrap_windows"]
