@@ -14,7 +14,7 @@ Public API::
     blockdrv.check("disk.vhdx", repair="leaks").leaks_fixed    # qemu-img check
 """
 
-from .api import (CheckResult, Image, ProbedRawWarning, check, compare, convert,
+from .api import (CheckResult, Image, ProbedRawWarning, check, compact, compare, convert,
                   create_image, open_image)
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
                      InvalidArgumentError, PermissionConflictError, ReadOnlyError,
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Image", "open", "ImageIO", "open_image", "create_image", "hookimpl", "ProbedRawWarning",
-    "convert", "compare", "check", "CompareResult", "CheckResult",
+    "convert", "compare", "check", "compact", "CompareResult", "CheckResult",
     "BlockDriverError", "BlockIOError", "CorruptImageError",
     "InvalidArgumentError", "PermissionConflictError", "ReadOnlyError", "UnsupportedError",
 ]
