@@ -39,6 +39,8 @@ _DATA_AT = BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_RECURSE
 class VHDXFormat:
     format_name = "vhdx"
     protocol_name = None
+    # rebase -b "": a differencing image cannot lose its parent (engines.rebase)
+    can_drop_backing = False
 
     create_opts = [CreateOption(o.name, o.type, o.help, o.default) for o in CREATE_OPTS]
 
@@ -176,6 +178,21 @@ class VHDXFormat:
             if parent is not None:
                 parent.close()
 
+
+    @hookimpl
+    async def bdrv_make_empty(self, bs) -> None:
+        from .chain import co_make_empty
+        await co_make_empty(bs)
+
+    @hookimpl
+    async def bdrv_change_backing_file(self, bs, backing_file, backing_fmt, backing) -> None:
+        from .chain import co_change_backing_file
+        await co_change_backing_file(bs, backing_file, backing_fmt, backing)
+
+    @hookimpl
+    def bdrv_measure(self, options, in_bs, size):
+        from .chain import measure
+        return measure(options, in_bs, size)
 
 def _name_parent(bs, img: "VHDXImage") -> None:
     """Runs inside VHDXImage.open once the image is validated, before any
