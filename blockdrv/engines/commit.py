@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..common import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO, O_RDWR
+from ..common import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO
 from ..coroutine import run_sync
 from ..errors import BlockDriverError, InvalidArgumentError, UnsupportedError
 from ..mapping import co_block_status_depth
@@ -95,8 +95,9 @@ def commit(filename: str, *, fmt: str | None = None, base: str | None = None,
     mode = cache_mode(cache, "writeback")
     if base is not None:
         drop = True                         # qemu-img(1): -b implies -d
-    flags = mode.flags | (0 if drop else O_RDWR)
-    top = _open(filename, fmt, flags, options)
+    # Every image is opened read-only and checked first: a read-write open of
+    # some formats writes (VHDX's FileWriteGuid).
+    top = _open(filename, fmt, mode.flags, options)
     try:
         if top.backing is None:
             raise InvalidArgumentError("Image does not have a backing file")
@@ -113,6 +114,8 @@ def commit(filename: str, *, fmt: str | None = None, base: str | None = None,
         if base_bs.drv.bdrv_co_writev is None:
             raise UnsupportedError(f"Cannot commit into '{base_bs.filename}': format "
                                    f"'{base_bs.format_name}' is read-only here")
+        if not drop:
+            _reopen_rw(top)
         _reopen_rw(base_bs)
         relink = _binds_identity(above)
         if relink and above.read_only:

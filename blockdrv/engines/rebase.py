@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from ..common import BLOCK_ALLOCATED, O_NO_BACKING, O_RDWR
+from ..common import BLOCK_ALLOCATED, O_NO_BACKING
 from ..coroutine import run_sync
 from ..errors import BlockDriverError, InvalidArgumentError, UnsupportedError
 from ..node import BlockDriverState
@@ -56,7 +56,9 @@ def rebase(filename: str, backing: str, *, fmt: str | None = None,
     image.  ``options``: open options of the image (tests)."""
     mode = cache_mode(cache, "writeback")
     src_mode = cache_mode(src_cache, "writeback", "source ")
-    flags = mode.flags | O_RDWR | (O_NO_BACKING if unsafe else 0)
+    # Opened read-only: a read-write open of some formats writes (VHDX's
+    # FileWriteGuid), and nothing may be written before every check passed.
+    flags = mode.flags | (O_NO_BACKING if unsafe else 0)
     from ..block import check_target_not_source, path_combine
     new_path = path_combine(filename, backing) if backing else None
     if new_path is not None and os.path.exists(new_path):
@@ -81,6 +83,9 @@ def rebase(filename: str, backing: str, *, fmt: str | None = None,
             if new_bs is not None:
                 check_target_not_source(filename, [new_bs])
         copied = 0
+        if unsafe and not (new_bs is not None and drv.bdrv_check_backing is not None
+                           and not ignore_id_mismatch):
+            _reopen_rw(bs)
         if unsafe:
             if new_bs is not None and drv.bdrv_check_backing is not None \
                     and not ignore_id_mismatch:
@@ -90,7 +95,9 @@ def rebase(filename: str, backing: str, *, fmt: str | None = None,
                 except BlockDriverError as exc:
                     raise reword(exc, f"{why(exc)}; use --ignore-id-mismatch to link "
                                       "the image to it anyway") from None
+                _reopen_rw(bs)
         else:
+            _reopen_rw(bs)
             copied = _copy_differences(bs, new_bs, mode.writethrough, progress)
             bs.flush()
         try:
@@ -108,6 +115,13 @@ def rebase(filename: str, backing: str, *, fmt: str | None = None,
                 new_bs.close()
         finally:
             bs.close()
+
+
+def _reopen_rw(bs: BlockDriverState) -> None:
+    try:
+        bs.reopen(read_only=False)
+    except BlockDriverError as exc:
+        raise reword(exc, f"Could not reopen '{bs.filename}' read-write: {why(exc)}") from None
 
 
 async def _read_view(node: BlockDriverState | None, offset: int, nbytes: int) -> bytearray:

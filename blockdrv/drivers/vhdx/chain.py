@@ -130,9 +130,10 @@ async def co_change_backing_file(bs, backing_file: str, backing_fmt, backing) ->
 
 def measure(options: dict, in_bs, size: int | None) -> dict[str, int]:
     """File sizes of a new VHDX image (as ``create``/``convert`` lay it out):
-    ``fully-allocated`` with every payload block present (for a fixed image:
-    its length), ``required`` with a block for each one ``in_bs`` holds
-    data in (any byte that does not read as zeros per block status).
+    ``fully-allocated`` with every payload block allocated, ``required``
+    with a block for each one ``in_bs`` holds data in (block status DATA and
+    not ZERO).  A fixed image with ``block_state_zero=off`` is its length
+    whatever is written.
     Convert allocates whole blocks at the end of the file (1 MiB aligned),
     so these bound what it writes."""
     from .create import plan_vhdx
@@ -146,13 +147,17 @@ def measure(options: dict, in_bs, size: int | None) -> dict[str, int]:
     layout = plan_vhdx(size, **kwargs)
     bsize = layout.block_size
     blocks = -(-layout.virtual_size // bsize)
-    if layout.fixed:
+    if layout.fixed and not layout.block_state_zero:
         return {"required": layout.file_length, "fully-allocated": layout.file_length}
-    full = layout.data_offset + blocks * bsize
+    # Dynamic images (and fixed ones whose blocks start in the ZERO state,
+    # qemu's default) get a new block at the 1 MiB aligned end of the file
+    # for each block first written.
+    base = round_up(layout.file_length, ALIGNMENT)
+    full = base + blocks * bsize
     if in_bs is None:
-        return {"required": layout.data_offset, "fully-allocated": full}
+        return {"required": base, "fully-allocated": full}
     used = _data_blocks(in_bs, bsize)
-    return {"required": layout.data_offset + used * bsize, "fully-allocated": full}
+    return {"required": base + used * bsize, "fully-allocated": full}
 
 
 def _data_blocks(bs, bsize: int) -> int:
