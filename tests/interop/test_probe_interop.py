@@ -17,7 +17,7 @@ from blockdrv.testing.qemu import qemu_img_info, replay_script, run_blockdrv_io,
 
 pytestmark = pytest.mark.interop
 
-CREATED = ["vmdk", "vdi", "qed", "qcow", "qcow2", "parallels", "vpc"]
+CREATED = ["vmdk", "vdi", "qed", "qcow", "parallels", "vpc"]   # qcow2: a driver now
 # luks: qemu-img's create benchmarks PBKDF2 against a thread CPU clock that is
 # too coarse on some machines ("Unable to get accurate CPU usage", at random),
 # so its header is built by hand -- qemu-img still has to name it below.
@@ -84,6 +84,14 @@ def test_qemu_names_it_and_blockdrv_refuses(images, capsys, tmp_path, fmt):
     assert snapshot(path) == before
 
 
+def test_qcow2_now_opens_as_qemu_names_it(qemu_img, tmp_path, capsys):
+    """The built-in qcow2 driver took the format over from the refusal table."""
+    path = str(tmp_path / "x.qcow2")
+    assert run_qemu_img("create", "-q", "-f", "qcow2", path, "1M")[0] == 0
+    assert main(["info", "--output=json", path]) == 0
+    assert json.loads(capsys.readouterr().out) == qemu_img_info(path)
+
+
 def test_footer_only_vhd_and_flat_vmdk_descriptor(qemu_img, tmp_path, capsys):
     """qemu 7.2 probes a fixed VHD (footer at the end only) as raw; a
     monolithicFlat descriptor is vmdk.  blockdrv agrees on both."""
@@ -112,10 +120,10 @@ def test_dmg_without_trailer_refused_as_qemu_words_it(qemu_img, tmp_path, capsys
 
 def test_create_backing_foreign_without_F(images, tmp_path, capsys):
     child = str(tmp_path / "child.vhdx")
-    assert main(["create", "-f", "vhdx", "-b", images["qcow2"], child]) == 1
+    assert main(["create", "-f", "vhdx", "-b", images["qcow"], child]) == 1
     assert capsys.readouterr().err == (
-        f"blockdrv: {child}: Could not open backing file '{images['qcow2']}': "
-        "Image is in qcow2 format, which blockdrv does not support\n")
+        f"blockdrv: {child}: Could not open backing file '{images['qcow']}': "
+        "Image is in qcow format, which blockdrv does not support\n")
     assert not os.path.exists(child)
 
 
@@ -145,7 +153,7 @@ def both_io(tmp_path, monkeypatch, script, fmt=None, template=None):
 
 def test_block0_write_refused_as_qemu_io(images, tmp_path, monkeypatch, qemu_io):
     sig = tmp_path / "sig.bin"
-    with open(images["qcow2"], "rb") as f:
+    with open(images["qcow"], "rb") as f:
         sig.write_bytes(f.read(512))
     q, data = both_io(tmp_path, monkeypatch, [f"write -s {sig} 0 512"])
     assert q.rc == 1 and q.stdout == "write failed: Operation not permitted\n"

@@ -1,0 +1,84 @@
+"""The qcow2 format driver (docs/interop/qcow2.txt), hook implementations.
+
+One module per on-disk structure: :mod:`.header` (header and extensions),
+:mod:`.l2` (L1/L2 entries, extended L2, compressed descriptors),
+:mod:`.refcount` (refcount table and blocks), :mod:`.snapshot` (the
+snapshot table); :mod:`.alloc` is qemu's cluster allocation policy,
+:mod:`.create` makes images byte for byte as qemu-img 7.2, :mod:`.image`
+opens and reads them.  Writes are not implemented yet: read-write opens are
+refused with one line.
+"""
+
+from __future__ import annotations
+
+from blockdrv.driver import (O_RDWR, BlockStatus, DriverInfo, UnsupportedError, hookimpl)
+
+from .constants import MAGIC
+from .create import CREATE_OPTS
+
+_READ_ONLY = ("blockdrv's qcow2 driver cannot write yet: open the image read-only "
+              "(qemu-img/qemu-io -r, or readonly=True)")
+
+
+class Qcow2Format:
+    format_name = "qcow2"
+    protocol_name = None
+    create_opts = CREATE_OPTS
+
+    @hookimpl
+    def bdrv_probe(self, buf, filename) -> int:
+        # qemu's qcow2_probe: the magic and a version of 2 or more
+        if bytes(buf[:4]) == MAGIC and int.from_bytes(bytes(buf[4:8]), "big") >= 2:
+            return 100
+        return 0
+
+    @hookimpl
+    def bdrv_open(self, bs, options, flags) -> None:
+        from .image import Qcow2Image
+        img = Qcow2Image(bs)
+        img.open(read_write=bool(flags & O_RDWR))
+        if flags & O_RDWR:
+            raise UnsupportedError(_READ_ONLY)
+        bs.opaque = img
+        bs.total_size = img.h.size
+        bs.request_alignment = 1
+        if img.h.backing_file:
+            bs.backing_file = img.h.backing_file
+            bs.backing_format = img.h.backing_format
+            from blockdrv.block import path_combine
+            bs.full_backing_file = path_combine(bs.filename, img.h.backing_file)
+
+    @hookimpl
+    def bdrv_close(self, bs) -> None:
+        bs.opaque = None
+
+    @hookimpl
+    def bdrv_reopen_prepare(self, bs, flags) -> None:
+        if flags & O_RDWR:
+            raise UnsupportedError(_READ_ONLY)
+
+    @hookimpl
+    def bdrv_reopen_commit(self, bs, flags) -> None:
+        pass
+
+    @hookimpl
+    async def bdrv_co_readv(self, bs, offset, nbytes, qiov) -> None:
+        await bs.opaque.readv(offset, nbytes, qiov)
+
+    @hookimpl
+    async def bdrv_co_block_status(self, bs, want_zero, offset, nbytes) -> BlockStatus:
+        return bs.opaque.block_status(offset, nbytes)
+
+    @hookimpl
+    def bdrv_get_info(self, bs) -> DriverInfo:
+        img = bs.opaque
+        return DriverInfo(cluster_size=img.cs, is_dirty=img.dirty,
+                          format_specific=img.format_specific())
+
+    @hookimpl
+    def bdrv_create(self, filename, options) -> None:
+        from .create import create_qcow2
+        create_qcow2(filename, options)
+
+
+driver = Qcow2Format()

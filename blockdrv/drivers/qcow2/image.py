@@ -1,0 +1,274 @@
+"""An open qcow2 image: validation at open, the cluster map, reads, block status.
+
+Reads only (for now): the driver refuses read-write opens.  L1 is loaded
+whole (bounded by qemu's 32 MiB cap); L2 tables go through a small LRU
+cache bounded in bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections import OrderedDict
+
+from blockdrv.driver import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE, BLOCK_ZERO,
+                             BlockStatus, CorruptImageError, InvalidArgumentError,
+                             UnsupportedError)
+
+from . import l2 as L
+from . import refcount as rc
+from .constants import (COMPRESSION_NAMES, COMPRESSION_ZSTD, COMPAT_LAZY_REFCOUNTS,
+                        INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+                        INCOMPAT_EXTL2, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+                        MAX_SNAPSHOTS)
+from .header import Header
+from .snapshot import Snapshot, parse_table
+
+L2_CACHE_BYTES = 4 << 20
+_HOSTED = (L.NORMAL, L.ZERO_ALLOC, L.UNALLOCATED_ALLOC)   # kinds with a host offset
+
+
+def _table(offset: int, entries: int, entry_len: int, max_bytes: int, name: str,
+           cluster_size: int) -> None:
+    """qemu's qcow2_validate_table."""
+    if entries * entry_len > max_bytes:
+        raise InvalidArgumentError(f"{name} too large")
+    if offset % cluster_size or offset + entries * entry_len > (1 << 63) - 1:
+        raise InvalidArgumentError(f"{name} offset invalid")
+
+
+class Qcow2Image:
+    def __init__(self, bs) -> None:
+        self.bs = bs
+        self.file = bs.file
+        self.l2_cache: OrderedDict[int, bytes] = OrderedDict()
+        self.snapshots: list[Snapshot] = []
+        self._prealloc: bool | None = None
+
+    # -- open ------------------------------------------------------------------------
+
+    def open(self, read_write: bool) -> None:
+        f = self.file
+        head = bytes(f.pread(0, min(f.total_size, 1 << MAX_CLUSTER_BITS)))
+        h = self.h = Header.parse(head)
+        cs = self.cs = h.cluster_size
+        self.cbits = h.cluster_bits
+        if h.crypt_method:
+            raise UnsupportedError("Encrypted qcow2 images are not supported by blockdrv "
+                                   f"(encryption method {h.crypt_method})")
+        if h.incompatible_features & INCOMPAT_DATA_FILE or h.data_file:
+            raise UnsupportedError("qcow2 images with an external data file are not "
+                                   "supported by blockdrv")
+        if h.incompatible_features & INCOMPAT_CORRUPT and read_write:
+            raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
+        self.extl2 = bool(h.incompatible_features & INCOMPAT_EXTL2)
+        self.esize = L.l2_entry_size(self.extl2)
+        self.l2_entries = cs // self.esize
+        self.sub_size = cs // L.SUBCLUSTERS if self.extl2 else cs
+        _table(h.refcount_table_offset, h.refcount_table_clusters, cs, MAX_REFTABLE_BYTES,
+               "Reference count table", cs)
+        _table(h.snapshots_offset, h.nb_snapshots, 40, 40 * MAX_SNAPSHOTS,
+               "Snapshot table", cs)
+        _table(h.l1_table_offset, h.l1_size, 8, MAX_L1_BYTES, "Active L1 table", cs)
+        need = -(-h.size // (cs * self.l2_entries))
+        if h.l1_size < need:
+            raise InvalidArgumentError("L1 table is too small")
+        raw = bytes(f.pread(h.l1_table_offset, h.l1_size * 8)) if h.l1_size else b""
+        raw = raw.ljust(h.l1_size * 8, b"\0")       # past the end of the file: zeros
+        self.l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+        self._read_snapshots()
+
+    def _read_snapshots(self) -> None:
+        h = self.h
+        if not h.nb_snapshots:
+            return
+        # Entries are at most 40 + 1024 + 2 * 65535 bytes; read what the file
+        # holds, never more than that bound allows.
+        bound = h.nb_snapshots * (40 + 1024 + 2 * 65535 + 7)
+        n = max(0, min(bound, self.file.total_size - h.snapshots_offset))
+        buf = bytes(self.file.pread(h.snapshots_offset, n))
+        self.snapshots, _ = parse_table(buf, h.nb_snapshots)
+
+    # -- the cluster map --------------------------------------------------------------
+
+    def _l2(self, l2_offset: int) -> bytes:
+        table = self.l2_cache.get(l2_offset)
+        if table is None:
+            if l2_offset % self.cs:
+                raise CorruptImageError(f"L2 table offset {l2_offset:#x} unaligned")
+            table = bytes(self.file.pread(l2_offset, self.cs)).ljust(self.cs, b"\0")
+            self.l2_cache[l2_offset] = table
+            while len(self.l2_cache) * self.cs > max(L2_CACHE_BYTES, 2 * self.cs):
+                self.l2_cache.popitem(last=False)
+        else:
+            self.l2_cache.move_to_end(l2_offset)
+        return table
+
+    def lookup(self, offset: int, nbytes: int) -> tuple[int, int, int]:
+        """(kind, host offset of ``offset``, bytes) for a run from ``offset``
+        of one kind (and contiguous host offsets), within one L2 table."""
+        cs, sub = self.cs, self.sub_size
+        l2_span = cs * self.l2_entries
+        l1i = offset // l2_span
+        end = min(offset + nbytes, (l1i + 1) * l2_span)
+        l2_off = L.l1_offset(self.l1[l1i]) if l1i < len(self.l1) else 0
+        if not l2_off:
+            return L.UNALLOCATED, 0, end - offset
+        table = self._l2(l2_off)
+        kind, host = self._entry(table, offset)
+        pos = (offset // sub + 1) * sub
+        while pos < end:
+            k2, h2 = self._entry(table, pos)
+            if k2 != kind or kind == L.COMPRESSED:
+                break
+            if kind in _HOSTED and h2 != host + pos - offset:
+                break
+            pos += sub
+        return kind, host, min(pos, end) - offset
+
+    def _entry(self, table: bytes, offset: int) -> tuple[int, int]:
+        """Kind and host offset of guest byte ``offset`` (in its table)."""
+        cs = self.cs
+        i = (offset // cs) % self.l2_entries
+        entry = int.from_bytes(table[i * self.esize:i * self.esize + 8], "big")
+        in_cluster = offset % cs
+        if self.extl2:
+            bitmap = int.from_bytes(table[i * 16 + 8:i * 16 + 16], "big")
+            kind = L.subcluster_type(entry, bitmap, in_cluster // self.sub_size)
+        else:
+            kind = L.cluster_type(entry, False)
+        if kind == L.INVALID:
+            raise CorruptImageError(f"Invalid cluster entry found (L2 offset: "
+                                    f"{offset // cs * cs:#x}, L2 index: {i:#x})")
+        if kind == L.COMPRESSED:
+            return kind, entry
+        host = entry & L.L2E_OFFSET_MASK
+        if kind in _HOSTED:
+            if host % cs:
+                raise CorruptImageError(f"Cluster allocation offset {host:#x} unaligned "
+                                        f"(L2 offset: {offset // cs * cs:#x}, L2 index: "
+                                        f"{i:#x})")
+            return kind, host + in_cluster
+        return kind, 0
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def readv(self, offset: int, nbytes: int, qiov) -> None:
+        done = 0
+        while done < nbytes:
+            kind, host, n = self.lookup(offset + done, nbytes - done)
+            part = qiov.slice(done, n)
+            if kind == L.NORMAL:
+                await self.file.co_preadv(host, n, part)
+            elif kind in (L.ZERO_PLAIN, L.ZERO_ALLOC):
+                part.memset(0, n)
+            elif kind in (L.UNALLOCATED, L.UNALLOCATED_ALLOC):
+                await self.bs.co_read_backing(offset + done, n, part)
+            else:
+                data = await self._decompress(host)
+                start = (offset + done) % self.cs
+                part.scatter(0, data[start:start + n])
+            done += n
+
+    async def _decompress(self, entry: int) -> bytes:
+        desc = L.parse_compressed(entry, self.cbits)
+        raw = bytes(await self.file.co_pread(desc.offset, desc.size))
+        if self.h.compression_type == COMPRESSION_ZSTD:
+            return _zstd(raw, self.cs)
+        try:
+            d = zlib.decompressobj(-12)
+            out = d.decompress(raw, self.cs)
+        except zlib.error:
+            out = b""
+        if len(out) != self.cs:
+            raise CorruptImageError("Could not decompress a compressed cluster")
+        return out
+
+    # -- block status ------------------------------------------------------------------
+
+    def block_status(self, offset: int, nbytes: int) -> BlockStatus:
+        """qemu's qcow2_co_block_status."""
+        kind, host, n = self.lookup(offset, nbytes)
+        flags = 0
+        if kind in (L.ZERO_PLAIN, L.ZERO_ALLOC):
+            flags |= BLOCK_ZERO
+        elif kind not in (L.UNALLOCATED, L.UNALLOCATED_ALLOC):
+            flags |= BLOCK_DATA
+        if kind in _HOSTED:
+            flags |= BLOCK_OFFSET_VALID
+            if flags & BLOCK_DATA and self.metadata_preallocated():
+                flags |= BLOCK_RECURSE
+            return BlockStatus(flags, n, host, self.file)
+        return BlockStatus(flags, n)
+
+    def metadata_preallocated(self) -> bool:
+        """qemu's qcow2_detect_metadata_preallocation: far more clusters in use
+        than the host file really stores."""
+        if self._prealloc is None:
+            try:
+                real = self.file.get_allocated_file_size() // self.cs
+            except Exception:
+                real = 0
+            threshold = max(real * 10 // 9, real + 2)
+            end = -(-self.file.total_size // self.cs)
+            count = 0
+            for i in range(end):
+                if count > threshold:
+                    break
+                count += bool(self.refcount(i))
+            self._prealloc = count > threshold
+        return self._prealloc
+
+    def refcount(self, index: int) -> int:
+        h = self.h
+        per = rc.entries_per_block(self.cs, h.refcount_order)
+        t = index // per
+        if t >= h.refcount_table_clusters * self.cs // 8:
+            return 0
+        entry = int.from_bytes(self.file.pread(h.refcount_table_offset + t * 8, 8), "big")
+        block_off = entry & rc.REFT_OFFSET_MASK
+        if not block_off:
+            return 0
+        block = self._refblock(block_off)
+        return rc.get(block, index % per, h.refcount_order)
+
+    def _refblock(self, offset: int) -> bytes:
+        cache = self.__dict__.setdefault("_refblocks", {})
+        if offset not in cache:
+            if len(cache) > 16:
+                cache.clear()
+            cache[offset] = bytes(self.file.pread(offset, self.cs)).ljust(self.cs, b"\0")
+        return cache[offset]
+
+    # -- info ----------------------------------------------------------------------------
+
+    def format_specific(self) -> dict:
+        h = self.h
+        if h.version == 2:
+            return {"compat": "0.10", "compression-type": "zlib",
+                    "refcount-bits": h.refcount_bits}
+        return {"compat": "1.1", "compression-type": COMPRESSION_NAMES[h.compression_type],
+                "lazy-refcounts": bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS),
+                "refcount-bits": h.refcount_bits,
+                "corrupt": bool(h.incompatible_features & INCOMPAT_CORRUPT),
+                "extended-l2": self.extl2}
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.h.incompatible_features & INCOMPAT_DIRTY)
+
+
+def _zstd(raw: bytes, cluster_size: int) -> bytes:
+    # qemu stores one zstd frame per cluster, padded to whole sectors.
+    try:
+        import zstandard
+    except ImportError:
+        raise UnsupportedError("This image has zstd-compressed clusters; reading them "
+                               "needs the 'zstandard' package") from None
+    try:
+        out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    except zstandard.ZstdError:
+        out = b""
+    if len(out) != cluster_size:
+        raise CorruptImageError("Could not decompress a compressed cluster")
+    return out
