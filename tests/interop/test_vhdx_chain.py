@@ -314,3 +314,33 @@ def test_info_backing_chain(tmp_path, qemu_img):
     q = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(base)],
                                   capture_output=True, text=True).stdout)
     assert q["virtual-size"] == infos[-1]["virtual-size"]
+
+
+# ----------------------------------------------- generic: qcow2 over raw/vhdx
+
+@pytest.mark.parametrize("base_fmt", ["raw", "vhdx"])
+def test_commit_generic_qcow2_child(tmp_path, qemu_img, qemu_io, base_fmt):
+    """The engine is the core's: a qcow2 child made by qemu-img (read-only
+    here, so -d) commits into a raw or VHDX base; qemu-img then reads the
+    base and the whole chain."""
+    base, top, want = tmp_path / f"base.{base_fmt}", tmp_path / "top.qcow2", tmp_path / "w.raw"
+    qemu_img_create(base, base_fmt, "16M")
+    rc, out, err = run_qemu_io(base, ["write -P 0x21 0 3M", "write -P 0x22 9M 1M"], base_fmt)
+    assert rc == 0, out + err
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", base_fmt,
+                    str(top)], check=True, cwd=tmp_path)
+    rc, out, err = run_qemu_io(top, ["write -P 0x33 2M 2M", "write -P 0x34 12M 64k",
+                                     "write -z 9M 4k"], "qcow2")
+    assert rc == 0, out + err
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(want)], check=True)
+    rc, _, err = run_blockdrv("commit", top)       # qcow2 cannot be emptied here
+    assert rc == 1 and "-d" in err and err.count("\n") == 1
+    rc, out, err = run_blockdrv("commit", "-d", top)
+    assert rc == 0, err
+    res = qemu_compare(base, want, base_fmt)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = qemu_compare(top, want, "qcow2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    if base_fmt == "vhdx":
+        assert qemu_img_check(base, "vhdx")[0] == 0
+    assert qemu_img_check(top, "qcow2")[0] == 0

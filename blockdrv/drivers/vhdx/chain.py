@@ -28,10 +28,16 @@ from .constants import ALIGNMENT, LOG_SECTOR_SIZE, new_guid, round_up
 _PER_SECTOR = LOG_SECTOR_SIZE // 8          # BAT entries in one 4 KiB sector
 
 
-def _child_path(bs) -> str:
+def _host_path(name: str) -> str:
+    """The file a name reaches: itself, or a filter's child
+    (``blkdebug:CONFIG:PATH`` -> PATH): what a locator can record."""
     from blockdrv.block import split_protocol
-    proto, rest = split_protocol(bs.filename or "")
+    proto, rest = split_protocol(name)
     return rest if proto == "file" else rest.rsplit(":", 1)[-1]
+
+
+def _child_path(bs) -> str:
+    return _host_path(bs.filename or "")
 
 
 # ------------------------------------------------------------------ empty
@@ -87,7 +93,7 @@ async def co_change_backing_file(bs, backing_file: str, backing_fmt, backing) ->
                                    f"not {backing_fmt}")
     from blockdrv.block import open_node, path_combine
     child_path = _child_path(bs)
-    path = path_combine(child_path, backing_file)
+    path = path_combine(child_path, _host_path(backing_file))
     opened = None
     if backing is None:
         opened = backing = open_node(path, "vhdx", 0, {"file": {"driver": "file"}})
