@@ -48,12 +48,12 @@ COMMANDS: dict[str, Command] = {
         "[-U] filename",
         "dump an image's allocation map, with the file offsets of its data"),
     "measure": Command(
-        "measure", "measure [--output=ofmt] -O output_fmt [-o options] "
-        "[--size N | [-f fmt] filename]",
+        "measure", "measure [--output=ofmt] [-O output_fmt] [-o options] "
+        "[--size N | [-f fmt] [-U] filename]",
         "tell the file size a new image of a format needs"),
     "rebase": Command(
         "rebase", "rebase [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] "
-        "-b backing_file [-F backing_fmt] [--ignore-id-mismatch] filename",
+        "[-b backing_file [-F backing_fmt]] [--ignore-id-mismatch] filename",
         "give an image another backing file, keeping (or, with -u, not) its content"),
     "resize": Command(
         "resize", "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "

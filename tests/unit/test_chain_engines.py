@@ -124,6 +124,19 @@ def test_locator_old_doubled_backslash_form_still_read(tmp_path):
     assert view(top) == want
 
 
+def test_win32_absolute_only_where_windows_can_resolve_it():
+    from blockdrv.drivers.vhdx.parent import build_locator, win32_absolute
+    assert win32_absolute("/mnt/d/vms/base.vhdx") == "\\\\?\\D:\\vms\\base.vhdx"
+    assert win32_absolute("/mnt/c") == "\\\\?\\C:\\"
+    assert win32_absolute("/srv/vm/base.vhdx") is None
+    assert win32_absolute("/mnt/data/base.vhdx") is None         # not a drive letter
+    loc = build_locator("/mnt/d/vms/c.vhdx", "/mnt/d/base.vhdx", b"\x01" * 16)
+    assert loc.entries["relative_path"] == "..\\base.vhdx"
+    assert loc.entries["absolute_win32_path"] == "\\\\?\\D:\\base.vhdx"
+    assert set(build_locator("/srv/c.vhdx", "/srv/b.vhdx", b"\x01" * 16).entries) == \
+        {"parent_linkage", "relative_path"}
+
+
 def test_missing_parent_lists_each_path_once(tmp_path):
     base, top = make_chain(tmp_path)
     os.unlink(base)
