@@ -284,3 +284,14 @@ def test_crash_matrix_rebase(tmp_path):
             ok = img.bs.backing.filename.endswith("other.vhdx")
         return [] if ok else [f"{what}: finished but still on the old parent"]
     _matrix(tmp_path, op_for, after_ok, "rebase")
+
+
+def test_api_functions(tmp_path):
+    from blockdrv import api
+    base, top = make_chain(tmp_path)
+    want = view(top)
+    assert api.measure("raw", size="1M") == {"required": MiB, "fully-allocated": MiB}
+    assert api.commit(top, drop=True).emptied is False
+    assert view(base) == want and view(top) == want
+    assert api.rebase(top, "base.vhdx", unsafe=True) == 0
+    assert view(top) == want
