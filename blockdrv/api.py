@@ -229,3 +229,44 @@ def compact(path: str | os.PathLike, *, fmt: str | None = None, dry_run: bool = 
     first."""
     from .engines.compact import compact as engine
     return engine(path, fmt=fmt, dry_run=dry_run, progress=progress)
+
+
+def commit(path: str | os.PathLike, *, fmt: str | None = None,
+           base: str | os.PathLike | None = None, drop: bool = False,
+           cache: str = "writeback",
+           progress: Callable[[float], Any] | None = None):
+    """Write ``path``'s data into its backing file, or into ``base`` further
+    down the chain, then empty ``path`` unless ``drop`` (``qemu-img
+    commit``; ``base`` implies ``drop``).  Crash-safe: the base is written
+    and flushed before the image is emptied.  Returns a
+    :class:`blockdrv.engines.commit.CommitResult`."""
+    from .engines.commit import commit as engine
+    return engine(os.fspath(path), fmt=fmt, base=None if base is None else os.fspath(base),
+                  drop=drop, cache=cache, progress=progress)
+
+
+def rebase(path: str | os.PathLike, backing: str | os.PathLike, *, fmt: str | None = None,
+           backing_fmt: str | None = None, unsafe: bool = False,
+           ignore_id_mismatch: bool = False, cache: str = "writeback",
+           src_cache: str = "writeback",
+           progress: Callable[[float], Any] | None = None) -> int:
+    """Give ``path`` the backing file ``backing`` (``qemu-img rebase``): by
+    default copying in whatever the old and new chains read differently so
+    the content does not change; ``unsafe`` only rewrites the recorded
+    parent (a VHDX parent must match the linkage unless
+    ``ignore_id_mismatch``).  Returns the bytes copied."""
+    from .engines.rebase import rebase as engine
+    return engine(os.fspath(path), os.fspath(backing), fmt=fmt, backing_fmt=backing_fmt,
+                  unsafe=unsafe, ignore_id_mismatch=ignore_id_mismatch, cache=cache,
+                  src_cache=src_cache, progress=progress)
+
+
+def measure(fmt: str, source: str | os.PathLike | None = None, *, size: int | str | None = None,
+            src_fmt: str | None = None, options: dict[str, Any] | None = None
+            ) -> dict[str, int]:
+    """``{"required": N, "fully-allocated": M}``: the file size a new ``fmt``
+    image needs for a copy of ``source`` or an empty disk of ``size``
+    (``qemu-img measure``)."""
+    from .engines.measure import measure as engine
+    return engine(fmt, filename=None if source is None else os.fspath(source), fmt=src_fmt,
+                  size=None if size is None else parse_size(size), options=options)

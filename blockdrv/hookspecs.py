@@ -223,3 +223,41 @@ def bdrv_has_zero_init(bs: "BlockDriverState") -> bool:
 def bdrv_get_allocated_file_size(bs: "BlockDriverState") -> int:
     """Bound.  Bytes of host storage used (``actual-size``).  Absent: the sum
     over the node's children."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_make_empty(bs: "BlockDriverState") -> None:
+    """Bound, coroutine, formats with a backing chain (QEMU's
+    ``bdrv_make_empty``).  Drop everything ``bs`` allocates so that every
+    range reads from the backing chain again (``commit`` empties the image
+    it committed).  Crash-safe: after a power cut each range reads either
+    this image's old data or the parent's.  Absent: the format cannot be
+    emptied (``commit`` without ``-d`` refuses it)."""
+
+
+@hookspec(firstresult=True)
+async def bdrv_change_backing_file(bs: "BlockDriverState", backing_file: str,
+                                   backing_fmt: str | None,
+                                   backing: "BlockDriverState | None") -> None:
+    """Bound, coroutine, formats with a backing chain (QEMU's
+    ``bdrv_change_backing_file``).  Record ``backing_file`` (as the user
+    gave it; relative names are taken against ``bs``'s directory) and
+    ``backing_fmt`` as ``bs``'s parent, in one crash-safe metadata update;
+    the data of ``bs`` is not touched.  ``backing`` is the new parent when
+    the caller has it open: a format that binds to its parent's identity
+    (VHDX's parent_linkage) reads it there.  When ``backing`` is open
+    read-write the caller is about to write it: ``bs`` must stay valid
+    across those writes (VHDX registers the parent's next DataWriteGuid
+    before it is used).  Updates ``bs.backing_file``/``backing_format``."""
+
+
+@hookspec(firstresult=True)
+def bdrv_measure(options: dict[str, Any], in_bs: "BlockDriverState | None",
+                 size: int | None) -> dict[str, int]:
+    """Called on one driver, by format name (QEMU's ``bdrv_measure``): the
+    host file size a new image of this format with create ``options``
+    (parsed) needs to hold ``in_bs``'s data (its backing chain included), or
+    an empty disk of ``size`` bytes when ``in_bs`` is None.  Returns
+    ``{"required": N, "fully-allocated": M}``: ``required`` is at least what
+    ``convert`` then writes, ``fully-allocated`` what every block allocated
+    takes.  Absent: the format cannot be measured."""

@@ -25,6 +25,9 @@ COMMANDS: dict[str, Command] = {
     "check": Command(
         "check", "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename",
         "check an image for consistency, and repair it with -r"),
+    "commit": Command(
+        "commit", "commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename",
+        "write an image's data into its backing file, then empty it"),
     "compare": Command(
         "compare", "compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2",
         "tell whether two images read the same, and where they first differ", 2),
@@ -38,12 +41,20 @@ COMMANDS: dict[str, Command] = {
         "[-o options] filename [size]",
         "create a new image"),
     "info": Command(
-        "info", "info [-f fmt] [--output=ofmt] [-U] filename",
+        "info", "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
         "show an image's format, sizes and format-specific details"),
     "map": Command(
         "map", "map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] "
         "[-U] filename",
         "dump an image's allocation map, with the file offsets of its data"),
+    "measure": Command(
+        "measure", "measure [--output=ofmt] [-O output_fmt] [-o options] "
+        "[--size N | [-f fmt] [-U] filename]",
+        "tell the file size a new image of a format needs"),
+    "rebase": Command(
+        "rebase", "rebase [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] "
+        "[-b backing_file [-F backing_fmt]] [--ignore-id-mismatch] filename",
+        "give an image another backing file, keeping (or, with -u, not) its content"),
     "resize": Command(
         "resize", "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "
         "[+ | -]size",

@@ -129,7 +129,9 @@ def test_pyvhdi_and_vhdiinfo_see_the_linkage(tmp_path, pyvhdi, vhdiinfo):
     assert c.get_parent_identifier() == p.get_identifier()
     with blockdrv.open_image(child) as img:
         loc = img.info().format_specific["parent-locator"]
-    assert c.get_parent_filename() == loc["absolute_win32_path"]
+    # libvhdi names the parent from absolute_win32_path, which a POSIX path
+    # outside WSL's drive mounts does not get (nothing misleading to show)
+    assert "absolute_win32_path" not in loc and c.get_parent_filename() is None
     c.set_parent(p)                                   # libvhdi checks the linkage
     fields = vhdiinfo_fields(child, vhdiinfo)
     assert fields["Disk type"] == "Differential", fields

@@ -97,6 +97,15 @@ class RawFormat:
         return bs.file.has_zero_init()
 
     @hookimpl
+    def bdrv_measure(self, options, in_bs, size) -> dict:
+        # As qemu's raw_measure: the file is the disk, every byte of it
+        # (a sparse host file may use less; nothing in the format says so).
+        if in_bs is not None:
+            size = in_bs.total_size
+        size = _round_sector(size or 0)
+        return {"required": size, "fully-allocated": size}
+
+    @hookimpl
     def bdrv_create(self, filename, options) -> None:
         size = _round_sector(options.get("size", 0))   # file-posix rounds up to sectors
         prealloc = options.get("preallocation") or "off"

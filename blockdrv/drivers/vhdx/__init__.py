@@ -40,6 +40,8 @@ _DATA_AT = BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_RECURSE
 class VHDXFormat:
     format_name = "vhdx"
     protocol_name = None
+    # rebase -b "": a differencing image cannot lose its parent (engines.rebase)
+    can_drop_backing = False
 
     create_opts = [CreateOption(o.name, o.type, o.help, o.default) for o in CREATE_OPTS]
 
@@ -95,6 +97,14 @@ class VHDXFormat:
         was_ro = img.read_only
         img.read_only = not flags & O_RDWR
         if was_ro and not img.read_only:
+            # The session's header rewrite copies the *other* slot's fields;
+            # after a session that renewed the DataWriteGuid the two slots
+            # hold different GUIDs, so the first rewrite would make a stale
+            # one current until the second lands -- a crash between them
+            # orphans every child.  Both slots carry the current GUIDs first.
+            cur = img.headers.current
+            for h in img.headers.headers:
+                h.data_write_guid, h.log_guid = cur.data_write_guid, cur.log_guid
             img.start_writing()
 
     @hookimpl
@@ -204,6 +214,21 @@ class VHDXFormat:
             if parent is not None:
                 parent.close()
 
+
+    @hookimpl
+    async def bdrv_make_empty(self, bs) -> None:
+        from .chain import co_make_empty
+        await co_make_empty(bs)
+
+    @hookimpl
+    async def bdrv_change_backing_file(self, bs, backing_file, backing_fmt, backing) -> None:
+        from .chain import co_change_backing_file
+        await co_change_backing_file(bs, backing_file, backing_fmt, backing)
+
+    @hookimpl
+    def bdrv_measure(self, options, in_bs, size):
+        from .chain import measure
+        return measure(options, in_bs, size)
 
 def _name_parent(bs, img: "VHDXImage") -> None:
     """Runs inside VHDXImage.open once the image is validated, before any

@@ -97,22 +97,32 @@ def _plain(path: str) -> str:
 
 
 def candidates(child: str | None, locator: ParentLocator) -> list[tuple[str, str]]:
-    """(name as recorded, POSIX path to try) in the spec's order.
+    """(name as recorded, POSIX path to try) in the spec's order, each path
+    once (a relative and an absolute entry often name the same file).
 
     The paths are plain file paths, never protocol strings, whatever their
     text looks like (``blkdebug::/x`` is a file named so)."""
     e = locator.entries
     out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def add(name: str, path: str) -> None:
+        key = os.path.normpath(path)
+        if key not in seen:
+            seen.add(key)
+            out.append((name, path))
+
     rel = e.get(KEY_RELATIVE)
     if rel:
         name = rel.replace("\\", "/")
         if name.startswith("./"):
             name = name[2:]
-        out.append((name, _plain(path_combine(child, name))))
+        add(name, _plain(path_combine(child, name)))
     for key in (KEY_VOLUME, KEY_ABSOLUTE):
         value = e.get(key)
         if value:
-            out += [(p, _plain(p)) for p in _win_to_posix(value)]
+            for p in _win_to_posix(value):
+                add(p, _plain(p))
     return out
 
 
@@ -140,24 +150,81 @@ def check_parent(child, parent, path: str) -> None:
 
 # ------------------------------------------------------------------ create
 
-def win32_absolute(path: str) -> str:
-    """absolute_win32_path for a POSIX path: WSL's /mnt/<d>/... becomes
-    ``\\\\?\\D:\\...``; anything else keeps its POSIX root as ``\\\\?\\\\tmp\\x``
-    (what :func:`_win_to_posix` maps back)."""
+def win32_absolute(path: str) -> str | None:
+    """absolute_win32_path for a POSIX path, or None when there is no Win32
+    name to give.
+
+    Hyper-V writes ``\\\\?\\D:\\dir\\parent.vhdx`` (spec 2.6.2.6.2 shows the
+    form); a POSIX path has a Win32 name only under WSL's drive mounts
+    (``/mnt/d/dir/x`` is ``D:\\dir\\x``).  Any other path (``/srv/vm/x``)
+    has none Windows could resolve, and the spec requires only
+    ``parent_linkage`` plus at least one path entry, so the entry is left
+    out and ``relative_path`` alone locates the parent.  Images written
+    before with the old ``\\\\?\\\\srv\\vm\\x`` form are still read
+    (:func:`_win_to_posix`)."""
     m = re.match(r"^/mnt/([a-zA-Z])(/.*|)$", path)
     if m:
         return "\\\\?\\" + m.group(1).upper() + ":" + (m.group(2) or "/").replace("/", "\\")
-    return "\\\\?\\" + path.replace("/", "\\")
+    return None
 
 
-def build_locator(child_path: str, parent_path: str, data_write_guid: bytes) -> ParentLocator:
-    """The locator a new child stores: linkage, relative and absolute paths."""
+def relative_path(child_path: str, parent_path: str) -> str:
+    """relative_path: the parent from the child's directory, backslashes."""
     parent_abs = os.path.abspath(parent_path)
     child_dir = os.path.dirname(os.path.abspath(child_path))
-    rel = os.path.relpath(parent_abs, child_dir)
-    entries = {
-        KEY_LINKAGE: "{" + guid_str(data_write_guid) + "}",
-        KEY_RELATIVE: rel.replace("/", "\\"),
-        KEY_ABSOLUTE: win32_absolute(parent_abs),
-    }
+    return os.path.relpath(parent_abs, child_dir).replace("/", "\\")
+
+
+def build_locator(child_path: str, parent_path: str, data_write_guid: bytes,
+                  linkage2: bytes | None = None) -> ParentLocator:
+    """The locator a child stores: linkage (and an alternate linkage2),
+    relative path, and the absolute Win32 path where there is one."""
+    entries = {KEY_LINKAGE: "{" + guid_str(data_write_guid) + "}"}
+    if linkage2 is not None and linkage2 != data_write_guid:
+        entries[KEY_LINKAGE2] = "{" + guid_str(linkage2) + "}"
+    entries[KEY_RELATIVE] = relative_path(child_path, parent_path)
+    win = win32_absolute(os.path.abspath(parent_path))
+    if win is not None:
+        entries[KEY_ABSOLUTE] = win
     return ParentLocator(PARENT_LOCATOR_VHDX_GUID, entries)
+
+
+# ------------------------------------------------------------------ rewrite
+
+async def co_write_locator(img, locator: ParentLocator) -> None:
+    """Replace the parent locator item of an open, writable image as one
+    journaled update (spec 2.3): the item's bytes -- in place when it fits
+    its old room or is the region's last item, else after the last item --
+    and, when its length or place changes, the metadata table.  Held:
+    ``img.lock``.  The in-memory locator changes once the entry is durable."""
+    from .constants import PARENT_LOCATOR_GUID
+    from .metadata import MetadataEntry, MetadataTable
+    data = locator.pack()
+    region = img.region_table.metadata
+    table = img.layout.metadata_table
+    entry = next((e for e in table.entries
+                  if e.item_id == PARENT_LOCATOR_GUID and not e.is_user), None)
+    if entry is None:
+        raise CorruptImageError("VHDX differencing image has no parent locator item")
+    ends = [e.offset + e.length for e in table.entries if e.length]
+    last = entry.offset + entry.length >= max(ends)
+    if len(data) <= entry.length or (last and entry.offset + len(data) <= region.length):
+        offset = entry.offset
+    else:
+        offset = -(-max(ends) // 8) * 8
+        if offset + len(data) > region.length:
+            raise InvalidArgumentError("The new parent locator does not fit the VHDX "
+                                       "metadata region")
+    new_entries = [MetadataEntry(e.item_id, offset, len(data), e.flags, e.reserved)
+                   if e is entry else e for e in table.entries]
+    new_table = MetadataTable(new_entries)
+    padded = data + bytes(max(0, entry.length - len(data)) if offset == entry.offset else 0)
+    async with img.transaction() as tx:
+        tx.write(region.file_offset + offset, padded)
+        if (offset, len(data)) != (entry.offset, entry.length):
+            tx.write(region.file_offset, new_table.pack())
+
+        def publish() -> None:
+            img.layout.metadata_table = new_table
+            img.params.parent_locator = locator
+        tx.on_commit(publish)

@@ -74,7 +74,8 @@ def test_create_child_inherits_and_links(chain):
         loc = img.params.parent_locator.entries
         assert loc["parent_linkage"] == "{" + guid_str(parent_guid) + "}"
         assert loc["relative_path"] == "base.vhdx"
-        assert loc["absolute_win32_path"].startswith("\\\\?\\")
+        # no Win32 name for a POSIX path outside WSL's /mnt/<drive> (parent.win32_absolute)
+        assert "absolute_win32_path" not in loc
         # whole chunks: ceil(8 / 4096) * 4097 entries, all NOT_PRESENT
         assert img.bat.total_entries == 4097
         assert img.bat.count_states() == {0: 8}
@@ -221,11 +222,41 @@ def test_missing_parent_and_override(chain, tmp_path, capsys):
     assert "backing file format: vhdx" in out
 
 
-def test_absolute_path_fallback(chain, tmp_path):
+def test_moved_child_is_repaired_by_rebase_u(chain, tmp_path):
+    # A parent outside WSL's /mnt/<drive> gets no absolute_win32_path (it has
+    # no Win32 name), so relative_path alone links the child: moving the
+    # child breaks it, and `rebase -u` (Set-VHD -ParentPath) repairs it --
+    # the linkage still matches, so no --ignore-id-mismatch is needed.
+    from blockdrv.engines.rebase import rebase
     base, child = chain
     sub = tmp_path / "sub"
     sub.mkdir()
     shutil.move(child, sub / "child.vhdx")      # relative_path no longer resolves
+    with pytest.raises(BlockDriverError, match="parent not found"):
+        read_all(sub / "child.vhdx")
+    rebase(str(sub / "child.vhdx"), "../base.vhdx", unsafe=True)
+    assert read_all(sub / "child.vhdx")[:3 * MiB] == pattern(1, 3 * MiB)
+
+
+def test_absolute_path_fallback_of_old_images(chain, tmp_path):
+    # images written before kept the POSIX path as "\\?\\tmp\..." in
+    # absolute_win32_path: still followed when relative_path fails
+    from blockdrv.coroutine import run_sync
+    from blockdrv.drivers.vhdx import parent as vparent
+    base, child = chain
+    with blockdrv.open_image(child, readonly=False) as img:
+        vimg = img.bs.opaque
+        old = vimg.params.parent_locator
+        loc = vparent.ParentLocator(old.locator_type, dict(
+            old.entries, absolute_win32_path="\\\\?\\" + str(base).replace("/", "\\")))
+
+        async def write():
+            async with vimg.lock:
+                await vparent.co_write_locator(vimg, loc)
+        run_sync(write())
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    shutil.move(child, sub / "child.vhdx")
     assert read_all(sub / "child.vhdx")[:3 * MiB] == pattern(1, 3 * MiB)
 
 
