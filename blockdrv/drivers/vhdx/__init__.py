@@ -21,7 +21,6 @@ from blockdrv.options import CreateOption
 from typing import TYPE_CHECKING
 
 from .constants import BAT_STATE_MASK, FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT
-from .create import CREATE_OPTS, create_vhdx
 from .mapper import DATA, HOLE, PARENT, ZERO
 
 if TYPE_CHECKING:
@@ -36,11 +35,22 @@ _CREATE_KEYS = ("subformat", "block_size", "log_size", "block_state_zero",
 _DATA_AT = BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_RECURSE
 
 
+class _CreateOpts:
+    """``create_opts`` on first use: importing :mod:`.create` (~7 ms) for its
+    option list would cost every command, most of which create nothing."""
+
+    def __get__(self, obj, owner=None):
+        from .create import CREATE_OPTS
+        opts = [CreateOption(o.name, o.type, o.help, o.default) for o in CREATE_OPTS]
+        setattr(owner or type(obj), "create_opts", opts)      # once per process
+        return opts
+
+
 class VHDXFormat:
     format_name = "vhdx"
     protocol_name = None
 
-    create_opts = [CreateOption(o.name, o.type, o.help, o.default) for o in CREATE_OPTS]
+    create_opts = _CreateOpts()
 
     @hookimpl
     def bdrv_probe(self, buf, filename) -> int:
@@ -151,7 +161,7 @@ class VHDXFormat:
     def bdrv_create(self, filename, options) -> None:
         kwargs = {k: options[k] for k in _CREATE_KEYS if k in options}
         size = options.get("size")
-        from .create import plan_vhdx
+        from .create import create_vhdx, plan_vhdx
         from blockdrv.errors import InvalidArgumentError
         backing = kwargs.pop("backing_file", None)
         backing_fmt = kwargs.pop("backing_fmt", None)
