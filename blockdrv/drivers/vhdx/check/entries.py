@@ -17,17 +17,22 @@ from ..constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, PAYLOAD_BLOCK_FULLY_PR
 from ..validate import _RESERVED, VALID_STATES, Findings, _spans, in_metadata, past_end
 
 # Most entries worth a look (present, invalid, reserved bits, stray bitmap)
-# judged in pure Python; more go to numpy.  Whole `_analyse` + `_free_space`
-# of a 4 GiB... 64 TiB table, best of 5, this machine (2 shared cores), ms:
+# judged in pure Python; more go to numpy.  Measured: `_analyse` +
+# `_free_space` (as check_image runs them) of a 128 GiB, 1 MiB-block table
+# (131k entries) with N FULLY_PRESENT entries spread evenly (the worst case
+# for the background scan: every entry in its own leaf), best of 5, numpy
+# already imported, 2 shared cores, ms:
 #
-#   entries worth a look     1k     4k     16k     64k
-#   pure Python             4.6    19.2    80.4   341.0
-#   numpy (+ ~45 ms import) 3.4     6.9    22.7    88.2
+#   N                  256    1k     2k     4k     16k     64k
+#   pure Python        3.5   11.5   21.3   31.1   106.1   408.6
+#   numpy              0.5    0.6    0.7    0.8     2.2     7.1
 #
-# numpy's import (~45 ms, paid once per process) is what decides: pure
-# Python is cheaper up to ~4k entries (19 ms against 7 + 45 ms) and about
-# even at ~8k; beyond that numpy pays.  The same bound as open's
-# (validate._FEW) keeps one background scan for both.
+# plus numpy's import for the numpy path: ~40 ms on a quiet machine (bat.py),
+# 85-130 ms during this measurement.  Pure Python wins while its cost stays
+# under that import: up to ~5k entries at 40 ms (4k: 31 against 41 ms);
+# from 16k on numpy pays whatever the import costs.  4096 keeps a margin
+# and is the bound open uses (validate._FEW), so a table open judged
+# without numpy is checked without numpy.
 PY_MAX = 4096
 
 # Tests force one path, in this process and in the commands it starts:
@@ -72,34 +77,36 @@ def scan_few(bat, file_length: int, spans, pairs) -> Findings:
     ratio = bat.chunk_ratio
     step = ratio + 1
     bsize, vsize, diff = bat.block_size, bat.virtual_size, bat.differencing
-    cols = {name: [] for name in Findings.__dataclass_fields__}
+    names = [n for n in Findings.__dataclass_fields__ if n != "overlapping"]
+    rows = []                           # one tuple per entry, in the order of names
     for i, v in pairs:
         is_bitmap = i % step == ratio
         block = i - i // step
         state = v & BAT_STATE_MASK
         raw_off = v & BAT_OFFSET_MASK
-        start = min(raw_off, _INT64_MAX)
-        length = SECTOR_BITMAP_BLOCK_SIZE if is_bitmap else min(max(vsize - block * bsize, 0),
-                                                                bsize)
+        start = raw_off if raw_off <= _INT64_MAX else _INT64_MAX
+        if is_bitmap:
+            length = SECTOR_BITMAP_BLOCK_SIZE
+        else:
+            length = min(max(vsize - block * bsize, 0), bsize)
         present = not is_bitmap and state in _PRESENT
-        overflow = present and raw_off > _INT64_MAX - bsize
-        past_eof = present and (overflow or start >= file_length)
-        for name, value in (
-                ("idx", i), ("block", block), ("is_bitmap", is_bitmap), ("state", state),
-                ("start", start), ("length", length), ("overflow", overflow),
-                ("past_eof", past_eof),
-                ("cut_short", present and not past_eof and past_end(start, length, file_length)),
-                ("in_metadata", present and bool(in_metadata(start, length, spans))),
-                ("partial", not is_bitmap and state == PAYLOAD_BLOCK_PARTIALLY_PRESENT
-                 and not diff),
-                ("bad_state", not is_bitmap and state not in VALID_STATES),
-                ("reserved", bool(v & _RESERVED)),
-                ("stray_bitmap", is_bitmap and state != 0 and not diff)):
-            cols[name].append(value)
+        if present:
+            overflow = raw_off > _INT64_MAX - bsize
+            past_eof = overflow or start >= file_length
+            cut_short = not past_eof and past_end(start, length, file_length)
+            meta = bool(in_metadata(start, length, spans))
+        else:
+            overflow = past_eof = cut_short = meta = False
+        rows.append((i, block, is_bitmap, state, start, length, overflow, past_eof, cut_short,
+                     meta,
+                     not is_bitmap and state == PAYLOAD_BLOCK_PARTIALLY_PRESENT and not diff,
+                     not is_bitmap and state not in VALID_STATES,
+                     bool(v & _RESERVED),
+                     is_bitmap and state != 0 and not diff))
+    cols = {n: list(c) for n, c in zip(names, zip(*rows))} if rows else {n: [] for n in names}
+    present = [not b and s in _PRESENT for b, s in zip(cols["is_bitmap"], cols["state"])]
     cols["overlapping"] = _overlaps(
-        [p and not m and not e for p, m, e in zip(
-            [not b and s in _PRESENT for b, s in zip(cols["is_bitmap"], cols["state"])],
-            cols["in_metadata"], cols["past_eof"])],
+        [p and not m and not e for p, m, e in zip(present, cols["in_metadata"], cols["past_eof"])],
         cols["start"], cols["length"])
     return Findings(**cols)
 

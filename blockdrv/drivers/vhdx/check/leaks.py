@@ -29,11 +29,13 @@ class _FreeSpace:
     keep_length: int            # truncating to this reclaims the trailing bytes
 
 
-def _free_space(img: VHDXImage, limit: int | None = None) -> _FreeSpace:
+def _free_space(img: VHDXImage, f=None) -> _FreeSpace:
     """The free space of ``img``: in pure Python when few entries are worth a
-    look (:mod:`.entries`), with numpy otherwise."""
+    look (:mod:`.entries`), with numpy otherwise.  ``f``: its findings, when
+    the caller has them for the file as it is."""
     flen = img.file_length()
-    f = findings(img, flen, limit)
+    if f is None:
+        f = findings(img, flen)
     spans = img.structure_spans()
     struct_end = round_up(max(e for _, e in spans), MiB)
     extra = list(spans)
