@@ -18,6 +18,7 @@ from blockdrv.common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BL
                              DriverInfo)
 from blockdrv.options import CreateOption
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .constants import BAT_STATE_MASK, FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT
@@ -35,15 +36,33 @@ _CREATE_KEYS = ("subformat", "block_size", "log_size", "block_state_zero",
 _DATA_AT = BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_RECURSE
 
 
-class _CreateOpts:
-    """``create_opts`` on first use: importing :mod:`.create` (~7 ms) for its
-    option list would cost every command, most of which create nothing."""
+class _CreateOpts(Sequence):
+    """``create_opts``, read from :mod:`.create` on first use: importing it
+    (~7 ms) would cost every command, most of which create nothing -- and
+    registering the driver looks at every attribute (pluggy), so a property
+    would not do."""
 
-    def __get__(self, obj, owner=None):
-        from .create import CREATE_OPTS
-        opts = [CreateOption(o.name, o.type, o.help, o.default) for o in CREATE_OPTS]
-        setattr(owner or type(obj), "create_opts", opts)      # once per process
-        return opts
+    _opts = None
+
+    def _load(self) -> list:
+        if self._opts is None:
+            from .create import CREATE_OPTS
+            self._opts = [CreateOption(o.name, o.type, o.help, o.default) for o in CREATE_OPTS]
+        return self._opts
+
+    def __getitem__(self, i):
+        return self._load()[i]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __eq__(self, other) -> bool:
+        return self._load() == (other._load() if isinstance(other, _CreateOpts) else other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self._load())
 
 
 class VHDXFormat:
