@@ -19,10 +19,10 @@ from blockdrv.common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BL
                              DriverInfo)
 from blockdrv.options import CreateOption
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .constants import BAT_STATE_MASK, FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT
-from .create import CREATE_OPTS, create_vhdx
 from .mapper import DATA, HOLE, PARENT, ZERO
 
 if TYPE_CHECKING:
@@ -37,13 +37,42 @@ _CREATE_KEYS = ("subformat", "block_size", "log_size", "block_state_zero",
 _DATA_AT = BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_RECURSE
 
 
+class _CreateOpts(Sequence):
+    """``create_opts``, read from :mod:`.create` on first use: importing it
+    (~7 ms) would cost every command, most of which create nothing -- and
+    registering the driver looks at every attribute (pluggy), so a property
+    would not do."""
+
+    _opts = None
+
+    def _load(self) -> list:
+        if self._opts is None:
+            from .create import CREATE_OPTS
+            self._opts = [CreateOption(o.name, o.type, o.help, o.default) for o in CREATE_OPTS]
+        return self._opts
+
+    def __getitem__(self, i):
+        return self._load()[i]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __eq__(self, other) -> bool:
+        return self._load() == (other._load() if isinstance(other, _CreateOpts) else other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self._load())
+
+
 class VHDXFormat:
     format_name = "vhdx"
     protocol_name = None
     # rebase -b "": a differencing image cannot lose its parent (engines.rebase)
     can_drop_backing = False
 
-    create_opts = [CreateOption(o.name, o.type, o.help, o.default) for o in CREATE_OPTS]
+    create_opts = _CreateOpts()
 
     @hookimpl
     def bdrv_probe(self, buf, filename) -> int:
@@ -189,7 +218,7 @@ class VHDXFormat:
     def bdrv_create(self, filename, options) -> None:
         kwargs = {k: options[k] for k in _CREATE_KEYS if k in options}
         size = options.get("size")
-        from .create import plan_vhdx
+        from .create import create_vhdx, plan_vhdx
         from blockdrv.errors import InvalidArgumentError
         backing = kwargs.pop("backing_file", None)
         backing_fmt = kwargs.pop("backing_fmt", None)

@@ -89,7 +89,7 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
         result.messages += found.messages
         # Free space is allowed anywhere (spec 2.1) and qemu-img never calls
         # it a leak: reported, never counted.
-        free = _free_space(img)
+        free = _free_space(img, found.found)        # the file as analysed
         if fix & FIX_LEAKS and writable and free.trailing:
             img.file.truncate(free.keep_length)
             img.file.flush()

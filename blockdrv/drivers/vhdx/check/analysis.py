@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from blockdrv.errors import CorruptImageError
 
 from ..constants import (BAT_OFFSET_MASK, PAYLOAD_BLOCK_FULLY_PRESENT, REGION_TABLE_OFFSETS,
                          REGION_TABLE_SIZE)
 from ..image import VHDXImage
 from ..region import RegionTable
-from ..validate import Findings, scan_layout
+from ..validate import Findings
+from .entries import findings, is_few
 
 _INT64_MAX = (1 << 63) - 1
 _MAX_MESSAGES = 200
@@ -26,7 +25,7 @@ class _Findings:
     entry, bad region table copies and the messages."""
 
     found: Findings
-    count: np.ndarray                       # corruptions per entry of idx
+    count: object                           # corruptions per entry of idx (list or array)
     region_copies_bad: list[int] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
 
@@ -37,12 +36,63 @@ class _Findings:
 
     @property
     def corruptions(self) -> int:
-        return int(self.count.sum()) + len(self.region_copies_bad)
+        return int(sum(self.count)) + len(self.region_copies_bad)
+
+    def bad(self) -> list[int]:
+        """Positions (in ``idx``) of the entries with a corruption."""
+        if is_few(self.found):
+            return [k for k, c in enumerate(self.count) if c]
+        import numpy as np
+        return np.flatnonzero(self.count).tolist()
 
 
-def _analyse(img: VHDXImage) -> _Findings:
+def _analyse(img: VHDXImage, limit: int | None = None) -> _Findings:
+    """The findings of ``img``, counted: in pure Python when few entries are
+    worth a look (:mod:`.entries`), with numpy otherwise."""
     flen = img.file_length()
-    f = scan_layout(img.layout, flen)
+    f = findings(img, flen, limit)
+    if is_few(f):
+        out, q_len, overflow = _count_few(img, f, flen)
+    else:
+        out, q_len, overflow = _count_np(img, f, flen)
+    out.region_copies_bad = _bad_region_copies(img)
+    _describe(img, out, f.start, f.state, flen, q_len, overflow)
+    return out
+
+
+def _count_few(img: VHDXImage, f: Findings, flen: int):
+    """:func:`_count_np` entry by entry."""
+    bsize, vsize = img.block_size, img.virtual_size
+    ratio = img.bat.chunk_ratio
+    spans = img.structure_spans()[1:]
+    diff = img.bat.differencing
+    count, q_lens, overflows = [], [], []
+    rank = 0                        # FULLY_PRESENT entries so far
+    for k, i in enumerate(f.idx):
+        off = f.start[k]
+        fp = f.state[k] == PAYLOAD_BLOCK_FULLY_PRESENT and not (diff and f.is_bitmap[k])
+        q_rest = vsize - i * bsize
+        q_len = min(q_rest, bsize) if q_rest > 0 else bsize
+        overflow = past_eof = q_cut = q_region = False
+        if fp:
+            raw_off = img.bat.raw_at(i) & BAT_OFFSET_MASK
+            overflow = raw_off > _INT64_MAX - bsize
+            past_eof = off >= flen
+            q_cut = not past_eof and off + q_len > flen
+            if rank % (ratio + 1) != ratio:
+                q_region = any(off < e and off + bsize > s for s, e in spans)
+            rank += 1
+        ours = (f.past_eof[k] or f.cut_short[k] or f.in_metadata[k] or f.partial[k]
+                or f.bad_state[k] or f.reserved[k] or f.stray_bitmap[k] or f.overlapping[k])
+        count.append(max(overflow + past_eof + q_cut + q_region, int(ours)))
+        q_lens.append(q_len)
+        overflows.append(overflow)
+    return _Findings(f, count), q_lens, overflows
+
+
+def _count_np(img: VHDXImage, f: Findings, flen: int):
+    """qemu's counts, and ours, for the whole of ``f`` at once."""
+    import numpy as np
     bsize = img.block_size
     ratio = img.bat.chunk_ratio
     state, idx = f.state, f.idx
@@ -79,10 +129,7 @@ def _analyse(img: VHDXImage) -> _Findings:
     ours = (f.past_eof | f.cut_short | f.in_metadata | f.partial | f.bad_state | f.reserved
             | f.stray_bitmap | f.overlapping)
     count = np.maximum(qemu_count, ours.astype(np.int64))
-    out = _Findings(f, count)
-    out.region_copies_bad = _bad_region_copies(img)
-    _describe(img, out, off, state, flen, q_len, overflow)
-    return out
+    return _Findings(f, count), q_len, overflow
 
 
 def _bad_region_copies(img: VHDXImage) -> list[int]:
@@ -101,7 +148,7 @@ def _describe(img, f: _Findings, off, state, flen, q_len, overflow) -> None:
     msgs = f.messages
     for i in f.region_copies_bad:
         msgs.append(f"VHDX region table copy {i + 1} is invalid or differs from the other")
-    bad = np.flatnonzero(f.count)
+    bad = f.bad()
     for i in bad[:_MAX_MESSAGES]:
         n = int(f.idx[i])        # the BAT index qemu prints
         o = int(off[i])

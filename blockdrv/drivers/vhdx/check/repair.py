@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
+import sys
+from array import array
 
 from ..aio import blocking
 from ..allocate import grow_file
@@ -10,26 +11,79 @@ from ..constants import (BAT_OFFSET_SHIFT, BAT_STATE_MASK, LOG_SECTOR_SIZE, MiB,
                          PAYLOAD_BLOCK_NOT_PRESENT, REGION_TABLE_OFFSETS)
 from ..image import VHDXImage
 from .analysis import _Findings
+from .entries import is_few
 
-_STATE_MASK = np.uint64(BAT_STATE_MASK)
-_RESERVED_MASK = np.uint64(((1 << BAT_OFFSET_SHIFT) - 1) & ~BAT_STATE_MASK)
+_RESERVED_BITS = ((1 << BAT_OFFSET_SHIFT) - 1) & ~BAT_STATE_MASK
 
+_LITTLE = sys.byteorder == "little"
 _SECTORS_PER_LOG_ENTRY = 64
 _COPY_CHUNK = 1 * MiB
 
 
 def _repair(img: VHDXImage, f: _Findings) -> None:
-    file = img.file
-    idx, is_bitmap, off, lengths = f.idx, f.is_bitmap, f.start, f.length
-    entries = img.bat.entries[idx]
-    new = entries.copy()
-
     # 1. region table copies: rewrite a bad copy from the one open used
     if f.region_copies_bad:
         good = img.region_table.pack()
         for i in f.region_copies_bad:
-            file.pwrite(REGION_TABLE_OFFSETS[i], good)
+            img.file.pwrite(REGION_TABLE_OFFSETS[i], good)
+        img.file.flush()
+    (_repair_few if is_few(f.found) else _repair_np)(img, f)
+
+
+def _repair_few(img: VHDXImage, f: _Findings) -> None:
+    """:func:`_repair_np` entry by entry."""
+    file = img.file
+    idx, is_bitmap, off, lengths = f.idx, f.is_bitmap, f.start, f.length
+    entries = [img.bat.raw_at(i) for i in idx]
+    new = list(entries)
+    cut_end = 0
+    copies = []
+    for k, value in enumerate(entries):
+        # 2. entries nothing could read: NOT_PRESENT
+        drop = (f.past_eof[k] or f.in_metadata[k] or f.bad_state[k]) and not is_bitmap[k]
+        if drop:
+            new[k] = PAYLOAD_BLOCK_NOT_PRESENT
+        # 3. stray bitmap entries and reserved bits
+        if f.stray_bitmap[k]:
+            new[k] = 0
+        elif not drop and f.reserved[k]:
+            new[k] &= ~_RESERVED_BITS
+        if drop:
+            continue
+        if f.cut_short[k]:
+            cut_end = max(cut_end, off[k] + lengths[k])
+        if f.overlapping[k]:
+            copies.append(k)
+    # 4. blocks cut short by a truncation: extend the file over them
+    if cut_end > file.getlength():
+        file.truncate(cut_end)
         file.flush()
+    # 5. overlapping blocks: give each later one its own copy of the data
+    for k in copies:
+        new[k] = _copy_block(img, off[k], lengths[k]) | (entries[k] & BAT_STATE_MASK)
+    changed = [(i, v) for i, v, old in zip(idx, new, entries) if v != old]
+    _journal_changes(img, changed)
+
+
+def _copy_block(img: VHDXImage, src: int, length: int) -> int:
+    """A new block holding the ``length`` bytes at ``src``; its file offset."""
+    file = img.file
+    dst = blocking(grow_file(file, img.block_size))
+    pos = 0
+    while pos < length:
+        n = min(_COPY_CHUNK, length - pos)
+        file.pwrite(dst + pos, bytes(file.pread(src + pos, n)))
+        pos += n
+    file.flush()
+    return dst
+
+
+def _repair_np(img: VHDXImage, f: _Findings) -> None:
+    import numpy as np
+    file = img.file
+    idx, is_bitmap, off, lengths = f.idx, f.is_bitmap, f.start, f.length
+    entries = img.bat.entries[idx]
+    new = entries.copy()
 
     # 2. entries nothing could read: NOT_PRESENT
     drop = (f.past_eof | f.in_metadata | f.bad_state) & ~is_bitmap
@@ -37,7 +91,7 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
     # 3. stray bitmap entries and reserved bits
     new[f.stray_bitmap] = np.uint64(0)
     keep_bits = ~f.stray_bitmap & ~drop & f.reserved
-    new[keep_bits] &= ~_RESERVED_MASK
+    new[keep_bits] &= ~np.uint64(_RESERVED_BITS)
 
     # 4. blocks cut short by a truncation: extend the file over them
     cut = f.cut_short & ~drop
@@ -48,51 +102,58 @@ def _repair(img: VHDXImage, f: _Findings) -> None:
             file.flush()
 
     # 5. overlapping blocks: give each later one its own copy of the data
-    for i in np.flatnonzero(f.overlapping & ~drop):
-        i = int(i)
-        length = int(lengths[i])
-        src = int(off[i])
-        dst = blocking(grow_file(file, img.block_size))
-        pos = 0
-        while pos < length:
-            n = min(_COPY_CHUNK, length - pos)
-            file.pwrite(dst + pos, bytes(file.pread(src + pos, n)))
-            pos += n
-        file.flush()
-        new[i] = np.uint64(dst) | (entries[i] & _STATE_MASK)
+    for i in np.flatnonzero(f.overlapping & ~drop).tolist():
+        dst = _copy_block(img, int(off[i]), int(lengths[i]))
+        new[i] = np.uint64(dst) | (entries[i] & np.uint64(BAT_STATE_MASK))
 
-    _journal_bat(img, idx, new)
+    moved = new != entries
+    _journal_changes(img, list(zip(idx[moved].tolist(), new[moved].tolist())))
 
 
-def _journal_bat(img: VHDXImage, idx: np.ndarray, values: np.ndarray) -> None:
-    """Set BAT entries ``idx`` to ``values`` through the log, whole sectors at a
-    time (one transaction per run of at most 64 sectors); nothing the size of
-    the BAT is copied."""
-    old = img.bat.entries
-    moved = values != old[idx]
-    changed, values = idx[moved], values[moved]
-    if not len(changed):
+def _journal_changes(img: VHDXImage, changed: list[tuple[int, int]]) -> None:
+    """Set BAT entries ((index, value), in index order) through the log, whole
+    sectors at a time (one transaction per run of at most 64 sectors); nothing
+    the size of the BAT is copied."""
+    if not changed:
         return
+    bat = img.bat
     per_sector = LOG_SECTOR_SIZE // 8
-    sectors = np.unique(changed // per_sector)
-    runs: list[list[int]] = []
-    for s in sectors.tolist():
-        if runs and s == runs[-1][-1] + 1 and len(runs[-1]) < _SECTORS_PER_LOG_ENTRY:
-            runs[-1].append(s)
+    runs: list[list[int]] = []              # [first sector, last sector, changes...]
+    for i, v in changed:
+        s = i // per_sector
+        if runs and s <= runs[-1][1] + 1 and s - runs[-1][0] < _SECTORS_PER_LOG_ENTRY:
+            runs[-1][1] = s
+            runs[-1].append((i, v))
         else:
-            runs.append([s])
-    for run in runs:
-        first, last = run[0] * per_sector, min((run[-1] + 1) * per_sector, len(old))
-        lo, hi = np.searchsorted(changed, [first, last])
-        chunk = np.array(old[first:last])
-        chunk[changed[lo:hi] - first] = values[lo:hi]
+            runs.append([s, s, (i, v)])
+    for s0, s1, *moves in runs:
+        first, last = s0 * per_sector, min((s1 + 1) * per_sector, bat.total_entries)
+        chunk = array("Q")
+        if bat._q is not None:                  # a native little-endian view
+            chunk.frombytes(bat._q[first:last].tobytes())
+        else:
+            chunk.fromlist(bat.entries[first:last].tolist())
+        for i, v in moves:
+            chunk[i - first] = v
         blocking(_journal_run(img, first, chunk))
 
 
-async def _journal_run(img: VHDXImage, first: int, chunk: np.ndarray) -> None:
-    def publish() -> None:
-        img.bat.entries[first:first + len(chunk)] = chunk   # the in-memory BAT follows
+async def _journal_run(img: VHDXImage, first: int, chunk: array) -> None:
+    data = chunk.tobytes() if _LITTLE else _swapped(chunk)
+
+    def publish() -> None:                  # the in-memory BAT follows
+        bat = img.bat
+        if bat._q is not None:
+            bat._q[first:first + len(chunk)] = memoryview(chunk)
+        else:
+            bat.entries[first:first + len(chunk)] = chunk.tolist()
     async with img.lock:
         async with img.transaction() as tx:
-            tx.write(img.bat_offset + first * 8, chunk.astype("<u8").tobytes())
+            tx.write(img.bat_offset + first * 8, data)
             tx.on_commit(publish)
+
+
+def _swapped(chunk: array) -> bytes:
+    other = array("Q", chunk)
+    other.byteswap()
+    return other.tobytes()
