@@ -14,8 +14,8 @@ Public API::
     blockdrv.check("disk.vhdx", repair="leaks").leaks_fixed    # qemu-img check
 """
 
-from .api import (CheckResult, Image, ProbedRawWarning, check, compact, compare, convert,
-                  create_image, open_image)
+from .api import (CheckResult, Image, ProbedRawWarning, check, commit, compact, compare,
+                  convert, create_image, measure, open_image, rebase)
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
                      InvalidArgumentError, PermissionConflictError, ReadOnlyError,
                      UnsupportedError)
@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Image", "open", "ImageIO", "open_image", "create_image", "hookimpl", "ProbedRawWarning",
-    "convert", "compare", "check", "compact", "CompareResult", "CheckResult",
+    "convert", "compare", "check", "compact", "commit", "rebase", "measure",
+    "CompareResult", "CheckResult",
     "BlockDriverError", "BlockIOError", "CorruptImageError",
     "InvalidArgumentError", "PermissionConflictError", "ReadOnlyError", "UnsupportedError",
 ]
