@@ -126,6 +126,14 @@ class VHDXFormat:
         was_ro = img.read_only
         img.read_only = not flags & O_RDWR
         if was_ro and not img.read_only:
+            # The session's header rewrite copies the *other* slot's fields;
+            # after a session that renewed the DataWriteGuid the two slots
+            # hold different GUIDs, so the first rewrite would make a stale
+            # one current until the second lands -- a crash between them
+            # orphans every child.  Both slots carry the current GUIDs first.
+            cur = img.headers.current
+            for h in img.headers.headers:
+                h.data_write_guid, h.log_guid = cur.data_write_guid, cur.log_guid
             img.start_writing()
 
     @hookimpl

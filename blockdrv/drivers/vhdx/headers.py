@@ -44,17 +44,12 @@ class HeaderState:
         """Write the non-current header as the new current one."""
         idx = 1 - self.current_index
         active, target = self.headers[self.current_index], self.headers[idx]
-        # Everything but what changes comes from the *current* header, as
-        # qemu's vhdx_update_header copies it: the slot being overwritten may
-        # hold an older DataWriteGuid, and a crash between the two writes of
-        # an update would then leave that stale GUID current -- orphaning
-        # every child linked to this image.
         target.sequence_number = (active.sequence_number + 1) & ((1 << 64) - 1)
         target.file_write_guid = self.session_guid
-        target.data_write_guid = new_guid() if new_data_guid else active.data_write_guid
-        target.log_guid = active.log_guid if log_guid is None else log_guid
-        target.log_version, target.version = active.log_version, active.version
-        target.log_length, target.log_offset = active.log_length, active.log_offset
+        if new_data_guid:
+            target.data_write_guid = new_guid()
+        if log_guid is not None:
+            target.log_guid = log_guid
         offset = HEADER_OFFSETS[idx]
         # Keep whatever the reserved bytes hold: the checksum covers them.
         buf = bytearray(await self.file.co_pread(offset, HEADER_SIZE))
