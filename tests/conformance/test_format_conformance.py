@@ -5,6 +5,7 @@ same way, with one subclass."""
 from blockdrv.testing.crash import plan_alloc, plan_inplace, plan_overwrite
 from blockdrv.testing.format_conformance import FormatConformance
 from blockdrv.testing.vhdx.conformance import VhdxConformance, VhdxDifferencingConformance
+from blockdrv.testing.vhdx.crash import plan_discard
 
 MiB = 1 << 20
 
@@ -66,15 +67,18 @@ class _ExplicitUnmap:
         import blockdrv
         return blockdrv.open_image(path, self.format, readonly=readonly, discard="unmap")
 
-    def crash_plans(self):
-        return []                  # discard's crash plans: tests/reliability
 
 
 class TestVhdxDynamicUnmap(_ExplicitUnmap, VhdxConformance):
     variant_name = "vhdx dynamic, discard=unmap"
     create_options = {"block_size": MiB, "log_size": MiB}
 
+    def crash_plans(self):
+        # discards journaled to UNMAPPED, partial zeroing, reuse of freed blocks
+        return [plan_discard()]
+
 
 class TestVhdxDifferencingUnmap(_ExplicitUnmap, VhdxDifferencingConformance):
     variant_name = "vhdx differencing, discard=unmap"
     create_options = {"block_size": MiB, "log_size": MiB}
+    # crash plans: the differencing ones (writes over a parent), inherited

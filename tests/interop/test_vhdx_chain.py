@@ -21,6 +21,8 @@ import subprocess
 
 import pytest
 
+from blockdrv.testing.tools import in_ci
+
 import blockdrv
 from blockdrv.testing.qemu import qemu_img_check, qemu_img_create, run_qemu_io
 from blockdrv.testing.scripts import run_blockdrv
@@ -36,6 +38,8 @@ def pyvhdi():
     try:
         import pyvhdi as mod
     except ImportError:
+        if in_ci():
+            pytest.fail("CI=true but pyvhdi (the test extra's libvhdi-python) is missing")
         pytest.skip("pyvhdi is not installed")
     return mod
 
