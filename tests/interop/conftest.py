@@ -1,5 +1,5 @@
 """The interop tests' fixtures: the generic ones come from
-:mod:`blockdrv.testing.plugin` (see tests/conftest.py); ``vhdiinfo`` is the
-VHDX tests' own and registers only here."""
+:mod:`blockdrv.testing.plugin` (see tests/conftest.py); ``vhdiinfo`` and ``pyvhdi`` are the
+VHDX tests' own and register only here."""
 
-from blockdrv.testing.vhdx.fixtures import vhdiinfo  # noqa: F401
+from blockdrv.testing.vhdx.fixtures import pyvhdi, vhdiinfo  # noqa: F401

@@ -21,42 +21,15 @@ import subprocess
 
 import pytest
 
-from blockdrv.testing.tools import in_ci
-
 import blockdrv
 from blockdrv.testing.qemu import qemu_img_check, qemu_img_create, run_qemu_io
 from blockdrv.testing.scripts import run_blockdrv
 from blockdrv.testing.vhdx.scripts import vhdiinfo_fields
+from blockdrv.testing.vhdx.fixtures import libvhdi_read
 
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="session")
-def pyvhdi():
-    try:
-        import pyvhdi as mod
-    except ImportError:
-        if in_ci():
-            pytest.fail("CI=true but pyvhdi (the test extra's libvhdi-python) is missing")
-        pytest.skip("pyvhdi is not installed")
-    return mod
-
-
-def libvhdi_read(pyvhdi, chain) -> bytes:
-    files = []
-    for path in chain:
-        f = pyvhdi.file()
-        f.open(str(path))
-        if files:
-            f.set_parent(files[-1])
-        files.append(f)
-    top = files[-1]
-    data = top.read_buffer_at_offset(top.get_media_size(), 0)
-    for f in reversed(files):
-        f.close()
-    return data
 
 
 def view(path) -> bytes:

@@ -29,41 +29,13 @@ import pytest
 import blockdrv
 from blockdrv.testing.compare import file_digest
 from blockdrv.testing.qemu import qemu_img_check, qemu_img_create, run_qemu_io
-from blockdrv.testing.tools import in_ci
 from blockdrv.testing.scripts import run_blockdrv
 from blockdrv.testing.vhdx.scripts import vhdiinfo_fields
+from blockdrv.testing.vhdx.fixtures import libvhdi_read
 
 pytestmark = pytest.mark.interop
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="session")
-def pyvhdi():
-    try:
-        import pyvhdi as mod
-    except ImportError:
-        message = "pyvhdi is not installed (pip install libvhdi-python)"
-        if in_ci():
-            pytest.fail(f"CI=true but the oracle is missing: {message}")
-        pytest.skip(message)
-    return mod
-
-
-def libvhdi_read(pyvhdi, chain) -> bytes:
-    """Read the top of ``chain`` (paths, base first) with pyvhdi."""
-    files = []
-    for path in chain:
-        f = pyvhdi.file()
-        f.open(str(path))
-        if files:
-            f.set_parent(files[-1])
-        files.append(f)
-    top = files[-1]
-    data = top.read_buffer_at_offset(top.get_media_size(), 0)
-    for f in reversed(files):
-        f.close()
-    return data
 
 
 def ours(path) -> bytes:
