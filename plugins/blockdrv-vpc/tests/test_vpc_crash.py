@@ -17,6 +17,7 @@ stand in for it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import struct
@@ -24,14 +25,17 @@ import subprocess
 
 import pytest
 
-from blockdrv.driver import BlockDriverError, O_RDWR, open_node
-from blockdrv.testing.qemu import QEMU_IMG, qemu_img_create, sparse_copy
+from blockdrv.driver import O_RDWR, open_node
+from blockdrv.testing import crash
+from blockdrv.testing.qemu import QEMU_IMG, qemu_img_create
+
+from vpc_helpers import virtual_size
 
 MiB = 1 << 20
 SECTOR = 512
 BLOCK = 2 * MiB
 SIZE = 16 * MiB
-MODES = (("keep", "drop"), ("lose", "drop"), ("random", "fail"))
+MODES = crash.MODES               # keep / lose / random subset of the unflushed writes
 
 
 def _pattern(rng, tag, nbytes):
@@ -61,69 +65,6 @@ def make_plan(seed):
     return ops
 
 
-class Model:
-    def __init__(self):
-        self.versions: dict[int, list[bytes]] = {}
-        self.floor: dict[int, int] = {}
-        self.acked: dict[int, int] = {}
-
-    def issue(self, off, data):
-        for i in range(0, len(data), SECTOR):
-            s = (off + i) // SECTOR
-            self.versions.setdefault(s, [bytes(SECTOR)]).append(data[i:i + SECTOR])
-            self.floor.setdefault(s, 0)
-
-    def ack(self, off, n):
-        for s in range(off // SECTOR, (off + n) // SECTOR):
-            self.acked[s] = len(self.versions[s]) - 1
-
-    def flushed(self):
-        self.floor.update(self.acked)
-        self.acked.clear()
-
-
-def _state(bs):
-    # blockdrv.testing has no accessor for the blkdebug node's counters; the
-    # node below the format is the filter and its opaque carries them
-    return bs.file.opaque
-
-
-def run_plan(path, ops, model, config):
-    try:
-        bs = open_node(path, "vpc", O_RDWR,
-                       options={"file": {"driver": "blkdebug", "config": config}})
-    except BlockDriverError as exc:
-        assert "lost power" in str(exc), exc
-        return None
-    st = _state(bs)
-    fail_after = any(r.get("after_crash") == "fail" for r in config.get("rules", ()))
-    try:
-        for op in ops:
-            if st.crashed and fail_after:
-                break
-            try:
-                if op[0] == "w":
-                    if not st.crashed:
-                        model.issue(op[1], op[2])
-                    bs.pwrite(op[1], op[2])
-                    if not st.crashed:
-                        model.ack(op[1], len(op[2]))
-                else:
-                    bs.flush()
-                    if not st.crashed:
-                        model.flushed()
-            except BlockDriverError:
-                if not st.crashed:
-                    raise
-    finally:
-        try:
-            bs.close()
-        except BlockDriverError:
-            if not st.crashed:
-                raise
-    return st
-
-
 def structure_problems(path):
     """What a VHD checker would flag (qemu has none for vpc)."""
     data = open(path, "rb").read()
@@ -148,37 +89,29 @@ def structure_problems(path):
     return problems, bat
 
 
-def verify(path, model, written_blocks, scratch):
-    problems, bat = structure_problems(path)
-    for i, e in enumerate(bat):
-        if e != 0xFFFFFFFF and i not in written_blocks:
-            problems.append(f"BAT entry for block {i}, never written")
-    try:
-        bs = open_node(path, "vpc", 0)
-    except BlockDriverError as exc:
-        return problems + [f"does not open: {exc}"]
-    try:
-        ours = bytes(bs.pread(0, bs.total_size))
-    finally:
-        bs.close()
-    raw = os.path.join(scratch, "qemu.raw")
-    p = subprocess.run([QEMU_IMG, "convert", "-f", "vpc", "-O", "raw", path, raw],
-                       capture_output=True, text=True)
-    if p.returncode:
-        return problems + [f"qemu-img cannot read it: {p.stderr.strip()}"]
-    if open(raw, "rb").read() != ours:
-        problems.append("qemu and blockdrv read different data")
-    for s, vers in model.versions.items():
-        got = ours[s * SECTOR:(s + 1) * SECTOR]
-        if got not in vers[model.floor[s]:]:
-            what = "lost a flushed write" if got in vers else "holds garbage"
-            problems.append(f"sector {s} {what}")
-            break
-    for s in range(0, len(ours) // SECTOR, 97):
-        if s not in model.versions and any(ours[s * SECTOR:(s + 1) * SECTOR]):
-            problems.append(f"untouched sector {s} is not zero")
-            break
-    return problems
+def vpc_checks(scratch):
+    """The harness's ``extra_checks``: on the crashed image (the read-only
+    open, before anything rewrote it) the VHD structure, BAT entries only for
+    blocks the plan wrote, and qemu reading what blockdrv reads.  The harness
+    itself checks every acknowledged-flushed write and never garbage."""
+    def check(bs, model, what, flags):
+        if what != "read-only open":
+            return []
+        path = bs.filename
+        problems, bat = structure_problems(path)
+        written = {s * SECTOR // BLOCK for s in model.versions}
+        for i, e in enumerate(bat):
+            if e != 0xFFFFFFFF and i not in written:
+                problems.append(f"BAT entry for block {i}, never written")
+        raw = os.path.join(scratch, "qemu.raw")
+        p = subprocess.run([QEMU_IMG, "convert", "-f", "vpc", "-O", "raw", path, raw],
+                           capture_output=True, text=True)
+        if p.returncode:
+            return problems + [f"qemu-img cannot read it: {p.stderr.strip()}"]
+        if open(raw, "rb").read() != bytes(bs.pread(0, bs.total_size)):
+            problems.append("qemu and blockdrv read different data")
+        return problems
+    return check
 
 
 def still_writable(path, scratch):
@@ -216,29 +149,26 @@ def test_crash_matrix_full(seed, tmp_path, figures):
 
 
 def run_matrix(seed, tmp_path, figures, rotate):
+    """Every cut point of plan ``seed`` through the harness's engine
+    (:mod:`blockdrv.testing.crash`), vpc's own checks added, and after each
+    one an allocating write that qemu must read back alike."""
     scratch = str(tmp_path)
     base = os.path.join(scratch, "base.vhd")
     work = os.path.join(scratch, "work.vhd")
-    qemu_img_create(base, "vpc", SIZE)
-    ops = make_plan(seed)
-    written = {off // BLOCK for op in ops if op[0] == "w" for off in
-               (op[1], op[1] + len(op[2]) - 1)}
-    sparse_copy(base, work)
-    st = run_plan(work, ops, Model(), {"record": True, "rules": []})
-    total = st.events
+    plan = crash.Plan(f"vpc seed {seed}", SIZE, {}, make_plan(seed), fmt="vpc",
+                      block_size=BLOCK)
+    crash.make_base(base, plan, lambda path, size: qemu_img_create(path, "vpc", size))
+    # qemu's CHS geometry rounds the disk up: the model knows the real size
+    plan = dataclasses.replace(plan, size=virtual_size(base))
+    base_blocks = crash.base_content(base, plan)
+    total, _ = crash.count_events(base, work, plan, base_blocks)
+    checks = vpc_checks(scratch)
     tried = survived = 0
     failures = []
     for n in range(1, total + 2):
         for mode in ([MODES[n % 3]] if rotate else MODES):
-            sparse_copy(base, work)
-            model = Model()
-            rule = {"event": ["write", "flush"], "nth": n, "action": "crash",
-                    "unflushed": mode[0], "after_crash": mode[1], "seed": n}
-            st = run_plan(work, ops, model, {"rules": [rule]})
-            if st is not None and not st.crashed and n <= total:
-                failures.append(f"cut {n}: the crash never fired")
-                continue
-            problems = verify(work, model, written, scratch)
+            problems = crash.run_cut(base, work, plan, base_blocks, n, mode,
+                                     extra_checks=checks)
             if not problems:
                 problems = still_writable(work, scratch)
             tried += 1
@@ -246,8 +176,8 @@ def run_matrix(seed, tmp_path, figures, rotate):
                 failures.append(f"cut {n} {mode}: {problems[:3]}")
             else:
                 survived += 1
-    figures("vpc", f"crash matrix seed {seed}{'' if rotate else ' (full)'}", events=total, tried=tried, survived=survived)
-    print(f"\n[vpc crash matrix] seed {seed}: {total} events, {tried} cuts, {survived} survived")
+    figures("vpc", f"crash matrix seed {seed}{'' if rotate else ' (full)'}",
+            events=total, tried=tried, survived=survived)
     assert not failures, failures[:10]
 
 
