@@ -250,6 +250,9 @@ def run(argv: list[str]) -> int:
     return status
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 async def _serve(c: _Config, export, log, ready_fd: int | None) -> int:
     from ..exports.nbd.server import HANDSHAKE_TIMEOUT, NBDServer
     # The environment may shorten the handshake limit (tests do).
@@ -275,9 +278,14 @@ async def _serve(c: _Config, export, log, ready_fd: int | None) -> int:
                 raise CliError(f"Failed to write pid file '{c.pid_file}': "
                                f"{exc.strerror}") from None
         loop = asyncio.get_running_loop()
-        stop = lambda: loop.create_task(server.shutdown())      # noqa: E731
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop)
+
+        def on_signal(signum, frame) -> None:
+            loop.call_soon_threadsafe(lambda: loop.create_task(server.shutdown()))
+        # Plain handlers, not loop.add_signal_handler: the loop restores the
+        # default action (death) when its handlers are removed or it closes,
+        # and a signal in that window would kill the process mid-close.
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, on_signal)
         if log:
             log(f"serving '{c.filename}' ({export.bs.format_name}, {export.size} bytes"
                 f"{', read-only' if export.readonly else ''}) as '{export.name}' on "
@@ -294,8 +302,7 @@ async def _serve(c: _Config, export, log, ready_fd: int | None) -> int:
         await server.shutdown()
         # From here on a signal must not kill the process half-way through
         # closing the image: the close below flushes and unlocks it anyway.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            asyncio.get_running_loop().remove_signal_handler(sig)
+        for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         if pid_written:
             try:
