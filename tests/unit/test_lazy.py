@@ -85,3 +85,51 @@ def test_background_scan_dense_small_table():
         bat.set(i, 6, (8 + 32 * i) * MiB)
     bg, diff = bat.background_scan()
     assert len(diff) == 16 and bat.count_states() == {6: 16}
+
+
+@pytest.mark.parametrize("ratio_sectors", [(1 << 20, 512), (32 << 20, 512), (1 << 20, 4096)])
+def test_same_run_counts_as_a_loop_would(ratio_sectors):
+    """Bat.same_run (memcmps, used by block status to skip absent
+    stretches) against a plain loop over the entries, over runs that end on
+    and around sector bitmap entries, at the table's end, and stop at a
+    non-zero bitmap entry."""
+    import mmap
+    import random
+    from blockdrv.drivers.vhdx.bat import Bat, bitmap_index
+    bsize, lss = ratio_sectors
+    size = 300_000 * bsize if bsize == MiB else 40_000 * bsize
+    probe = Bat(bytearray(16 << 20), size, bsize, lss)
+    n = probe.total_entries
+    rnd = random.Random(7)
+    for backing in ("bytearray", "mmap"):
+        buf = bytearray(n * 8)
+        bat = Bat(buf, size, bsize, lss)
+        blocks = bat.data_blocks
+        for b in range(blocks):
+            bat.set(b, 2)                                   # ZERO background
+        for b in rnd.sample(range(blocks), 40):
+            bat.set(b, 6, (b + 16) * MiB)
+        for b in (0, 1, blocks - 1):
+            bat.set(b, 0)
+        bat.set_raw_at(bitmap_index(3, bat.chunk_ratio), 6 | (8 * MiB))   # a bitmap block
+        if backing == "mmap":
+            m = mmap.mmap(-1, len(buf))
+            m[:] = buf
+            bat = Bat(m, size, bsize, lss)
+        step = bat.chunk_ratio + 1
+
+        def loop(block, end):
+            first, count = bat.raw(block), 0
+            for b in range(block, min(end, blocks)):
+                i = b + b // bat.chunk_ratio
+                if bat.raw(b) != first or (b > block and i % step == 0
+                                           and bat.raw_at(i - 1) != 0):
+                    break
+                count += 1
+            return count
+
+        starts = [0, 2, 5, bat.chunk_ratio - 1, bat.chunk_ratio, 3 * bat.chunk_ratio + 1,
+                  blocks - 3, blocks - 1] + rnd.sample(range(blocks), 30)
+        for start in starts:
+            for end in (blocks, start + 1, start + bat.chunk_ratio + 5, blocks + 10):
+                assert bat.same_run(start, end) == loop(start, end), (start, end)

@@ -204,15 +204,9 @@ class Bat:
         entries of ``[0, payload end)`` that differ from the background (see
         the module docstring), in index order -- or None when the table has
         more than ``limit`` differing entries."""
-        q, buf = self._q, self.buf
-        if q is None:
-            return None
-        if isinstance(buf, (bytes, bytearray)):
-            starts = buf.startswith
-        elif hasattr(buf, "find"):          # mmap: a bounded find is a memcmp
-            def starts(sub, pos, _find=buf.find):
-                return _find(sub, pos, pos + len(sub)) == pos
-        else:
+        q = self._q
+        starts = self._starts()
+        if q is None or starts is None:
             return None
         n = self._payload_end()
         if n == 0:
@@ -247,6 +241,70 @@ class Bat:
             if len(out) > limit:
                 return None
         return bg, out
+
+    def _starts(self):
+        """``starts(sub, pos)``: does the table's byte ``pos`` begin ``sub``
+        -- one memcmp, whatever holds the table; None if nothing can."""
+        buf = self.buf
+        if self._q is None:
+            return None
+        if isinstance(buf, (bytes, bytearray)):
+            return buf.startswith
+        if hasattr(buf, "find"):            # mmap: a bounded find is a memcmp
+            def starts(sub, pos, _find=buf.find):
+                return _find(sub, pos, pos + len(sub)) == pos
+            return starts
+        return None
+
+    def same_run(self, block: int, end: int) -> int:
+        """How many payload blocks of ``[block, end)`` in a row, from
+        ``block``, hold the entry ``block`` holds (with zero sector bitmap
+        entries between them).  Block status of a sparse table asks this
+        for every absent stretch: memcmps of growing spans against a
+        template, never a Python step per entry."""
+        end = min(end, self.data_blocks)
+        if block >= end:
+            return 0
+        value = self.raw(block)
+        step = self.chunk_ratio + 1
+        q, starts = self._q, self._starts()
+        lo = payload_index(block, self.chunk_ratio)
+        hi = payload_index(end - 1, self.chunk_ratio) + 1
+        pos = lo
+        if starts is not None:
+            tmpl = self._template(value, step)
+            span = _BG_LEAF
+            while pos < hi:
+                n = min(span, hi - pos, _BG_GROUP)
+                ph = (pos % step) * 8
+                if starts(tmpl[ph:ph + n * 8], pos * 8):
+                    pos += n
+                    span *= 2
+                elif n > _BG_LEAF:
+                    span = n // 2
+                else:
+                    break
+        for pos in range(pos, hi):          # the last few, one by one
+            if q is not None:
+                got = q[pos]
+            else:
+                got = int(self.entries[pos])
+            if got != (0 if pos % step == step - 1 else value):
+                break
+        else:
+            pos = hi
+        return (pos - pos // step) - block
+
+    def _template(self, value: int, step: int) -> memoryview:
+        """``value`` in every payload slot and 0 in every bitmap slot, for
+        spans of up to ``_BG_GROUP`` entries at any phase (kept per value)."""
+        cached = getattr(self, "_tmpl", None)
+        if cached is not None and cached[0] == value and cached[1] == step:
+            return cached[2]
+        period = value.to_bytes(8, "little") * (step - 1) + bytes(8)
+        tmpl = memoryview(period * (-(-_BG_GROUP // step) + 1))
+        self._tmpl = (value, step, tmpl)
+        return tmpl
 
     _BG_SAMPLES = 64
 

@@ -101,9 +101,19 @@ class ExtentMapper:
             kind = kinds[raw & 7]
             if kind is _MIXED:
                 pieces = await self._bitmap_runs(block, in_block, n, raw & BAT_OFFSET_MASK)
+            elif kind is DATA:
+                pieces = ((kind, n, (raw & BAT_OFFSET_MASK) + in_block),)
             else:
-                host = (raw & BAT_OFFSET_MASK) + in_block if kind is DATA else None
-                pieces = ((kind, n, host),)
+                if done + n < nbytes:
+                    # the blocks after it in the same absent state: one
+                    # extent, however many entries (a sparse 1 TiB image
+                    # has a million of them)
+                    last = (offset + nbytes - 1) // bsize
+                    more = self.bat.same_run(block + 1, last + 1) \
+                        if self.bat.raw(block + 1) == raw else 0
+                    if more:
+                        n = min(n + more * bsize, nbytes - done)
+                pieces = ((kind, n, None),)
             for kind, n_, host in pieces:
                 if out:
                     last = out[-1]
