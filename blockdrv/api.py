@@ -4,7 +4,10 @@ the engines behind the commands (convert, compare, check) as functions."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence
 
 from . import block
 from .errors import InvalidArgumentError

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import NamedTuple
+from blockdrv._startup import NamedTuple
 
 from .common import O_FORCE_SHARE, O_NO_BACKING, O_NO_FLUSH, O_NOCACHE
 from .errors import BlockDriverError, InvalidArgumentError

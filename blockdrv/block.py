@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, Iterator
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Iterator
 
 from .errors import BlockDriverError, InvalidArgumentError
 from .common import O_FORCE_SHARE, O_PROTOCOL, O_RDWR, O_UNMAP

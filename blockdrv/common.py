@@ -1,18 +1,19 @@
 """The values drivers and the generic layer exchange (QEMU's block-common.h).
 
 Open flags, request flags, block-status bits and the small records hooks
-return.  This module imports nothing from the rest of blockdrv, so the driver
-contract (:mod:`blockdrv.hookspecs`), the node and every driver can use it
-without import cycles.  Driver authors get all of it from
+return.  This module imports nothing from the rest of blockdrv but the
+start-up stand-ins of :mod:`blockdrv._startup`, so the driver contract
+(:mod:`blockdrv.hookspecs`), the node and every driver can use it without
+import cycles.  Driver authors get all of it from
 :mod:`blockdrv.driver`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from blockdrv._startup import TYPE_CHECKING, NamedTuple, dataclass, field
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
     from .node import BlockDriverState
 
 # -- open flags (QEMU's BDRV_O_*), in ``bs.open_flags`` and every ``flags`` -------

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Coroutine
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, Coroutine
 
 _local = threading.local()
 

@@ -60,7 +60,12 @@ protocol node.  The generic layer removes the file if creation fails.
 
 from __future__ import annotations
 
-from typing import Protocol
+from ._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object       # a plain base at run time: typing stays unimported
 
 from .block import create_file, open_node
 from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID, BLOCK_RAW,

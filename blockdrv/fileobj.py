@@ -21,7 +21,10 @@ from __future__ import annotations
 import errno as _errno
 import io
 import os
-from typing import Any
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from .common import BLOCK_DATA, BLOCK_ZERO
 from .errors import InvalidArgumentError, NoSpaceError, UnsupportedError

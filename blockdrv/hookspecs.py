@@ -26,9 +26,14 @@ does not discard, one without ``bdrv_co_truncate`` cannot be resized.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from blockdrv._startup import TYPE_CHECKING
 
-import pluggy
+if TYPE_CHECKING:
+    from typing import Any
+
+# pluggy's own markers' attributes, set without importing pluggy (start-up;
+# see blockdrv._startup): pluggy registers drivers marked with them as usual
+from ._startup import PROJECT, hookimpl, hookspec
 
 if TYPE_CHECKING:  # pragma: no cover
     from .iov import IOVector
@@ -36,9 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .node import BlockDriverState
     from .options import CreateOption
 
-PROJECT = "blockdrv"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec

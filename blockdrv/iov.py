@@ -8,7 +8,10 @@ payload block and hand the slices to the protocol layer, which passes them to
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Iterable, Iterator
 
 
 def _as_view(buf) -> memoryview:

@@ -15,8 +15,10 @@ adjacent ranges with the same properties.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from blockdrv._startup import TYPE_CHECKING, dataclass
+
+if TYPE_CHECKING:
+    from typing import Iterator
 
 from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID, BLOCK_ZERO,
                      BlockStatus)

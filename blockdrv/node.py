@@ -9,7 +9,10 @@ enforcement, fall-backs for missing callbacks and flushing down the chain.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID, BLOCK_RAW,
                      BLOCK_RECURSE, BLOCK_ZERO, O_FORCE_SHARE, O_NO_FLUSH, O_PROTOCOL, O_RDWR, O_UNMAP, WRITE_FUA,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno as _errno
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from collections.abc import Callable
+from blockdrv._startup import TYPE_CHECKING, dataclass
+
+if TYPE_CHECKING:
+    from typing import Any, Iterable
 
 from .errors import InvalidArgumentError
 

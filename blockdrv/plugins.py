@@ -12,11 +12,13 @@ import importlib
 import os
 import sys
 import threading
-from typing import Any, Callable
+from blockdrv._startup import TYPE_CHECKING
 
-import pluggy
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 from . import hookspecs
+from ._startup import argnames
 from .errors import InvalidArgumentError, UnsupportedError
 
 ENTRY_POINT_GROUP = "blockdrv.drivers"
@@ -35,6 +37,7 @@ _BUILTIN = {
     "fsspec": "blockdrv.protocols.fsspec:driver",
     "raw": "blockdrv.drivers.raw:driver",
     "vhdx": "blockdrv.drivers.vhdx:driver",
+    "qcow2": "blockdrv.drivers.qcow2:driver",
 }
 
 _BOUND_HOOKS = (
@@ -76,17 +79,17 @@ class BoundDriver:
         return f"<BoundDriver {self.name}>"
 
 
-def _positional(impl, spec_args: tuple[str, ...]) -> Callable:
+def _positional(func: Callable, impl_args: tuple[str, ...],
+                spec_args: tuple[str, ...]) -> Callable:
     """A function taking the hookspec's arguments positionally.
 
     pluggy lets an implementation accept a subset of the spec's arguments; the
     common case (all of them, in order) is returned as is, the rest wrapped.
     """
-    if tuple(impl.argnames) == tuple(spec_args):
-        return impl.function
-    wanted = [i for i, name in enumerate(spec_args) if name in impl.argnames]
+    if tuple(impl_args) == tuple(spec_args):
+        return func
+    wanted = [i for i, name in enumerate(spec_args) if name in impl_args]
     names = [spec_args[i] for i in wanted]
-    func = impl.function
 
     def call(*args, **kwargs):
         given = dict(zip(spec_args, args))
@@ -97,12 +100,36 @@ def _positional(impl, spec_args: tuple[str, ...]) -> Callable:
     return call
 
 
+_spec_args: dict[str, tuple[str, ...]] = {}
+
+
+def spec_args() -> dict[str, tuple[str, ...]]:
+    """hook name -> the arguments of its hookspec (read once)."""
+    if not _spec_args:
+        for name, obj in vars(hookspecs).items():
+            if isinstance(getattr(obj, "blockdrv_spec", None), dict):
+                _spec_args[name] = argnames(obj)
+    return _spec_args
+
+
+def _invalid(plugin: Any, message: str) -> Exception:
+    import pluggy               # its error type, for callers that catch it
+    return pluggy.PluginValidationError(plugin, message)
+
+
 class DriverRegistry:
-    """The pluggy manager plus name lookups for formats and protocols."""
+    """The drivers, by format and protocol name, each bound once.
+
+    Binding reads the hook implementations' markers and argument names
+    itself and checks them as pluggy's ``register`` does (an argument the
+    hookspec does not have is refused); pluggy's ``PluginManager`` -- which
+    costs the ``inspect`` module and a signature per hook at start-up -- is
+    :attr:`pm`, built over every registered driver when first used.
+    """
 
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        self._pm = None
+        self._plugins: dict[str, Any] = {}      # pluggy name -> plugin, in order
         self.formats: dict[str, BoundDriver] = _Table(self)
         self.protocols: dict[str, BoundDriver] = _Table(self)
         # entry points not imported yet, in declaration order: name -> value
@@ -121,11 +148,13 @@ class DriverRegistry:
         if not fmt and not proto:
             raise TypeError(f"driver {plugin!r} has neither format_name nor protocol_name")
         key = name or f"{'format' if fmt else 'protocol'}:{fmt or proto}"
-        if self.pm.get_plugin(key) is not None:
+        if key in self._plugins:
             return (dict.get(self.formats, fmt) if fmt else None) \
                 or dict.__getitem__(self.protocols, proto)
-        self.pm.register(plugin, name=key)
         bound = self._bind(plugin)
+        if self._pm is not None:
+            self._pm.register(plugin, name=key)
+        self._plugins[key] = plugin
         if fmt:
             dict.__setitem__(self.formats, fmt, bound)
         if proto:
@@ -134,15 +163,44 @@ class DriverRegistry:
             self._order[bound.name] = bound
         return bound
 
+    @property
+    def pm(self):
+        """pluggy's ``PluginManager`` over the hookspecs and every driver
+        registered so far (and later), built on first use."""
+        if self._pm is None:
+            import pluggy
+            pm = pluggy.PluginManager(hookspecs.PROJECT)
+            pm.add_hookspecs(hookspecs)
+            for key, plugin in self._plugins.items():
+                pm.register(plugin, name=key)
+            self._pm = pm
+        return self._pm
+
     def _bind(self, plugin: Any) -> BoundDriver:
+        """The plugin's hook implementations (``blockdrv_impl`` markers),
+        checked against the hookspecs as pluggy checks them."""
+        specs = spec_args()
         impls: dict[str, Callable] = {}
-        for hook in _BOUND_HOOKS:
-            caller = getattr(self.pm.hook, hook, None)
-            if caller is None:
+        for attr in dir(plugin):
+            if attr.startswith("__"):
                 continue
-            mine = [i for i in caller.get_hookimpls() if i.plugin is plugin]
-            if mine:
-                impls[hook] = _positional(mine[-1], caller.spec.argnames)
+            func = getattr(plugin, attr, None)
+            opts = getattr(func, "blockdrv_impl", None) if callable(func) else None
+            if not isinstance(opts, dict):
+                continue
+            hook = opts.get("specname") or attr
+            spec = specs.get(hook)
+            if spec is None:
+                continue        # no such hook: pluggy keeps it unverified too
+            names = argnames(func)
+            extra = [n for n in names if n not in spec]
+            if extra:
+                raise _invalid(plugin, f"Plugin {plugin!r} for hook {hook!r}\n"
+                               f"hookimpl definition: {attr}{names}\n"
+                               f"Argument(s) {set(extra)} are declared in the hookimpl "
+                               "but can not be found in the hookspec")
+            if hook in _BOUND_HOOKS:
+                impls[hook] = _positional(func, names, spec)
         return BoundDriver(plugin, impls)
 
     def load_entry_points(self) -> None:
@@ -260,31 +318,31 @@ def _normalize(name: str) -> str:
     return text
 
 
-def _parse_group(text: str, group: str) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-    inside = False
+def _parse_groups(text: str, into: dict[str, list[tuple[str, str]]]) -> None:
+    """Add every ``[group]``'s (name, value) pairs of an entry_points.txt."""
+    group = None
     for line in text.splitlines():
         line = line.strip()
         if not line or line[0] in "#;":
             continue
         if line[0] == "[" and line[-1] == "]":
-            inside = line[1:-1].strip() == group
+            group = line[1:-1].strip()
             continue
-        if inside:
+        if group is not None:
             name, sep, value = line.partition("=")
             if sep:
-                found.append((name.strip(), value.strip()))
-    return found
+                into.setdefault(group, []).append((name.strip(), value.strip()))
 
 
-def _scan(group: str) -> list[tuple[str, str]] | None:
-    """(name, "module:attr") of ``group`` on sys.path; None: use importlib.metadata."""
+def _scan() -> dict[str, list[tuple[str, str]]] | None:
+    """group -> (name, "module:attr") on sys.path, every group in one pass;
+    None: use importlib.metadata."""
     from importlib.machinery import PathFinder
     for finder in sys.meta_path:
         if finder is not PathFinder and hasattr(finder, "find_distributions"):
             return None
     seen: set[str] = set()
-    found: list[tuple[str, str]] = []
+    found: dict[str, list[tuple[str, str]]] = {}
     for entry in sys.path:
         path = entry or "."
         try:
@@ -307,24 +365,29 @@ def _scan(group: str) -> list[tuple[str, str]] | None:
                 continue                   # no entry points / an .egg-info file
             except OSError:
                 return None
-            found += _parse_group(text, group)
+            _parse_groups(text, found)
     return found
 
 
+_scanned: list = []                   # [result of _scan()], once per process
 _ep_cache: dict[str, list[tuple[str, str]]] = {}
 
 
 def entry_points(group: str) -> list[tuple[str, str]]:
-    """(name, value) pairs of an entry-point group, scanned once per process."""
+    """(name, value) pairs of an entry-point group; sys.path is scanned once
+    per process, for every group."""
     eps = _ep_cache.get(group)
     if eps is None:
-        eps = _scan(group)
-        if eps is None:
+        if not _scanned:
+            _scanned.append(_scan())
+        if _scanned[0] is not None:
+            eps = _scanned[0].get(group, [])
+        else:
             import importlib.metadata
             eps = [(ep.name, ep.value)
                    for ep in importlib.metadata.entry_points(group=group)]
         _ep_cache[group] = eps
-    return eps
+    return list(eps)
 
 
 def load_entry_point(value: str) -> Any:

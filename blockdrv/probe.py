@@ -18,7 +18,10 @@ written into something that probes as another format.
 from __future__ import annotations
 
 import struct
-from typing import Callable, NamedTuple
+from blockdrv._startup import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 from .errors import InvalidArgumentError, UnsupportedError
 

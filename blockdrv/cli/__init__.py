@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 from ..errors import BlockDriverError
 from .commands import COMMANDS, usage_text

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import errno
 import sys
-from typing import Any
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from ..common import CheckResult
 from ..engines.check import img_check, repair_flags

@@ -8,7 +8,7 @@ options, except ``io``, which parses qemu-io's getopt syntax itself).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from blockdrv._startup import NamedTuple
 
 PROG = "blockdrv"
 

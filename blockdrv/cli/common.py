@@ -7,7 +7,10 @@ import errno as _errno
 import math
 import re
 import sys
-from typing import Any, NoReturn
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 from ..block import open_node
 from ..common import O_CHECK, O_FORCE_SHARE, O_RDWR, PREALLOC_MODES
@@ -65,6 +68,21 @@ class ArgParser(argparse.ArgumentParser):
         super().__init__(prog=f"{PROG} {command}", usage=f"{PROG} {cmd.usage}",
                          description=f"{text}\n\n{description}" if description else text,
                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    # argparse makes a help formatter to check every option added; with no
+    # width given, that asks the terminal through shutil (which imports bz2
+    # and lzma).  The width matters only when help is printed.
+    _width: int | None = 78
+
+    def _get_formatter(self):
+        return self.formatter_class(prog=self.prog, width=self._width)
+
+    def format_help(self) -> str:
+        self._width = None
+        try:
+            return super().format_help()
+        finally:
+            self._width = 78
 
     def error(self, message: str) -> NoReturn:
         m = re.match(r"unrecognized arguments: (\S+)", message)

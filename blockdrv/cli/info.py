@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from ..errors import BlockDriverError
 from ..common import O_NO_BACKING, O_NO_IO

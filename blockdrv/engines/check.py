@@ -8,11 +8,11 @@ that the CLI and Python callers get the same answer.
 
 from __future__ import annotations
 
-import dataclasses
 import errno as _errno
 import os
-from typing import NamedTuple
+from blockdrv._startup import NamedTuple
 
+from .._startup import replace
 from ..common import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_FORCE_SHARE, O_RDWR, CheckResult
 from ..errors import BlockDriverError, InvalidArgumentError, UnsupportedError
 from ..node import BlockDriverState
@@ -44,7 +44,7 @@ class CheckReport(NamedTuple):
         if self.second is None:
             return self.first
         said = set(self.first.messages)
-        return dataclasses.replace(
+        return replace(
             self.second, corruptions_fixed=self.first.corruptions_fixed,
             leaks_fixed=self.first.leaks_fixed,
             messages=self.first.messages + [m for m in self.second.messages

@@ -28,7 +28,7 @@ gets is one the layers above it allocate: the top's view never changes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 from typing import Any, Callable
 
 from ..common import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import NamedTuple
+from blockdrv._startup import NamedTuple
 
 from .. import block
 from ..common import O_NOCACHE, O_NO_FLUSH

@@ -11,7 +11,7 @@ the sizes and the block status must match too.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 from typing import Any, Callable
 
 from ..common import BLOCK_ALLOCATED, BLOCK_ZERO, O_FORCE_SHARE

@@ -13,8 +13,10 @@ checking a return value:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from blockdrv._startup import TYPE_CHECKING, dataclass
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 
 @dataclass

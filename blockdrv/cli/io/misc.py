@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from blockdrv._startup import TYPE_CHECKING
 
 from ...errors import BlockDriverError
 from ...common import BLOCK_ALLOCATED

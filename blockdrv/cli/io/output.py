@@ -7,7 +7,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 import re
-from typing import TextIO
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import TextIO
 
 
 def strerror(exc: BaseException) -> str:

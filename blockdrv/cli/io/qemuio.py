@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, TextIO
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Iterable, TextIO
 
 from ...errors import BlockDriverError
 from ...node import BlockDriverState

@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 import time
-from typing import TYPE_CHECKING, Callable
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 from ...errors import BlockDriverError, BlockIOError
 from ...iov import IOVector

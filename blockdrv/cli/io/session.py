@@ -5,7 +5,10 @@ the exit code."""
 from __future__ import annotations
 
 import sys
-from typing import Iterator, TextIO
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Iterator, TextIO
 
 from ...errors import BlockDriverError
 from ...common import O_FORCE_SHARE, O_NOCACHE, O_RDWR, O_UNMAP

@@ -15,7 +15,10 @@ blocks, after the last refcount block's coverage, and the old table freed.
 
 from __future__ import annotations
 
-from typing import Callable
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 from blockdrv.errors import CorruptImageError, NoSpaceError
 

@@ -8,7 +8,7 @@ messages; ``Header.pack`` lays out the header cluster exactly as qemu 7.2's
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 
 from blockdrv.errors import CorruptImageError, InvalidArgumentError, UnsupportedError
 

@@ -9,7 +9,7 @@ each of its 32 subclusters: allocated (low 32) and reads-as-zero (high 32).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from blockdrv._startup import NamedTuple
 
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62

@@ -4,7 +4,7 @@ applying a snapshot is not implemented."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 
 from blockdrv.errors import InvalidArgumentError
 

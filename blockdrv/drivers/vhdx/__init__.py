@@ -20,7 +20,7 @@ from blockdrv.common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BL
 from blockdrv.options import CreateOption
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from blockdrv._startup import TYPE_CHECKING
 
 from .constants import BAT_STATE_MASK, FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT
 from .mapper import DATA, HOLE, PARENT, ZERO

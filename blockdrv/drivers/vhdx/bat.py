@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 
+from blockdrv._startup import lazy_module
 from blockdrv.errors import CorruptImageError
 
 from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK, MAX_SECTORS_PER_BLOCK, MiB,
@@ -27,17 +28,9 @@ from .constants import (ALIGNMENT, BAT_OFFSET_MASK, BAT_STATE_MASK, MAX_SECTORS_
 
 
 
-class _LazyNumpy:
-    """numpy, imported on first use: the geometry helpers below are all that
-    ``create`` needs, and importing numpy is most of its start-up time."""
-
-    def __getattr__(self, name: str):
-        import numpy
-        globals()["np"] = numpy
-        return getattr(numpy, name)
-
-
-np = _LazyNumpy()
+# numpy on first use: the geometry helpers below are all that ``create``
+# needs, and the memcmp scans answer ordinary tables without it
+np = lazy_module("numpy", globals(), "np")
 
 
 def chunk_ratio(block_size: int, logical_sector_size: int) -> int:

@@ -8,37 +8,16 @@ bytes around the field to an incremental CRC instead of copying the buffer.
 from __future__ import annotations
 
 import struct
-import sys
+
+from blockdrv._startup import load_extension
 
 
 def _load_crc32c():
-    """The ``crc32c`` package's C function, without running the package's
-    ``__init__``: that imports importlib.metadata (for ``__version__``) and
-    argparse (for its CLI), ~10 ms of a short command's start-up.  The
-    extension module is loaded from the package directory under its own name
-    (so a later ``import crc32c`` reuses it); anything unexpected falls back
-    to the plain import."""
-    if "crc32c" not in sys.modules:
-        try:
-            import importlib.machinery
-            import importlib.util
-            import os
-            spec = importlib.util.find_spec("crc32c")
-            for folder in spec.submodule_search_locations or ():
-                for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-                    path = os.path.join(folder, "_crc32c" + suffix)
-                    if not os.path.exists(path):
-                        continue
-                    name = "crc32c._crc32c"
-                    loader = importlib.machinery.ExtensionFileLoader(name, path)
-                    ext_spec = importlib.util.spec_from_file_location(name, path,
-                                                                      loader=loader)
-                    mod = importlib.util.module_from_spec(ext_spec)
-                    loader.exec_module(mod)
-                    sys.modules[name] = mod
-                    return mod.crc32c
-        except Exception:  # noqa: BLE001 - any surprise: the ordinary import
-            sys.modules.pop("crc32c._crc32c", None)
+    """The ``crc32c`` package's C function (its extension alone when it can:
+    the package's ``__init__`` costs a short command ~10 ms)."""
+    ext = load_extension("crc32c._crc32c")
+    if ext is not None:
+        return ext.crc32c
     from crc32c import crc32c
     return crc32c
 

@@ -34,7 +34,7 @@ replays a pending log first, as every read-write open does; a dry run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 from typing import Callable
 
 from blockdrv.common import BLOCK_ZERO

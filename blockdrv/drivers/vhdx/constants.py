@@ -8,7 +8,7 @@ Comparing raw bytes avoids converting every table entry we read.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from blockdrv._startup import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import uuid

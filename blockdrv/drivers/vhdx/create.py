@@ -21,7 +21,7 @@ functions here take typed values (None = option not given).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 
 from blockdrv.errors import InvalidArgumentError
 from blockdrv.options import CreateOption

@@ -11,6 +11,7 @@ update sets the LogGuid around its entry (see :mod:`.transaction`).
 
 from __future__ import annotations
 
+from blockdrv._startup import replace
 from blockdrv.errors import BlockDriverError
 
 from .checksum import seal
@@ -81,7 +82,7 @@ def _parse_or(buf, fallback: Header) -> Header:
     try:
         return Header.parse(buf)
     except BlockDriverError:
-        return Header(**{k: getattr(fallback, k) for k in fallback.__dataclass_fields__})
+        return replace(fallback)
 
 
 __all__ = ["HeaderState"]

@@ -36,7 +36,7 @@ tests/reliability/test_concurrency.py and tests/unit/vhdx/test_async.py.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from blockdrv._startup import TYPE_CHECKING
 
 from blockdrv.coroutine import CoLock
 from blockdrv.errors import CorruptImageError

@@ -15,7 +15,7 @@ here block (the protocol's synchronous API).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 
 from blockdrv.errors import CorruptImageError
 from blockdrv.iov import IOVector

@@ -25,7 +25,7 @@ the other is one read of the file.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from blockdrv._startup import NamedTuple
 
 from blockdrv.errors import CorruptImageError
 

@@ -8,8 +8,10 @@ each known item (each at most 1 MiB) and decode them into DiskParameters.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from blockdrv._startup import TYPE_CHECKING, dataclass, field
+
+if TYPE_CHECKING:
+    from typing import Callable, Mapping
 
 from blockdrv.errors import CorruptImageError, UnsupportedError
 

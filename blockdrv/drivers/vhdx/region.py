@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 
 from blockdrv.errors import CorruptImageError, UnsupportedError
 

@@ -33,7 +33,10 @@ vhdx_log_write_and_flush does, anything larger through
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from blockdrv._startup import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 from .constants import LOG_SECTOR_SIZE
 

@@ -32,7 +32,7 @@ offsets are the 44-bit BAT field in bytes, saturated to int64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 
 from blockdrv.errors import CorruptImageError
 

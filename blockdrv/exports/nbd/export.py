@@ -8,7 +8,7 @@ the NBD errno the client gets and a message for the structured error chunk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 
 from ...common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO, O_UNMAP, WRITE_NO_FALLBACK,
                        WRITE_UNMAP)

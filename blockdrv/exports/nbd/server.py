@@ -20,7 +20,7 @@ import socket
 import ssl
 import stat
 import sys
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 from typing import Callable
 
 from ...errors import BlockDriverError

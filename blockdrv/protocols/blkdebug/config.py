@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 from typing import Any
 
 from ...errors import InvalidArgumentError

@@ -7,7 +7,7 @@ until a flush, of which a crash applies only the kept subset, in order.
 from __future__ import annotations
 
 import errno as _errno
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 
 from ...coroutine import in_sync_context
 from ...errors import BlockIOError, InvalidArgumentError, NoSpaceError

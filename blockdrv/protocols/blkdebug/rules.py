@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno as _errno
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 from typing import Any
 
 from ...errors import InvalidArgumentError

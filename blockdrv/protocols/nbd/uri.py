@@ -17,7 +17,7 @@ one exactly ``socket=``.  qemu's legacy pseudo-protocol is accepted too::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 
 from ...errors import InvalidArgumentError, UnsupportedError
 

@@ -3,7 +3,7 @@ counts, plus what only we detect), and the messages describing it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 
 from blockdrv.errors import CorruptImageError
 

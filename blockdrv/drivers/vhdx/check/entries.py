@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from blockdrv._startup import field_names
+
 from ..constants import (BAT_OFFSET_MASK, BAT_STATE_MASK, PAYLOAD_BLOCK_FULLY_PRESENT,
                          PAYLOAD_BLOCK_PARTIALLY_PRESENT, SECTOR_BITMAP_BLOCK_SIZE)
 from ..validate import _RESERVED, VALID_STATES, Findings, _spans, in_metadata, past_end
@@ -77,7 +79,7 @@ def scan_few(bat, file_length: int, spans, pairs) -> Findings:
     ratio = bat.chunk_ratio
     step = ratio + 1
     bsize, vsize, diff = bat.block_size, bat.virtual_size, bat.differencing
-    names = [n for n in Findings.__dataclass_fields__ if n != "overlapping"]
+    names = [n for n in field_names(Findings) if n != "overlapping"]
     rows = []                           # one tuple per entry, in the order of names
     for i, v in pairs:
         is_bitmap = i % step == ratio

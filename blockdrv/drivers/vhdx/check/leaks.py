@@ -9,7 +9,7 @@ not free space worth a word); ``-r leaks`` truncates what lies at the end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 
 from ..constants import (MiB, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT,
                          round_up)

@@ -9,7 +9,7 @@ inverse, returning only entries valid by 2.3.1 and 2.3.3 step 3.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Iterable, Self
 
 from blockdrv.errors import InvalidArgumentError

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from blockdrv._startup import dataclass, field
 from typing import Iterable
 
 from blockdrv.errors import BlockDriverError, BlockIOError, CorruptImageError, UnsupportedError

@@ -8,7 +8,7 @@ head names one of them as its tail; the active one has the highest head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from blockdrv._startup import dataclass
 
 from blockdrv.errors import CorruptImageError
 

@@ -1,0 +1,259 @@
+"""blockdrv._startup: records that behave as dataclasses, pluggy's markers and
+argument names without pluggy, and what a short command does not import."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from typing import ClassVar
+
+import pluggy
+import pytest
+
+from blockdrv import _startup, hookspecs, plugins
+from blockdrv._startup import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _both(decorate_kw=None):
+    """The same class body under our record and under dataclasses."""
+    kw = decorate_kw or {}
+
+    def body(deco, fld):
+        @deco(**kw)
+        class R:
+            a: int
+            b: str = "x"
+            c: list = fld(default_factory=list)
+            d: int = fld(default=3, repr=False, compare=False)
+            e: ClassVar[int] = 9
+        return R
+    return body(dataclass, field), body(dataclasses.dataclass, dataclasses.field)
+
+
+def test_records_behave_as_dataclasses():
+    ours, ref = _both()
+    for cls in (ours, ref):
+        r = cls(1)
+        assert (r.a, r.b, r.c, r.d) == (1, "x", [], 3) and cls.e == 9
+        assert r.c is not cls(1).c
+        assert r == cls(1, "x", [], 99) and r != cls(2) and r != (1, "x", [], 3)
+        assert cls.__hash__ is None
+        assert cls.__match_args__ == ("a", "b", "c", "d")
+        with pytest.raises(TypeError):
+            cls()
+        with pytest.raises(TypeError):
+            cls(1, f=2)
+    assert repr(ours(1, "y", [2])).endswith("R(a=1, b='y', c=[2])")
+    assert repr(ours(1, "y", [2])).split(".")[-1] == repr(ref(1, "y", [2])).split(".")[-1]
+
+
+def test_frozen_records():
+    ours, ref = _both({"frozen": True})
+    for cls in (ours, ref):
+        r = cls(1)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            r.a = 2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            del r.b
+        h = cls(1, c=())
+        assert hash(h) == hash(cls(1, c=(), d=5)) and {h: 1}[cls(1, c=())] == 1
+
+
+def test_dataclasses_functions_work_on_records():
+    ours, _ = _both()
+    r = ours(1, "y", [2])
+    assert dataclasses.is_dataclass(r)
+    assert [f.name for f in dataclasses.fields(r)] == ["a", "b", "c", "d"]
+    assert dataclasses.asdict(r) == {"a": 1, "b": "y", "c": [2], "d": 3}
+    s = dataclasses.replace(r, b="z")
+    assert type(s) is ours and (s.a, s.b, s.c) == (1, "z", [2])
+    assert _startup.replace(r, a=5) == ours(5, "y", [2])
+    assert _startup.field_names(ours) == ("a", "b", "c", "d")
+
+
+def test_record_rules():
+    with pytest.raises(ValueError):
+        @dataclass
+        class Bad:
+            x: list = []
+    with pytest.raises(TypeError):
+        @dataclass
+        class Order:
+            x: int = 1
+            y: int
+
+    @dataclass
+    class Base:
+        x: int = 1
+
+    @dataclass
+    class Child(Base):
+        y: int = 2
+
+        def __post_init__(self):
+            self.z = self.x + self.y
+
+    c = Child(5)
+    assert (c.x, c.y, c.z) == (5, 2, 7) and Child(5) == Child(5, 2)
+
+
+def test_no_compile_before_the_first_instance():
+    @dataclass
+    class Lazy:
+        x: int = 0
+    stub = Lazy.__init__
+    Lazy(1)
+    assert Lazy.__init__ is not stub and Lazy(2).x == 2
+
+
+def test_markers_are_pluggys():
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    theirs = pluggy.HookimplMarker(hookspecs.PROJECT)
+
+    class Drv:
+        format_name = "x"
+
+        @_startup.hookimpl(tryfirst=True)
+        def bdrv_probe(self, buf):
+            return 7
+
+        @theirs(tryfirst=True)
+        def bdrv_get_info(self, bs):
+            return None
+    d = Drv()
+    assert d.bdrv_probe.blockdrv_impl == d.bdrv_get_info.blockdrv_impl
+    pm.register(d)
+    assert pm.hook.bdrv_probe(buf=b"", filename=None) == [7]
+    ours = _startup.hookspec(firstresult=True)(lambda a: None)
+    ref = pluggy.HookspecMarker(hookspecs.PROJECT)(firstresult=True)(lambda a: None)
+    assert ours.blockdrv_spec == ref.blockdrv_spec
+
+
+def _f(a, b, c=1, *args, d=2, **kw):
+    pass
+
+
+class _C:
+    def m(self, bs, offset, nbytes=0):
+        pass
+
+    @staticmethod
+    def s(buf, filename):
+        pass
+
+    @classmethod
+    def k(cls, buf):
+        pass
+
+
+@pytest.mark.parametrize("func", [_f, _C().m, _C.m, _C.s, _C().s, _C.k, lambda x, y=1: 0,
+                                  len])
+def test_argnames_as_pluggy(func):
+    from pluggy._hooks import varnames
+    assert _startup.argnames(func) == varnames(func)[0]
+
+
+def test_registry_binds_as_pluggy_does():
+    reg = plugins.DriverRegistry()
+    reg.load_entry_points()
+    reg._load_all()
+    pm = reg.pm                     # built now, over every driver registered
+    for bound in list(reg.formats.values()) + list(reg.protocols.values()):
+        for hook in plugins._BOUND_HOOKS:
+            caller = getattr(pm.hook, hook)
+            mine = [i for i in caller.get_hookimpls() if i.plugin is bound.plugin]
+            ours = getattr(bound, hook)
+            assert (ours is None) == (not mine), (bound, hook)
+            if mine and tuple(mine[-1].argnames) == tuple(caller.spec.argnames):
+                assert ours == mine[-1].function
+
+
+def test_registry_refuses_what_pluggy_refuses():
+    class Bad:
+        format_name = "bad"
+
+        @_startup.hookimpl
+        def bdrv_probe(self, buf, nonsense):
+            return 0
+    reg = plugins.DriverRegistry()
+    with pytest.raises(pluggy.PluginValidationError):
+        reg.register(Bad())
+    with pytest.raises(pluggy.PluginValidationError):
+        plugins.DriverRegistry().pm.register(Bad())
+    assert "bad" not in dict.keys(reg.formats)
+
+
+def test_pm_follows_later_registrations():
+    class Late:
+        protocol_name = "late"
+
+        @_startup.hookimpl
+        def bdrv_get_info(self, bs):
+            return "late"
+    reg = plugins.DriverRegistry()
+    pm = reg.pm
+    reg.register(Late())
+    assert pm.hook.bdrv_get_info(bs=None) == "late"
+
+
+@pytest.mark.parametrize("cmd", [["--help"], ["create", "-f", "raw", "{d}/x.raw", "1M"],
+                                 ["info", "{d}/x.raw"], ["check", "-f", "raw", "{d}/x.raw"],
+                                 ["map", "{d}/x.raw"], ["io", "-c", "read 0 4k", "{d}/x.raw"],
+                                 ["info", "{d}/x.vhdx"], ["check", "{d}/x.vhdx"],
+                                 ["map", "{d}/x.vhdx"], ["io", "-c", "read 0 4k", "{d}/x.vhdx"]])
+def test_short_commands_load_no_heavy_module(tmp_path, cmd):
+    from blockdrv import api
+    if not (tmp_path / "x.vhdx").exists():
+        api.create_image(str(tmp_path / "x.vhdx"), "vhdx", "1G").close()
+        api.create_image(str(tmp_path / "x.raw"), "raw", "1M").close()
+    argv = [a.format(d=tmp_path) for a in cmd]
+    # what blockdrv adds to the interpreter's own start-up (site may import
+    # typing or inspect itself, as a sandbox's .pth hook does here)
+    code = ("import sys\nbefore = set(sys.modules)\nimport blockdrv.cli as c\n"
+            "rc = c.main(sys.argv[1:])\n"
+            "heavy = [m for m in ('numpy', 'inspect', 'dataclasses', 'pluggy', 'typing') "
+            "if m in sys.modules and m not in before]\n"
+            "assert not heavy, heavy\n"
+            "sys.exit(rc)")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code, *argv], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode in (0, 63) and "Traceback" not in res.stderr, res.stderr
+
+
+def test_entry_point_scan_agrees_with_importlib_metadata():
+    import importlib.metadata
+    scanned = plugins._scan()
+    if scanned is None:
+        pytest.skip("this sys.path is read through importlib.metadata itself")
+    for group in ("blockdrv.drivers", "blockdrv.probes", "pytest11", "console_scripts"):
+        ref = {(ep.name, ep.value) for ep in importlib.metadata.entry_points(group=group)}
+        assert set(scanned.get(group, ())) == ref, group
+
+
+def test_named_tuples_as_typing_builds_them():
+    import typing
+
+    def body(base):
+        class P(base):
+            """A point."""
+            x: int
+            y: int = 0
+
+            def norm(self) -> int:
+                return abs(self.x) + abs(self.y)
+        return P
+    ours, ref = body(_startup.NamedTuple), body(typing.NamedTuple)
+    for cls in (ours, ref):
+        p = cls(3, -4)
+        assert p == (3, -4) and p.norm() == 7 and cls(1) == (1, 0) and cls.__doc__ == "A point."
+        assert p._replace(y=1) == (3, 1) and cls._fields == ("x", "y")
+        assert cls.__qualname__.endswith("P") and cls.__module__ == __name__
+    assert repr(ours(1, 2)) == repr(ref(1, 2))
+    with pytest.raises(TypeError):
+        class Bad(_startup.NamedTuple):
+            a: int = 0
+            b: int
