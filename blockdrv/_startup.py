@@ -18,9 +18,9 @@ start-up.  What made it slow was not the image but what the package loads:
   :mod:`blockdrv.plugins` binds and checks drivers without pluggy; its
   ``PluginManager`` is built (and checks every driver again) only when asked
   for.
-* ``typing`` (with ``contextlib``; a ``typing.NamedTuple`` class costs a
-  few hundred microseconds to build): :data:`TYPE_CHECKING` and
-  :class:`NamedTuple` stand in for it on the commands' path.
+* ``typing`` (~3 ms, and a ``typing.NamedTuple`` class costs a few hundred
+  microseconds to build): :data:`TYPE_CHECKING` and :class:`NamedTuple`
+  stand in for it on the commands' path.
 * Driver modules are imported when their name is looked up, formats probed by
   light probes (:mod:`blockdrv._lazy`); numpy only by whole-table scans of
   tables too large for the memcmp scans (:mod:`blockdrv.drivers.vhdx.bat`),
@@ -36,10 +36,10 @@ import sys
 
 PROJECT = "blockdrv"
 
-# typing's own flag, without importing typing (~3 ms with contextlib, and
-# each NamedTuple class built through it): modules import the names they use
-# in annotations only under ``if TYPE_CHECKING:``, which type checkers take
-# as true whatever module the name comes from
+# typing's own flag, without importing typing (~3 ms, and each NamedTuple
+# class built through it): modules import the names they use in annotations
+# only under ``if TYPE_CHECKING:``, which type checkers take as true whatever
+# module the name comes from
 TYPE_CHECKING = False
 
 # -- records -----------------------------------------------------------------
