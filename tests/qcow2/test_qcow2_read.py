@@ -119,14 +119,14 @@ def test_snapshots_parsed(qemu_img, tmp_path):
     assert names == [("1", "first"), ("2", "second")]
 
 
-def test_read_write_open_is_refused_without_writing(qemu_img, tmp_path, capsys):
-    path = make(tmp_path, "img.qcow2", [], script=["write -P 1 0 4k"])
+def test_extended_l2_write_open_is_refused_without_writing(qemu_img, tmp_path, capsys):
+    path = make(tmp_path, "img.qcow2", ["-o", "extended_l2=on"], script=["write -P 1 0 4k"])
     with open(path, "rb") as f:
         before = f.read()
     assert main(["io", "-c", "write -P 2 0 4k", path]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot write yet" in err
-    with pytest.raises(blockdrv.UnsupportedError, match="cannot write yet"):
+    assert err.count("\n") == 1 and "extended L2" in err
+    with pytest.raises(blockdrv.UnsupportedError, match="extended L2"):
         blockdrv.open_image(path, readonly=False)
     with open(path, "rb") as f:
         assert f.read() == before

@@ -41,6 +41,9 @@ class Allocator:
         self.read, self.write, self.set_table = read, write, set_table
         self.blocks: dict[int, bytearray] = {}
         self.free_index = 0
+        # called with each cluster index whose refcount drops to zero (a
+        # writer discards freed clusters in the file, as qemu's passthrough)
+        self.on_zero: Callable[[int], None] | None = None
 
     # -- lookups -------------------------------------------------------------------
 
@@ -129,6 +132,8 @@ class Allocator:
                 if value == 0 and ci < self.free_index:
                     self.free_index = ci
                 rc.put(blk, i, self.order, value)
+                if value == 0 and addend < 0 and self.on_zero is not None:
+                    self.on_zero(ci)
                 dirty = blk_off
                 done = ci + 1
         except _Again:
