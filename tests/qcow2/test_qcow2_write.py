@@ -95,3 +95,105 @@ def test_random_script_same_file(replay_both, tmp_path, case, figures):
 @pytest.mark.parametrize("seed", range(100, 136))
 def test_random_script_same_file_long(replay_both, tmp_path, seed, figures):
     _run(replay_both, tmp_path, CASES[seed % len(CASES)], seed, 150, figures)
+
+
+# -- images qemu made in other ways: snapshots (shared clusters and L2 tables
+#    copied on write), compressed clusters, metadata preallocation, refcount
+#    widths with refcount table growth, zstd; zero writes over data --------------
+
+SCRIPT = ["write -P 0x22 0 100k", "write -P 0x33 1M 64k", "write -z 3M 2M",
+          "write -P 0x44 2200k 1M", "write -z -u 2M 128k", "discard 3M 1M",
+          "write -P 0x55 8191k 2k", "write -z 1000 70000", "write -z 10M 3"]
+BIG = ["write -P 9 0 20M", "write -z -u 1M 3M", "discard 5M 2M", "write -P 8 30M 10M"]
+ZERO = ["write -z 0 1M", "write -z 2M 2M", "write -z -u 1M 1M", "write -P 3 100k 10k",
+        "write -z 200k 1k", "write -z -u 4M 64k"]
+
+EDGES = {
+    "snapshot": ("", "16M", ["write -P 1 0 4M", "write -z 5M 1M"], True, SCRIPT),
+    "snapshot-v2-4k": ("compat=0.10,cluster_size=4k", "16M", ["write -P 1 0 4M"], True,
+                       SCRIPT),
+    "compressed": ("compress", "16M", None, False, SCRIPT),
+    "compressed-v2-4k": ("compress:cluster_size=4k,compat=0.10", "16M", None, False,
+                         SCRIPT),
+    "prealloc": ("preallocation=metadata", "16M", None, False, SCRIPT),
+    "prealloc-v2-2M": ("preallocation=metadata,compat=0.10,cluster_size=2M", "16M", None,
+                       False, SCRIPT),
+    "refcount1-growth": ("refcount_bits=1,cluster_size=512", "64M", None, False, BIG),
+    "refcount64-growth": ("refcount_bits=64,cluster_size=512", "64M", None, False, BIG),
+    "refcount8-lazy": ("refcount_bits=8,cluster_size=1k,lazy_refcounts=on", "64M", None,
+                       False, BIG),
+    "zstd": ("compression_type=zstd", "16M", None, False, SCRIPT),
+    "zero-over-data": ("", "16M", ["write -P 1 0 4M"], False, ZERO),
+    "zero-over-data-v2": ("compat=0.10", "16M", ["write -P 1 0 4M"], False, ZERO),
+}
+
+
+def _edge_image(tmp, opts, size, setup, snapshot) -> str:
+    path = str(tmp / "edge.qcow2")
+    if opts.startswith("compress"):
+        raw = str(tmp / "data.raw")
+        assert run_qemu_img("create", "-q", "-f", "raw", raw, size)[0] == 0
+        assert run_qemu_io(raw, ["write -P 7 0 6M"], fmt="raw")[0] == 0
+        extra = opts.partition(":")[2]
+        rc, _, err = run_qemu_img("convert", "-c", "-O", "qcow2",
+                                  *(["-o", extra] if extra else []), raw, path)
+    else:
+        rc, _, err = run_qemu_img("create", "-q", "-f", "qcow2",
+                                  *(["-o", opts] if opts else []), path, size)
+    assert rc == 0, err
+    if setup:
+        rc, out, err = run_qemu_io(path, setup, fmt="qcow2")
+        assert rc == 0, (out, err)
+    if snapshot:
+        assert run_qemu_img("snapshot", "-c", "s1", path)[0] == 0
+    return path
+
+
+@pytest.mark.parametrize("name", list(EDGES))
+def test_edge_images_same_file(replay_both, tmp_path, name, figures):
+    opts, size, setup, snapshot, script = EDGES[name]
+    image = _edge_image(tmp_path, opts, size, setup, snapshot)
+    replay = replay_both(script, fmt="qcow2", image=image)
+    replay.assert_same_output()
+    diff = compare_files(replay.qemu_path, replay.blockdrv_path, "raw")
+    figures("qcow2 write", "byte-identical edge images", tried=1,
+            survived=int(diff is None))
+    assert diff is None, str(diff)
+    rc, report = qemu_img_check(replay.blockdrv_path, "qcow2")
+    assert rc == 0, report
+
+
+# -- the dirty bit and the refusals -------------------------------------------------
+
+def test_lazy_refcounts_dirty_bit_during_session(tmp_path):
+    import blockdrv
+    path = str(tmp_path / "lazy.qcow2")
+    assert run_qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path,
+                        "8M")[0] == 0
+
+    def incompat():
+        with open(path, "rb") as f:
+            f.seek(72)
+            return int.from_bytes(f.read(8), "big")
+    with blockdrv.open_image(path, readonly=False) as img:
+        img.write(4096, b"\x01" * 512)          # in a new cluster: an L2 update
+        img.flush()
+        assert incompat() & 1                   # set before the first L2 update
+    assert incompat() == 0                      # cleared by the clean close
+    assert qemu_img_check(path, "qcow2")[0] == 0
+
+
+def test_dirty_image_refused_for_writing(tmp_path, capsys):
+    from blockdrv.cli import main
+    path = str(tmp_path / "dirty.qcow2")
+    assert run_qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path,
+                        "8M")[0] == 0
+    with open(path, "r+b") as f:
+        f.seek(72)
+        f.write((1).to_bytes(8, "big"))
+    before = open(path, "rb").read()
+    assert main(["io", "-c", "write -P 2 0 4k", path]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dirty" in err
+    assert open(path, "rb").read() == before
+    assert main(["io", "-r", "-c", "read 0 4k", path]) == 0     # reading is fine
