@@ -89,7 +89,7 @@ class Qcow2Format:
 
     @hookimpl
     async def bdrv_co_pdiscard(self, bs, offset, nbytes) -> None:
-        bs.opaque.writer.pdiscard(offset, nbytes)
+        await bs.opaque.writer.pdiscard(offset, nbytes)
 
     @hookimpl
     async def bdrv_co_flush(self, bs) -> None:

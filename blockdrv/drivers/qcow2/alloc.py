@@ -44,6 +44,9 @@ class Allocator:
         # called with each cluster index whose refcount drops to zero (a
         # writer discards freed clusters in the file, as qemu's passthrough)
         self.on_zero: Callable[[int], None] | None = None
+        # a writer orders a new refcount block before the table entry naming
+        # it (qemu flushes its refcount cache first); create needs no order
+        self.barrier: Callable[[], None] = lambda: None
 
     # -- lookups -------------------------------------------------------------------
 
@@ -161,6 +164,7 @@ class Allocator:
             self.update(new, self.cs, 1)          # described elsewhere
         self.blocks[new] = blk
         self.write(new, bytes(blk))
+        self.barrier()
         if t < len(self.table):
             self.table[t] = new
             self.write(self.table_offset + t * 8, new.to_bytes(8, "big"))
@@ -201,6 +205,7 @@ class Allocator:
                 for k in range(j, min((end - first) // self.cs, self.per_block)):
                     rc.put(blk, k, self.order, 1)
             self.write(off, bytes(blk))
+        self.barrier()
         self.write(table_offset, rc.pack_table(table))
         old_offset, old_size = self.table_offset, len(self.table)
         self.table, self.table_offset = table, table_offset

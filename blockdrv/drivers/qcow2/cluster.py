@@ -98,6 +98,8 @@ class ClusterMap:
         """qemu's l2_allocate: refcount, then the table, then the L1 entry."""
         img, cs = self.img, self.cs
         new = self.w.alloc.alloc(cs)
+        self.w.overlap_check(new, cs)
+        self.w._metadata.add(new // cs)
         self.w.barrier()
         table = bytearray(self.img._l2(old_off)) if old_off else bytearray(cs)
         self.w.write_meta(new, bytes(table))

@@ -25,6 +25,7 @@ the session and cleared, with a rewrite of the header, on a clean close.
 
 from __future__ import annotations
 
+from blockdrv.coroutine import CoLock
 from blockdrv.errors import CorruptImageError, UnsupportedError
 from blockdrv.iov import IOVector
 
@@ -72,9 +73,15 @@ class Qcow2Writer:
                                h.refcount_table_offset, self._read, self._write,
                                self._set_table)
         self.alloc.on_zero = self._freed
+        self.alloc.barrier = self.barrier
         self.map = ClusterMap(img, self)
         self._discard_ok = False
         self._discards: list[list[int]] = []
+        # One request changes metadata at a time (qemu's s->lock, held across
+        # the whole request here: simpler than qemu's in-flight dependencies,
+        # and the order of allocations stays that of the requests).
+        self.lock = CoLock()
+        self._metadata = self._metadata_clusters()
         if h.autoclear_features & ~AUTOCLEAR_KNOWN:
             # qemu clears autoclear bits it does not know on a read-write open
             h.autoclear_features &= AUTOCLEAR_KNOWN
@@ -118,6 +125,48 @@ class Qcow2Writer:
     def write_header(self) -> None:
         self.write_meta(0, self.img.h.pack())
         self.barrier()
+
+    # -- qemu's metadata overlap check ------------------------------------------------
+
+    def _metadata_clusters(self) -> set[int]:
+        """Clusters holding metadata other than refcount blocks: header, L1
+        tables, L2 tables, refcount table, snapshot table.  In a damaged image
+        (a refcount of zero on one of them) the allocator could hand one out;
+        writing guest data there would destroy it."""
+        img, cs = self.img, self.img.cs
+        h = img.h
+
+        def span(offset, nbytes):
+            return range(offset // cs, -(-(offset + nbytes) // cs))
+        out = {0, *span(h.l1_table_offset, h.l1_size * 8)}
+        if h.nb_snapshots:
+            out.add(h.snapshots_offset // cs)       # (its first cluster at least)
+        for s in img.snapshots:
+            out.update(span(s.l1_table_offset, s.l1_size * 8))
+        out.update(L.l1_offset(e) // cs for e in img.l1 if L.l1_offset(e))
+        return out
+
+    def overlap_check(self, offset: int, nbytes: int) -> None:
+        cs, h = self.img.cs, self.img.h
+        first, last = offset // cs, (offset + nbytes - 1) // cs
+        reft = range(h.refcount_table_offset // cs,
+                     h.refcount_table_offset // cs + h.refcount_table_clusters)
+        blocks = None
+        for c in range(first, last + 1):
+            what = None
+            if c in self._metadata:
+                what = "active L1/L2 table, header or snapshot"
+            elif c in reft:
+                what = "refcount table"
+            else:
+                if blocks is None:
+                    blocks = {(e & rc.REFT_OFFSET_MASK) // cs for e in self.alloc.table if e}
+                if c in blocks:
+                    what = "refcount block"
+            if what:
+                raise CorruptImageError(f"Preventing invalid write on metadata (overlaps "
+                                        f"with {what}); the image is damaged: run "
+                                        f"'qemu-img check'")
 
     # -- refcounts ---------------------------------------------------------------------
 
@@ -180,6 +229,10 @@ class Qcow2Writer:
     # -- guest writes ------------------------------------------------------------------
 
     async def writev(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        async with self.lock:
+            await self._writev(offset, nbytes, qiov)
+
+    async def _writev(self, offset: int, nbytes: int, qiov: IOVector) -> None:
         done = 0
         while done < nbytes:
             cur = min(nbytes - done, INT_MAX)
@@ -189,7 +242,7 @@ class Qcow2Writer:
 
     async def _write_run(self, host: int, offset: int, nbytes: int, qiov: IOVector,
                          metas) -> None:
-        cs = self.img.cs
+        self.overlap_check(host, nbytes)
         # copy-on-write: what the guest read there before the write
         cows = []
         for m in metas:
@@ -198,6 +251,7 @@ class Qcow2Writer:
                     buf = bytearray(n)
                     await self.img.readv(m.offset + start, n, IOVector.from_buffer(buf))
                     cows.append((m.alloc_offset + start, buf))
+                    self.overlap_check(m.alloc_offset + start, n)
         await self.file.co_pwritev(host, nbytes, qiov)
         for where, buf in cows:
             await self.file.co_pwrite(where, buf)
@@ -208,12 +262,16 @@ class Qcow2Writer:
             self.mark_dirty()
         for m in reversed(metas):         # qemu's list is last-in first
             self.map.link(m)
-        del cs
 
     # -- zero writes (block/io.c's bdrv_co_do_pwrite_zeroes over qcow2's) ---------------
 
     async def pwrite_zeroes(self, offset: int, nbytes: int, unmap: bool,
                             no_fallback: bool) -> None:
+        async with self.lock:
+            await self._pwrite_zeroes(offset, nbytes, unmap, no_fallback)
+
+    async def _pwrite_zeroes(self, offset: int, nbytes: int, unmap: bool,
+                             no_fallback: bool) -> None:
         align = self.img.sub_size
         head = offset % align
         tail = (offset + nbytes) % align
@@ -231,7 +289,7 @@ class Qcow2Writer:
                     raise
                 num = min(num, MAX_TRANSFER)
                 zeros = bytearray(num)
-                await self.writev(offset, num, IOVector.from_buffer(zeros))
+                await self._writev(offset, num, IOVector.from_buffer(zeros))
             offset += num
             nbytes -= num
 
@@ -276,7 +334,11 @@ class Qcow2Writer:
 
     # -- discards (qcow2_co_pdiscard) ---------------------------------------------------
 
-    def pdiscard(self, offset: int, nbytes: int) -> None:
+    async def pdiscard(self, offset: int, nbytes: int) -> None:
+        async with self.lock:
+            self._pdiscard(offset, nbytes)
+
+    def _pdiscard(self, offset: int, nbytes: int) -> None:
         img = self.img
         if img.h.version < 3 and self.bs.backing is not None:
             return              # would expose the backing file's stale data
@@ -291,7 +353,6 @@ class Qcow2Writer:
             self.discard_clusters(first, last - first)
 
     def discard_clusters(self, offset: int, nbytes: int) -> None:
-        self._discard_req = True
         self.map.discard(offset, nbytes)
 
     # -- flush and close ---------------------------------------------------------------
