@@ -9,7 +9,7 @@ same output, byte-identical files (no masking: qcow2 has no GUIDs or
 timestamps), ``qemu-img check`` clean and ``qemu-img compare`` equal.
 
 Over cluster sizes 512 to 2M, compat 0.10 and 1.1, lazy refcounts on and
-off, without a backing file and over raw and qcow2 ones; image sizes that
+off, extended L2 entries, without a backing file and over raw and qcow2 ones; image sizes that
 are not cluster multiples, so the partial last cluster's discard (qemu
 discards it whole) is exercised too.
 """
@@ -31,19 +31,26 @@ CLUSTERS = (512, 4096, 65536, 2 * MiB)
 LEVELS = (("0.10", False), ("1.1", False), ("1.1", True))
 BACKINGS = (None, "raw", "qcow2")
 CASES = list(itertools.product(CLUSTERS, LEVELS, BACKINGS))
+# extended L2 entries (v3, clusters of 16 KiB and more), lazy refcounts on
+# every other case
+CASES += [(cs, ("1.1", i % 2 == 1), backing, "extl2") for i, (cs, backing) in
+          enumerate(itertools.product((16384, 65536, 2 * MiB), BACKINGS))]
 # the default suite: every cluster size x level once, the backing kinds in
 # turn; the other two thirds are slow (every metadata step is an fdatasync)
 QUICK = [c for i, c in enumerate(CASES) if i % 3 == (i // 3 + i // 9) % 3]
 
 
 def _id(case) -> str:
-    cs, (compat, lazy), backing = case
-    return f"c{cs}-{compat}{'-lazy' if lazy else ''}-{backing or 'nobacking'}"
+    cs, (compat, lazy), backing = case[:3]
+    ext = "-extl2" if len(case) > 3 else ""
+    return f"c{cs}-{compat}{ext}{'-lazy' if lazy else ''}-{backing or 'nobacking'}"
 
 
 def _template(tmp, case, size: int) -> str:
-    cs, (compat, lazy), backing = case
+    cs, (compat, lazy), backing = case[:3]
     opts = f"cluster_size={cs},compat={compat}" + (",lazy_refcounts=on" if lazy else "")
+    if len(case) > 3:
+        opts += ",extended_l2=on"
     extra = []
     if backing:
         base = str(tmp / f"base.{backing}")
@@ -104,7 +111,10 @@ def test_random_script_same_file_long(replay_both, tmp_path, seed, figures):
 SCRIPT = ["write -P 0x22 0 100k", "write -P 0x33 1M 64k", "write -z 3M 2M",
           "write -P 0x44 2200k 1M", "write -z -u 2M 128k", "discard 3M 1M",
           "write -P 0x55 8191k 2k", "write -z 1000 70000", "write -z 10M 3"]
-BIG = ["write -P 9 0 20M", "write -z -u 1M 3M", "discard 5M 2M", "write -P 8 30M 10M"]
+BIG = ["write -P 9 0 8M", "write -z -u 1M 3M", "discard 5M 2M", "write -P 8 30M 4M"]
+# subclusters: partial zero writes, writes between zero and unallocated ones
+SUB = ["write -P 0x66 5000 3000", "write -z 5k 2k", "write -P 0x77 6k 100",
+       "write -z 12k 4k", "write -P 0x78 13k 1", "discard 0 64k", "write -P 0x79 70k 1k"]
 ZERO = ["write -z 0 1M", "write -z 2M 2M", "write -z -u 1M 1M", "write -P 3 100k 10k",
         "write -z 200k 1k", "write -z -u 4M 64k"]
 
@@ -125,6 +135,13 @@ EDGES = {
     "zstd": ("compression_type=zstd", "16M", None, False, SCRIPT),
     "zero-over-data": ("", "16M", ["write -P 1 0 4M"], False, ZERO),
     "zero-over-data-v2": ("compat=0.10", "16M", ["write -P 1 0 4M"], False, ZERO),
+    "extl2": ("extended_l2=on", "16M", None, False, SCRIPT + SUB),
+    "extl2-16k": ("extended_l2=on,cluster_size=16k", "16M", None, False, SCRIPT + SUB),
+    "extl2-prealloc": ("extended_l2=on,preallocation=metadata", "16M", None, False,
+                       SCRIPT + SUB),
+    "extl2-compressed": ("compress:extended_l2=on", "16M", None, False, SCRIPT + SUB),
+    "extl2-zero-over-data": ("extended_l2=on", "16M", ["write -P 1 0 4M"], False,
+                             ZERO + SUB),
 }
 
 

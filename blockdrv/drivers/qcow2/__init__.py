@@ -6,7 +6,7 @@ One module per on-disk structure: :mod:`.header` (header and extensions),
 snapshot table); :mod:`.alloc` is qemu's cluster allocation policy,
 :mod:`.create` makes images byte for byte as qemu-img 7.2, :mod:`.image`
 opens and reads them, :mod:`.write` (with :mod:`.cluster`, the L2 side)
-writes them as qemu 7.2 does.  Extended L2 images are read-only.
+writes them as qemu 7.2 does, extended L2 entries (subclusters) included.
 """
 
 from __future__ import annotations

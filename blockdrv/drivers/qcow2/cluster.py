@@ -13,7 +13,10 @@ cluster, an L2 entry cleared before the refcount it held drops; the file is
 flushed between the two steps (qemu's cache dependencies), so a volatile
 disk cache cannot reorder them.  Leaks are possible, corruption is not.
 
-Standard L2 entries only: extended L2 images are refused for writing.
+Extended L2 entries (subclusters) as qemu: a new allocation copies only the
+subclusters around the write that were allocated before (plain unallocated
+or zero subclusters keep their state), the written ones are marked
+allocated in the bitmap; zero writes and discards set bitmap zero bits.
 """
 
 from __future__ import annotations
@@ -35,18 +38,29 @@ class L2Meta:
     alloc_offset: int           # host offset of the first cluster
     offset: int                 # guest offset of the first cluster
     nb_clusters: int
-    keep_old: bool              # overwritten in place (ZERO_ALLOC clusters)
+    keep_old: bool              # overwritten in place (zero or unallocated subclusters)
     cow_start: tuple[int, int]  # (offset in the run, bytes) copied before the data
     cow_end: tuple[int, int]    # (offset in the run, bytes) copied after it
 
 
-def _alloc_kind(entry: int) -> bool:
+def _alloc_kind(entry: int, ext: bool) -> bool:
     """qemu's cluster_needs_new_alloc: True unless the cluster can be written
     in place (a NORMAL or ZERO_ALLOC cluster with the COPIED flag)."""
-    kind = L.cluster_type(entry, False)
+    kind = L.cluster_type(entry, ext)
     if kind in (L.NORMAL, L.ZERO_ALLOC):
         return not entry & L.OFLAG_COPIED
     return True
+
+
+def _ctz32(x: int) -> int:
+    return (x & -x).bit_length() - 1 if x else 32
+
+
+def _clz32(x: int) -> int:
+    return 32 - x.bit_length()
+
+
+ALL_ZEROES = 0xFFFFFFFF << 32           # every subcluster reads as zeros
 
 
 class ClusterMap:
@@ -54,18 +68,35 @@ class ClusterMap:
         self.img, self.w = img, writer
         self.cs, self.cbits = img.cs, img.cbits
         self.per_l2 = img.l2_entries
+        self.ext, self.es = img.extl2, img.esize
+        self.sub = img.sub_size
+        self.sub_bits = self.sub.bit_length() - 1
 
     # -- tables -----------------------------------------------------------------------
 
     def _get(self, table, i: int) -> int:
-        return int.from_bytes(table[i * 8:i * 8 + 8], "big")
+        return int.from_bytes(table[i * self.es:i * self.es + 8], "big")
 
-    def _put(self, table, i: int, value: int) -> None:
-        table[i * 8:i * 8 + 8] = value.to_bytes(8, "big")
+    def _bitmap(self, table, i: int) -> int:
+        if not self.ext:
+            return 0
+        return int.from_bytes(table[i * 16 + 8:i * 16 + 16], "big")
+
+    def _put(self, table, i: int, value: int, bitmap: int | None = None) -> None:
+        table[i * self.es:i * self.es + 8] = value.to_bytes(8, "big")
+        if self.ext and bitmap is not None:
+            table[i * 16 + 8:i * 16 + 16] = bitmap.to_bytes(8, "big")
+
+    def _sub_kind(self, table, i: int, sc: int) -> int:
+        entry = self._get(table, i)
+        if self.ext:
+            return L.subcluster_type(entry, self._bitmap(table, i), sc)
+        return L.cluster_type(entry, False)
 
     def _write_entries(self, l2_off: int, table, first: int, last: int) -> None:
         """Write entries ``first..last`` (inclusive) of a table in place."""
-        self.w.write_meta(l2_off + first * 8, bytes(table[first * 8:(last + 1) * 8]))
+        es = self.es
+        self.w.write_meta(l2_off + first * es, bytes(table[first * es:(last + 1) * es]))
 
     def table(self, offset: int) -> tuple[int, bytearray]:
         """qemu's get_cluster_table: (L2 offset, table) for guest ``offset``,
@@ -146,7 +177,7 @@ class ClusterMap:
         _, table = self.table(offset)
         l2i = (offset >> self.cbits) % self.per_l2
         entry = self._get(table, l2i)
-        if _alloc_kind(entry):
+        if _alloc_kind(entry, self.ext):
             return None
         cluster = entry & L.L2E_OFFSET_MASK
         if cluster % cs:
@@ -159,7 +190,7 @@ class ClusterMap:
         expect = cluster
         while keep < n:
             e = self._get(table, l2i + keep)
-            if _alloc_kind(e) or e & L.L2E_OFFSET_MASK != expect:
+            if _alloc_kind(e, self.ext) or e & L.L2E_OFFSET_MASK != expect:
                 break
             keep += 1
             expect += cs
@@ -173,7 +204,7 @@ class ClusterMap:
         _, table = self.table(offset)
         l2i = (offset >> self.cbits) % self.per_l2
         count = 0
-        while count < n and _alloc_kind(self._get(table, l2i + count)):
+        while count < n and _alloc_kind(self._get(table, l2i + count), self.ext):
             count += 1
         if count == 0:
             raise CorruptImageError("no cluster to allocate")
@@ -191,24 +222,53 @@ class ClusterMap:
         return cluster + in_cluster, got
 
     def _meta(self, cluster, offset, nbytes, table, metas, keep_old) -> None:
-        """qemu's calculate_l2_meta for standard L2 entries."""
-        cs = self.cs
+        """qemu's calculate_l2_meta: which bytes around the write to copy."""
+        cs, sub, sb = self.cs, self.sub, self.sub_bits
         l2i = (offset >> self.cbits) % self.per_l2
         start_to = offset % cs
         end_from = start_to + nbytes
         n = -(-end_from // cs)
-        kinds = [L.cluster_type(self._get(table, l2i + i), False) for i in range(n)]
-        if L.INVALID in kinds:
-            raise CorruptImageError("Invalid cluster entry found")
-        if keep_old and all(k == L.NORMAL for k in kinds):
+        skip = keep_old
+        for i in range(n):
+            lo = max(start_to, i * cs) - i * cs
+            hi = min(end_from, (i + 1) * cs) - i * cs
+            kinds = {self._sub_kind(table, l2i + i, sc)
+                     for sc in range(lo >> sb, ((hi - 1) >> sb) + 1)} if skip else \
+                {self._sub_kind(table, l2i + i, 0)}
+            if L.INVALID in kinds:
+                raise CorruptImageError("Invalid cluster entry found (L2 index: "
+                                        f"{l2i + i:#x})")
+            if skip and kinds != {L.NORMAL}:
+                skip = False
+        if skip:
             return                          # plain overwrite: no metadata change
-        first, last = kinds[0], kinds[-1]
-        if keep_old:
-            start_from = start_to if first == L.NORMAL else 0
-            end_to = end_from if last == L.NORMAL else -(-end_from // cs) * cs
+        sc = start_to >> sb
+        first = self._sub_kind(table, l2i, sc)
+        alloc_bits = self._bitmap(table, l2i) & 0xFFFFFFFF
+        if not keep_old:
+            if first in (L.NORMAL, L.ZERO_ALLOC, L.UNALLOCATED_ALLOC):
+                start_from = min(sc, _ctz32(alloc_bits)) << sb if self.ext else 0
+            elif first == L.COMPRESSED:
+                start_from = 0
+            else:                           # plain zero or unallocated
+                start_from = sc << sb
         else:
-            start_from = 0
-            end_to = -(-end_from // cs) * cs
+            start_from = start_to if first == L.NORMAL else sc << sb
+        last_i = l2i + n - 1
+        sc = ((end_from - 1) % cs) >> sb
+        last = self._sub_kind(table, last_i, sc)
+        alloc_bits = self._bitmap(table, last_i) & 0xFFFFFFFF
+        if not keep_old:
+            if last in (L.NORMAL, L.ZERO_ALLOC, L.UNALLOCATED_ALLOC):
+                end_to = -(-end_from // cs) * cs
+                if self.ext:
+                    end_to -= min(31 - sc, _clz32(alloc_bits)) << sb
+            elif last == L.COMPRESSED:
+                end_to = -(-end_from // cs) * cs
+            else:
+                end_to = -(-end_from // sub) * sub
+        else:
+            end_to = end_from if last == L.NORMAL else -(-end_from // sub) * sub
         metas.append(L2Meta(cluster, offset - start_to, n, keep_old,
                             (start_from, start_to - start_from),
                             (end_from, end_to - end_from)))
@@ -219,11 +279,22 @@ class ClusterMap:
         l2_off, table = self.table(m.offset)
         l2i = (m.offset >> self.cbits) % self.per_l2
         old = []
+        cs, sb = self.cs, self.sub_bits
+        written_from = m.cow_start[0]
+        written_to = m.cow_end[0] + m.cow_end[1]
         for i in range(m.nb_clusters):
             e = self._get(table, l2i + i)
             if e:
                 old.append(e)
-            self._put(table, l2i + i, (m.alloc_offset + i * self.cs) | L.OFLAG_COPIED)
+            bitmap = None
+            if self.ext:
+                lo = max(written_from, i * cs) - i * cs
+                hi = min(written_to, (i + 1) * cs) - i * cs
+                first, count = lo >> sb, ((hi - 1) >> sb) - (lo >> sb) + 1
+                bitmap = self._bitmap(table, l2i + i)
+                bitmap |= L.alloc_range_bitmap(first, count)
+                bitmap &= ~L.zero_range_bitmap(first, count)
+            self._put(table, l2i + i, (m.alloc_offset + i * cs) | L.OFLAG_COPIED, bitmap)
         self._write_entries(l2_off, table, l2i, l2i + m.nb_clusters - 1)
         if not m.keep_old and old:
             self.w.barrier()
@@ -238,27 +309,53 @@ class ClusterMap:
         n = -(-nbytes // self.cs)
         has_backing = self.img.bs.backing is not None
         v3 = self.img.h.version >= 3
+        ext = self.ext
 
-        def new_entry(old):
-            kind = L.cluster_type(old, False)
+        def new_entry(old, bitmap):
+            kind = L.cluster_type(old, ext)
             if full:
-                return 0, True
+                return 0, 0, True
             if has_backing or kind in (L.NORMAL, L.COMPRESSED, L.ZERO_ALLOC):
-                return (L.OFLAG_ZERO if v3 else 0), True
-            return old, False
+                if ext:
+                    return 0, ALL_ZEROES, True
+                return (L.OFLAG_ZERO if v3 else 0), 0, True
+            return old, bitmap, False
         self._rewrite(offset, n, new_entry)
 
     def zeroize(self, offset: int, nbytes: int, unmap: bool) -> None:
-        """qemu's zero_in_l2_slice over whole clusters (v3): the zero flag;
-        compressed clusters, and with ``unmap`` allocated ones, are freed."""
+        """qemu's zero_in_l2_slice over whole clusters (v3): the zero flag
+        (bitmap zero bits); compressed clusters, and with ``unmap`` allocated
+        ones, are freed."""
         n = -(-nbytes // self.cs)
+        ext = self.ext
 
-        def new_entry(old):
-            kind = L.cluster_type(old, False)
+        def new_entry(old, bitmap):
+            kind = L.cluster_type(old, ext)
             drop = kind == L.COMPRESSED or (unmap and kind in
                                             (L.NORMAL, L.COMPRESSED, L.ZERO_ALLOC))
-            return (0 if drop else old) | L.OFLAG_ZERO, drop
+            entry = 0 if drop else old
+            if ext:
+                return entry, ALL_ZEROES, drop
+            return entry | L.OFLAG_ZERO, 0, drop
         self._rewrite(offset, n, new_entry)
+
+    def zero_subclusters(self, offset: int, count: int) -> None:
+        """qemu's zero_l2_subclusters: ``count`` subclusters of one cluster
+        from ``offset`` read as zeros (no host cluster is freed)."""
+        l2_off, table = self.table(offset)
+        l2i = (offset >> self.cbits) % self.per_l2
+        entry = self._get(table, l2i)
+        kind = L.cluster_type(entry, True)
+        if kind == L.COMPRESSED:
+            from blockdrv.errors import UnsupportedError
+            raise UnsupportedError("cannot zero part of a compressed cluster")
+        first = (offset % self.cs) >> self.sub_bits
+        old = self._bitmap(table, l2i)
+        bitmap = (old | L.zero_range_bitmap(first, count)) & ~L.alloc_range_bitmap(first,
+                                                                                  count)
+        if bitmap != old:
+            self._put(table, l2i, entry, bitmap)
+            self._write_entries(l2_off, table, l2i, l2i)
 
     def _rewrite(self, offset, n, new_entry) -> None:
         """Change the entries of ``n`` clusters from ``offset``, table by
@@ -270,10 +367,11 @@ class ClusterMap:
             changed, old_entries = [], []
             for i in range(count):
                 old = self._get(table, l2i + i)
-                new, free = new_entry(old)
-                if new == old:
+                old_bitmap = self._bitmap(table, l2i + i)
+                new, bitmap, free = new_entry(old, old_bitmap)
+                if new == old and bitmap == old_bitmap:
                     continue
-                self._put(table, l2i + i, new)
+                self._put(table, l2i + i, new, bitmap)
                 changed.append(l2i + i)
                 if free:
                     old_entries.append(old)

@@ -34,7 +34,7 @@ from . import refcount as rc
 from .alloc import Allocator
 from .cluster import INT_MAX, ClusterMap
 from .constants import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT,
-                        EXT_FEATURE_TABLE, INCOMPAT_DIRTY, INCOMPAT_EXTL2)
+                        EXT_FEATURE_TABLE, INCOMPAT_DIRTY)
 
 MAX_TRANSFER = 32768 << 9      # qemu's MAX_BOUNCE_BUFFER: zero-write fallback chunks
 _INCOMPAT_OFFSET = 72          # offsetof(QCowHeader, incompatible_features)
@@ -45,9 +45,6 @@ _KNOWN_EXTENSIONS = (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE)
 def check_writable(img) -> None:
     """Refuse, with one line, what blockdrv cannot write the way qemu does."""
     h = img.h
-    if h.incompatible_features & INCOMPAT_EXTL2:
-        raise UnsupportedError("blockdrv cannot write qcow2 images with extended L2 "
-                               "entries (subclusters) yet: open the image read-only")
     if h.incompatible_features & INCOMPAT_DIRTY:
         raise UnsupportedError("qcow2 image is dirty (lazy refcounts were not written "
                                "back): repair it with 'qemu-img check -r all' before "
@@ -179,7 +176,7 @@ class Qcow2Writer:
 
     def free_entry(self, entry: int, discard: bool) -> None:
         """qemu's qcow2_free_any_cluster."""
-        kind = L.cluster_type(entry, False)
+        kind = L.cluster_type(entry, self.img.extl2)
         if kind == L.COMPRESSED:
             desc = L.parse_compressed(entry, self.img.cbits)
             self.free(desc.offset, desc.size, discard)
@@ -315,7 +312,19 @@ class Qcow2Writer:
                 self.discard_clusters(offset, nbytes)
                 return
             raise UnsupportedError("no zero flag in qcow2 v2")
-        self.map.zeroize(offset, nbytes, unmap)
+        # qemu's qcow2_subcluster_zeroize: partial clusters (subclusters of
+        # an extended L2 entry) at either end, whole clusters between
+        cs, end = img.cs, offset + nbytes
+        head = min(end, -(-offset // cs) * cs) - offset
+        offset += head
+        tail = 0 if end >= img.h.size else end - max(offset, end // cs * cs)
+        end -= tail
+        if head:
+            self.map.zero_subclusters(offset - head, -(-head // sub))
+        if end > offset:
+            self.map.zeroize(offset, end - offset, unmap)
+        if tail:
+            self.map.zero_subclusters(end, -(-tail // sub))
 
     async def _is_zero(self, offset: int, nbytes: int) -> bool:
         from blockdrv.mapping import co_block_status
