@@ -62,9 +62,7 @@ class Qcow2Writer:
         h = img.h
         self.file = img.file
         self.lazy = bool(h.version >= 3 and h.compatible_features & COMPAT_LAZY_REFCOUNTS)
-        raw = bytes(self.file.pread(h.refcount_table_offset,
-                                    h.refcount_table_clusters * img.cs))
-        raw = raw.ljust(h.refcount_table_clusters * img.cs, b"\0")
+        raw = self._read(h.refcount_table_offset, h.refcount_table_clusters * img.cs)
         table = rc.parse_table(raw, len(raw) // 8)
         self.alloc = Allocator(h.cluster_bits, h.refcount_order, table,
                                h.refcount_table_offset, self._read, self._write,
@@ -87,8 +85,9 @@ class Qcow2Writer:
     # -- raw metadata I/O --------------------------------------------------------------
 
     def _read(self, offset: int, n: int) -> bytes:
-        return bytes(self.file.pread(offset, n)).ljust(n, b"\0") \
-            if offset < self.file.total_size else bytes(n)
+        # a refcount block past the end of a damaged file reads as zeros
+        inside = max(0, min(n, self.file.total_size - offset))
+        return bytes(self.file.pread(offset, inside)).ljust(n, b"\0") if inside else bytes(n)
 
     def _write(self, offset: int, data: bytes) -> None:
         self.file.pwrite(offset, data)
