@@ -5,20 +5,17 @@ One module per on-disk structure: :mod:`.header` (header and extensions),
 :mod:`.refcount` (refcount table and blocks), :mod:`.snapshot` (the
 snapshot table); :mod:`.alloc` is qemu's cluster allocation policy,
 :mod:`.create` makes images byte for byte as qemu-img 7.2, :mod:`.image`
-opens and reads them.  Writes are not implemented yet: read-write opens are
-refused with one line.
+opens and reads them, :mod:`.write` (with :mod:`.cluster`, the L2 side)
+writes them as qemu 7.2 does, extended L2 entries (subclusters) included.
 """
 
 from __future__ import annotations
 
-from blockdrv.driver import (O_RDWR, BlockStatus, DriverInfo, UnsupportedError, hookimpl)
+from blockdrv.driver import (O_RDWR, O_UNMAP, WRITE_NO_FALLBACK, WRITE_UNMAP, BlockStatus,
+                             DriverInfo, hookimpl)
 
 from .constants import MAGIC
 from .create import CREATE_OPTS
-
-_READ_ONLY = ("blockdrv's qcow2 driver cannot write yet: open the image read-only "
-              "(qemu-img/qemu-io -r, or readonly=True)")
-
 
 class Qcow2Format:
     format_name = "qcow2"
@@ -38,7 +35,8 @@ class Qcow2Format:
         img = Qcow2Image(bs)
         img.open(read_write=bool(flags & O_RDWR))
         if flags & O_RDWR:
-            raise UnsupportedError(_READ_ONLY)
+            from .write import Qcow2Writer
+            img.writer = Qcow2Writer(img, bs)
         bs.opaque = img
         bs.total_size = img.h.size
         bs.request_alignment = 1
@@ -50,20 +48,57 @@ class Qcow2Format:
 
     @hookimpl
     def bdrv_close(self, bs) -> None:
+        img = bs.opaque
         bs.opaque = None
+        if img is not None and img.writer is not None:
+            img.writer.close()              # qemu's qcow2_inactivate: mark clean
 
     @hookimpl
     def bdrv_reopen_prepare(self, bs, flags) -> None:
+        img = bs.opaque
         if flags & O_RDWR:
-            raise UnsupportedError(_READ_ONLY)
+            from .write import check_writable
+            check_writable(img)
+        elif img.writer is not None:
+            # while the file is still writable (qemu marks clean in prepare)
+            img.writer.close()
 
     @hookimpl
     def bdrv_reopen_commit(self, bs, flags) -> None:
-        pass
+        img = bs.opaque
+        if flags & O_RDWR and img.writer is None:
+            from .write import Qcow2Writer
+            img.writer = Qcow2Writer(img, bs)
+        elif not flags & O_RDWR:
+            img.writer = None
 
     @hookimpl
     async def bdrv_co_readv(self, bs, offset, nbytes, qiov) -> None:
         await bs.opaque.readv(offset, nbytes, qiov)
+
+    @hookimpl
+    async def bdrv_co_writev(self, bs, offset, nbytes, qiov, flags) -> None:
+        await bs.opaque.writer.writev(offset, nbytes, qiov)
+
+    @hookimpl
+    async def bdrv_co_pwrite_zeroes(self, bs, offset, nbytes, flags) -> None:
+        # as block/io.c: no unmapping unless the node passes discards down
+        unmap = bool(flags & WRITE_UNMAP and bs.open_flags & O_UNMAP)
+        await bs.opaque.writer.pwrite_zeroes(offset, nbytes, unmap,
+                                             bool(flags & WRITE_NO_FALLBACK))
+
+    @hookimpl
+    async def bdrv_co_pdiscard(self, bs, offset, nbytes) -> None:
+        await bs.opaque.writer.pdiscard(offset, nbytes)
+
+    @hookimpl
+    async def bdrv_co_flush(self, bs) -> None:
+        bs.opaque.writer.flush()
+
+    @hookimpl
+    def bdrv_has_zero_init(self, bs) -> bool:
+        # a new image reads as zeros where its backing file does
+        return bs.backing is None
 
     @hookimpl
     async def bdrv_co_block_status(self, bs, want_zero, offset, nbytes) -> BlockStatus:

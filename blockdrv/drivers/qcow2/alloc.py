@@ -44,6 +44,12 @@ class Allocator:
         self.read, self.write, self.set_table = read, write, set_table
         self.blocks: dict[int, bytearray] = {}
         self.free_index = 0
+        # called with each cluster index whose refcount drops to zero (a
+        # writer discards freed clusters in the file, as qemu's passthrough)
+        self.on_zero: Callable[[int], None] | None = None
+        # a writer orders a new refcount block before the table entry naming
+        # it (qemu flushes its refcount cache first); create needs no order
+        self.barrier: Callable[[], None] = lambda: None
 
     # -- lookups -------------------------------------------------------------------
 
@@ -132,6 +138,8 @@ class Allocator:
                 if value == 0 and ci < self.free_index:
                     self.free_index = ci
                 rc.put(blk, i, self.order, value)
+                if value == 0 and addend < 0 and self.on_zero is not None:
+                    self.on_zero(ci)
                 dirty = blk_off
                 done = ci + 1
         except _Again:
@@ -159,6 +167,7 @@ class Allocator:
             self.update(new, self.cs, 1)          # described elsewhere
         self.blocks[new] = blk
         self.write(new, bytes(blk))
+        self.barrier()
         if t < len(self.table):
             self.table[t] = new
             self.write(self.table_offset + t * 8, new.to_bytes(8, "big"))
@@ -199,6 +208,7 @@ class Allocator:
                 for k in range(j, min((end - first) // self.cs, self.per_block)):
                     rc.put(blk, k, self.order, 1)
             self.write(off, bytes(blk))
+        self.barrier()
         self.write(table_offset, rc.pack_table(table))
         old_offset, old_size = self.table_offset, len(self.table)
         self.table, self.table_offset = table, table_offset

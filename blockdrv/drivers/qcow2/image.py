@@ -1,6 +1,6 @@
 """An open qcow2 image: validation at open, the cluster map, reads, block status.
 
-Reads only (for now): the driver refuses read-write opens.  L1 is loaded
+Writes are :mod:`.write`'s (a read-write open attaches a writer).  L1 is loaded
 whole (bounded by qemu's 32 MiB cap); L2 tables go through a small LRU
 cache bounded in bytes.
 """
@@ -44,6 +44,7 @@ class Qcow2Image:
         self.l2_cache: OrderedDict[int, bytes] = OrderedDict()
         self.snapshots: list[Snapshot] = []
         self._prealloc: bool | None = None
+        self.writer = None          # a .write.Qcow2Writer while open read-write
 
     # -- open ------------------------------------------------------------------------
 
@@ -220,6 +221,9 @@ class Qcow2Image:
         return self._prealloc
 
     def refcount(self, index: int) -> int:
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            return writer.alloc.refcount(index)     # the allocator's current view
         h = self.h
         per = rc.entries_per_block(self.cs, h.refcount_order)
         t = index // per
