@@ -66,6 +66,45 @@ class _Budget:
         self._changed.set()
 
 
+class _ReplyBuffers:
+    """Read replies' buffers, kept for the next request of the same size.
+
+    A fresh 2 MiB bytearray is zero-filled page by page on every request
+    (page faults cost as much as the read itself), and a bytearray handed
+    to the transport is copied once more by its slicing: replies go out as
+    memoryviews over reused buffers instead.  A buffer is taken back only
+    when the transport holds none of it: Python 3.11's socket transport
+    copies what it cannot send at once; later versions and the TLS layer
+    may keep a view of it, so there it must have gone out entirely.
+    """
+
+    KEEP = 8                     # per client: the in-flight reads of qemu's -m 8
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._count = 0
+
+    def take(self, size: int) -> memoryview:
+        free = self._free.get(size)
+        if free:
+            self._count -= 1
+            return memoryview(free.pop())
+        return memoryview(bytearray(size))
+
+    def give(self, view: memoryview, transport, tls: bool) -> None:
+        buf = view.obj
+        try:
+            view.release()
+        except BufferError:          # still exported: not ours to reuse
+            return
+        if self._count >= self.KEEP or len(buf) > P.MAX_PAYLOAD:
+            return
+        if (tls or sys.version_info >= (3, 12)) and transport.get_write_buffer_size():
+            return
+        self._free.setdefault(len(buf), []).append(buf)
+        self._count += 1
+
+
 class NBDServer:
     """Serve one :class:`Export` on a listening socket.
 
@@ -218,6 +257,7 @@ class _Client:
         self.inflight = 0
         self.wlock = asyncio.Lock()
         self.flags = 0
+        self.buffers = _ReplyBuffers()
 
     def log(self, msg: str) -> None:
         self.server.log(f"client {self.stats.number}: {msg}")
@@ -583,12 +623,15 @@ class _Client:
             pos, end = offset, offset + length
             while pos < end:
                 n = min(end - pos, P.MAX_PAYLOAD)
-                buf = bytearray(P.CHUNK.size + 8 + n)
-                await exp.read(pos, memoryview(buf)[P.CHUNK.size + 8:])
-                P.CHUNK.pack_into(buf, 0, P.STRUCTURED_REPLY_MAGIC, 0,
-                                  P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n)
-                P.U64.pack_into(buf, P.CHUNK.size, pos)
-                await self._send(buf)
+                buf = self.buffers.take(P.CHUNK.size + 8 + n)
+                try:
+                    await exp.read(pos, buf[P.CHUNK.size + 8:])
+                    P.CHUNK.pack_into(buf, 0, P.STRUCTURED_REPLY_MAGIC, 0,
+                                      P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n)
+                    P.U64.pack_into(buf, P.CHUNK.size, pos)
+                    await self._send(buf)
+                finally:
+                    self.buffers.give(buf, self.writer.transport, self.tls)
                 pos += n
             await self._send(P.chunk_header(cookie, P.REPLY_TYPE_NONE, 0))
             return
@@ -598,17 +641,20 @@ class _Client:
                 await self._send(P.chunk_header(cookie, P.REPLY_TYPE_NONE, 0))
                 return
             head = P.CHUNK.size + 8
-            buf = bytearray(head + length)
-            await exp.read(offset, memoryview(buf)[head:])
-            P.CHUNK.pack_into(buf, 0, P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                              P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length)
-            P.U64.pack_into(buf, P.CHUNK.size, offset)
         else:
             head = P.SIMPLE_REPLY.size
-            buf = bytearray(head + length)
-            await exp.read(offset, memoryview(buf)[head:])
-            P.SIMPLE_REPLY.pack_into(buf, 0, P.SIMPLE_REPLY_MAGIC, 0, cookie)
-        await self._send(buf)
+        buf = self.buffers.take(head + length)
+        try:
+            await exp.read(offset, buf[head:])
+            if self.structured:
+                P.CHUNK.pack_into(buf, 0, P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                  P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length)
+                P.U64.pack_into(buf, P.CHUNK.size, offset)
+            else:
+                P.SIMPLE_REPLY.pack_into(buf, 0, P.SIMPLE_REPLY_MAGIC, 0, cookie)
+            await self._send(buf)
+        finally:
+            self.buffers.give(buf, self.writer.transport, self.tls)
 
     async def _do_block_status(self, flags: int, cookie: int, offset: int,
                                length: int) -> None:
