@@ -34,7 +34,6 @@ _DISCARD_CHUNK = 1 << 20
 # export allows it (sendfile(2)); shorter ones cost less as one preadv.
 SENDFILE_MIN = 64 << 10
 _ZEROS = memoryview(bytes(1 << 20))
-SNDBUF = 4 << 20
 
 
 class ProtocolViolation(Exception):
@@ -302,13 +301,6 @@ class _Client:
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            # Room for a whole read reply in the socket: a 2 MiB reply then
-            # goes out in one or two sends instead of a wake-up per ~200 KiB
-            # the client drains (the kernel caps it at net.core.wmem_max).
-            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-        except OSError:
-            pass
         ready: asyncio.Future = loop.create_future()
         reader = asyncio.StreamReader(limit=1 << 20)
 
