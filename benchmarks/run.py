@@ -27,6 +27,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .dense import (dense_workloads, make_dense, profile_commands, profile_nbd_server,
+                    top_frames)
+
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "/usr/bin/qemu-io"
@@ -58,6 +61,7 @@ class Sample:
     wall: float
     rss_kib: int
     metric: float          # what the row reports (wall, or the bench loop time)
+    cpu: float = 0.0       # the child's user + system seconds (less noisy on a busy host)
 
 
 def run_rusage(cmd: list[str], metric: str = "wall") -> Sample:
@@ -75,7 +79,7 @@ def run_rusage(cmd: list[str], metric: str = "wall") -> Sample:
     if metric == "bench":
         m = re.search(rb"Run completed in ([0-9.]+) seconds", out)
         value = float(m.group(1)) if m else wall
-    return Sample(wall, usage.ru_maxrss, value)
+    return Sample(wall, usage.ru_maxrss, value, usage.ru_utime + usage.ru_stime)
 
 
 def count_flushes(cmd: list[str]) -> int | None:
@@ -136,21 +140,6 @@ def make_raw_with_holes(path: str, size: int) -> None:
             os.pwrite(fd, seed, base)
             os.pwrite(fd, zeros, base + 2 * MiB)
             os.pwrite(fd, seed[:MiB], base + 4 * MiB + 4096)
-    finally:
-        os.close(fd)
-
-
-def make_dense(path: str, size: int) -> None:
-    """Per 4 MiB: 1 MiB random data, 1 MiB explicit zeros, 1 MiB random
-    data, 1 MiB hole: 50% data, 25% zeros, 25% holes."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-        zeros = bytes(MiB)
-        for base in range(0, size, 4 * MiB):
-            os.pwrite(fd, os.urandom(MiB), base)
-            os.pwrite(fd, zeros, base + MiB)
-            os.pwrite(fd, os.urandom(MiB), base + 2 * MiB)
     finally:
         os.close(fd)
 
@@ -246,22 +235,7 @@ def build(work: str, args) -> list[Workload]:
                            [QEMU_IO, "-f", "vhdx", "-r", "-c", "read 0 4k", a20], 4.0))
 
     if want("dense"):
-        sizes = [512 * MiB] + ([4 * GiB] if args.full else [])
-        for size in sizes:
-            tag = f"{size // MiB}M" if size < GiB else f"{size // GiB}G"
-            src, vsrc = j(f"dense{tag}.raw"), j(f"dense{tag}.vhdx")
-            if not os.path.exists(src):
-                print(f"  making {src} ...", file=sys.stderr)
-                make_dense(src, size)
-            if not os.path.exists(vsrc):
-                sh(QEMU_IMG, "convert", "-f", "raw", "-O", "vhdx", src, vsrc)
-            for sfmt, dfmt, s in (("raw", "vhdx", src), ("vhdx", "raw", vsrc),
-                                  ("vhdx", "vhdx", vsrc)):
-                o1, o2 = j(f"dout_bd.{dfmt}"), j(f"dout_q.{dfmt}")
-                wl.append(Workload(f"convert dense {sfmt}->{dfmt} {tag}",
-                                   [*BD, "convert", "-f", sfmt, "-O", dfmt, s, o1],
-                                   [QEMU_IMG, "convert", "-f", sfmt, "-O", dfmt, s, o2],
-                                   1.0, prep=_rm(o1, o2)))
+        wl.extend(dense_workloads(work, args.full, Workload, BD, QEMU_IMG, sh, _rm))
 
     if want("qcow2"):
         q = j("dense512M.qcow2")
@@ -285,9 +259,11 @@ def build(work: str, args) -> list[Workload]:
             else {"raw": (j("data.raw"), "raw"), "vhdx (dynamic)": (j("data.vhdx"), "vhdx")}
         for label, (image, fmt) in nimg.items():
             run = _nbd_runner(image, fmt, work)
-            wl.append(Workload(f"served: qemu-img convert from nbd, {label} 256M",
-                               [], [], 1.2, runner=run,
-                               note="blockdrv nbd vs qemu-nbd, -r -t, unix socket"))
+            w = Workload(f"served: qemu-img convert from nbd, {label} 256M",
+                         [], [], 1.2, runner=run,
+                         note="blockdrv nbd vs qemu-nbd, -r -t, unix socket")
+            w.extra["served"] = (image, fmt)
+            wl.append(w)
 
     if want("bench"):
         img = j("bench1G.vhdx")
@@ -422,6 +398,10 @@ def report(wl: list[Workload], args, machine: str) -> str:
             sb = sorted(x.metric for x in w.samples["bd"])
             sq = sorted(x.metric for x in w.samples["qemu"])
             notes.append(f"spread {fmt_t(sb[0])}-{fmt_t(sb[-1])} vs {fmt_t(sq[0])}-{fmt_t(sq[-1])}")
+            if w.name.startswith("convert dense"):
+                cb = statistics.median(x.cpu for x in w.samples["bd"])
+                cq = statistics.median(x.cpu for x in w.samples["qemu"])
+                notes.append(f"CPU {fmt_t(cb)} vs {fmt_t(cq)} ({cb / cq:.2f}x)")
         if w.count and w.metric == "bench":
             us_bd, us_q = bd / w.count * 1e6, q / w.count * 1e6
             notes.append(f"{us_bd:.1f} vs {us_q:.1f} us/IO")
@@ -464,6 +444,21 @@ def _per_allocation_row(wl: list[Workload], base: Workload) -> str:
             "journal path only: start-up subtracted on both sides |")
 
 
+def profile(wl: list[Workload], outdir: str) -> None:
+    """One profiled run of each dense convert and served row."""
+    os.makedirs(outdir, exist_ok=True)
+    dense = [w for w in wl if w.name.startswith("convert dense")]
+    for path in profile_commands(dense, outdir):
+        print(f"  profile: {path}", file=sys.stderr)
+    for w in wl:
+        if "served" in w.extra:
+            image, fmt = w.extra["served"]
+            for path in profile_nbd_server(image, fmt, outdir, w.name):
+                print(f"  profile: {path}", file=sys.stderr)
+                if path.endswith(".folded"):
+                    print(f"{w.name}: self time\n{top_frames(path)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -476,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep images here (default: a temp dir, removed)")
     p.add_argument("--markdown", default=os.path.join(os.path.dirname(__file__), "results.md"))
     p.add_argument("--machine", default=f"{os.cpu_count()} cores, shared/noisy")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after the timed runs, profile the dense and served rows into DIR: "
+                        "pyinstrument per blockdrv command, py-spy on the nbd server "
+                        "(pip install -e '.[bench]')")
     args = p.parse_args(argv)
     work = args.workdir or tempfile.mkdtemp(prefix="blockdrv-bench-", dir="/var/tmp")
     os.makedirs(work, exist_ok=True)
@@ -507,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     w.samples[who].append(run_rusage(w.bd if who == "bd" else w.qemu,
                                                      w.metric))
+        if args.profile:
+            profile(wl, args.profile)
         table = report(wl, args, args.machine)
         print(table)
         with open(args.markdown, "w") as f:

@@ -6,11 +6,14 @@ in 2 MiB pieces and scanned per 512-byte sector (:mod:`.sparse`); runs of
 zero sectors at least ``sparse_size`` long (default 4 KiB), aligned as
 qemu-img aligns them, are not written.  ``sparse_size=0`` writes every byte.
 
-(Overlapping reads and writes with a reader thread was tried: on a 2-core
-host it made the 512 MiB converts slower, ~70 vs ~57 ms in-process, as both
-sides are page-cache copies competing for the same memory bandwidth;
-copy_file_range on ext4 was slower than read+write, and would also skip the
-zero detection that keeps the output as sparse as qemu-img's.)
+``-m N`` runs N workers on threads (:meth:`ImgConvertState.copy_parallel`):
+os.preadv/pwritev release the GIL, so reads overlap writes as on qemu's
+thread pool.  On a busy 2-core host that is no faster than one request at a
+time (both sides are page-cache copies competing for the same cores and
+memory bandwidth), so the default stays 1; mmap'ing the source instead of
+reading it, and copy_file_range, were slower than read+write there too, and
+copy_file_range would skip the zero detection that keeps the output as
+sparse as qemu-img's.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 class ImgConvertState:
     """The copy loop (qemu-img.c's ImgConvertState and convert_do_copy).
     :meth:`copy` is the synchronous one (one request at a time, the
-    default); :meth:`co_copy_all` runs ``-m N`` request coroutines as
-    asyncio tasks, writing in order unless ``-W``."""
+    default); :meth:`copy_parallel` runs ``-m N`` requests on threads,
+    writing in order unless ``-W``."""
 
     def __init__(self, target: BlockDriverState, min_sparse: int, zero_init: bool,
                  writethrough: bool = False, progress: Progress | None = None,
@@ -155,17 +158,22 @@ class ImgConvertState:
                 self.execute(self.plan_data(dst, self.buf, n))
             self.advance(n)
 
-    # -- -m N: request coroutines ------------------------------------------------
+    # -- -m N: concurrent requests ----------------------------------------------------
 
-    async def co_copy_all(self, srcs: list[BlockDriverState], coroutines: int,
-                          in_order: bool = True) -> None:
-        """qemu-img convert's coroutine engine: ``coroutines`` tasks each take
-        the next extent, read it into their own buffer and write it.  In
-        order (no ``-W``) a task waits for every earlier extent to be
+    def copy_parallel(self, srcs: list[BlockDriverState], requests: int,
+                      in_order: bool = True) -> None:
+        """qemu-img convert's ``-m N``: ``requests`` workers each take the
+        next extent, read it into their own buffer, scan it and write it.
+
+        Workers are threads, not coroutines: os.preadv/pwritev release the
+        GIL, so one worker's read really overlaps another's write, which is
+        what the coroutines on qemu's thread pool buy it.  The drivers are
+        not thread-safe, so one lock serialises the sources (block status
+        and reads) and one the target; the zero scan runs outside both.  In
+        order (no ``-W``) a worker waits until every earlier extent is
         written before writing its own, so the target is written front to
-        back as by the synchronous loop; with ``-W`` writes go out as reads
-        complete."""
-        import asyncio
+        back as by :meth:`copy`; with ``-W`` writes go out as scans finish."""
+        import threading
 
         def jobs():
             base = 0
@@ -175,67 +183,57 @@ class ImgConvertState:
                 base += src.total_size
 
         queue = jobs()
-        turn = asyncio.Condition()
+        src_lock, dst_lock = threading.Lock(), threading.Lock()
+        turn = threading.Condition()
         state = {"next_seq": 0, "written": 0}
+        errors: list[BaseException] = []
 
-        async def worker() -> None:
+        def worker() -> None:
             buf = bytearray(IO_BUF_SIZE)
-            while True:
-                try:
-                    src, (kind, pos, dst, n) = next(queue)
-                except StopIteration:
-                    return
-                seq = state["next_seq"]
-                state["next_seq"] += 1
-                self.in_flight += 1
-                self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                try:
-                    if kind == "zero":
-                        plan = self.plan_zeroes(dst, n)
-                    else:
-                        await self.co_read(src, pos, dst, buf, n)
-                        plan = self.plan_data(dst, buf, n)
-                    # let the other tasks start their requests meanwhile (a
-                    # protocol that never suspends would run each to the end)
-                    await asyncio.sleep(0)
-                    if in_order:
-                        async with turn:
-                            await turn.wait_for(lambda: state["written"] == seq)
-                    await self.co_execute(plan)
-                finally:
-                    self.in_flight -= 1
+            while not errors:
+                with src_lock:
+                    item = next(queue, None)
+                    if item is None or errors:
+                        return
+                    src, (kind, pos, dst, n) = item
+                    seq = state["next_seq"]
+                    state["next_seq"] += 1
+                    with turn:
+                        self.in_flight += 1
+                        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                    if kind == "data":
+                        self.read(src, pos, dst, buf, n)
+                plan = self.plan_data(dst, buf, n) if kind == "data" \
+                    else self.plan_zeroes(dst, n)
                 if in_order:
-                    async with turn:
-                        state["written"] += 1
-                        turn.notify_all()
-                self.advance(n)
+                    with turn:
+                        turn.wait_for(lambda: state["written"] == seq or bool(errors))
+                    if errors:
+                        return
+                with dst_lock:
+                    self.execute(plan)
+                    self.advance(n)
+                with turn:
+                    self.in_flight -= 1
+                    state["written"] += 1
+                    turn.notify_all()
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(coroutines)]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def co_read(self, src: BlockDriverState, pos: int, dst: int, buf: bytearray,
-                      nbytes: int) -> None:
-        try:
-            await src.co_preadv(pos, nbytes, IOVector.from_buffer(memoryview(buf)[:nbytes]))
-        except BlockDriverError as exc:
-            raise self._read_error(dst, exc) from None
-
-    async def co_execute(self, plan: list[tuple]) -> None:
-        target = self.target
-        for kind, offset, arg in plan:
+        def guarded() -> None:
             try:
-                if kind == "data":
-                    await target.co_pwritev(offset, len(arg), IOVector.from_buffer(arg))
-                else:
-                    await target.co_pwrite_zeroes(offset, arg, WRITE_UNMAP)
-                if self.writethrough:
-                    await target.co_flush()
-            except BlockDriverError as exc:
-                raise self._write_error(offset, exc) from None
+                worker()
+            except BaseException as exc:      # noqa: BLE001 -- re-raised by the caller
+                with turn:
+                    errors.append(exc)
+                    turn.notify_all()
+
+        threads = [threading.Thread(target=guarded, daemon=True,
+                                    name=f"convert-{i}") for i in range(requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
 
 # -- argument checks (qemu-img's messages) ------------------------------------------
@@ -333,8 +331,7 @@ def convert(sources: PathLike | Sequence[PathLike], target: PathLike, *,
                     state.copy(src, base)
                     base += src.total_size
             else:
-                import asyncio
-                asyncio.run(state.co_copy_all(srcs, coroutines, in_order=not out_of_order))
+                state.copy_parallel(srcs, coroutines, in_order=not out_of_order)
             out.flush()
             if progress is not None and not total:
                 progress(1.0)       # nothing to copy: done at once

@@ -129,6 +129,16 @@ def _open_fd(path: str, flags: int, create: bool = False) -> int:
     return fd
 
 
+def host_fd(bs: BlockDriverState) -> int | None:
+    """The descriptor behind a node of this driver, for a server that sends
+    its bytes with sendfile(2) (``blockdrv nbd``); None when its reads must
+    go through the driver (O_DIRECT: the page cache is not to be used)."""
+    s = bs.opaque
+    if not isinstance(s, _State) or s.direct or s.fd < 0:
+        return None
+    return s.fd
+
+
 class FileProtocol:
     protocol_name = "file"
     format_name = None

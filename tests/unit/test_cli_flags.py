@@ -5,10 +5,10 @@ CI=true a missing qemu fails, see blockdrv.testing.tools.require_tool)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -164,8 +164,9 @@ def test_convert_m_range_is_qemus(tmp_path, capsys, qimg, src, value):
 
 
 class Recorder(convert_engine.ImgConvertState):
-    """A Converter whose reads finish out of order (later extents first) and
-    that records the order of its writes."""
+    """A Converter whose first extents take longest to scan (so that, when
+    allowed, later ones are written first) and that records the order of
+    its writes."""
 
     last: "Recorder | None" = None
 
@@ -174,14 +175,14 @@ class Recorder(convert_engine.ImgConvertState):
         self.writes: list[int] = []
         Recorder.last = self
 
-    async def co_read(self, src, pos, dst, buf, nbytes):
-        await super().co_read(src, pos, dst, buf, nbytes)
-        for _ in range(16 - (dst // (2 * MiB)) % 16):
-            await asyncio.sleep(0)
+    def copy_parallel(self, *a, **k):
+        self.parallel = True
+        super().copy_parallel(*a, **k)
 
-    async def co_execute(self, plan):
-        self.writes.extend(offset for _, offset, _ in plan)
-        await super().co_execute(plan)
+    def plan_data(self, dst, buf, nbytes):
+        if getattr(self, "parallel", False):     # -m N: let the other workers catch up
+            time.sleep(0.005 * (16 - (dst // (2 * MiB)) % 16))
+        return super().plan_data(dst, buf, nbytes)
 
     def execute(self, plan):
         self.writes.extend(offset for _, offset, _ in plan)
@@ -212,10 +213,10 @@ def test_convert_m_number_syntax_is_strtol_base_0(tmp_path, capsys, qimg, src, v
 
 
 def test_convert_m_error_mid_copy_is_one_line(tmp_path, capsys, monkeypatch, src):
-    async def failing(self, plan):
+    def failing(self, plan):
         from blockdrv.errors import BlockIOError
         raise self._write_error(plan[0][1], BlockIOError("Input/output error"))
-    monkeypatch.setattr(convert_engine.ImgConvertState, "co_execute", failing)
+    monkeypatch.setattr(convert_engine.ImgConvertState, "execute", failing)
     out = tmp_path / "o.raw"
     code, _, err = run(capsys, "convert", "-m", "8", "-O", "raw", src, out)
     assert code == 1 and one_error(err).startswith("error while writing at byte")

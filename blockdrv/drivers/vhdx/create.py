@@ -176,8 +176,10 @@ def _bat_slices(layout: VhdxLayout, step: int = 1 << 20):
     # qemu uses ZERO for fixed images too, leaving their space unused
     ratio = _bat.chunk_ratio(layout.block_size, layout.logical_sector_size)
     period = PAYLOAD_BLOCK_ZERO.to_bytes(8, "little") * ratio + bytes(8)
-    pattern = period * max(1, step * 8 // len(period))
     total = layout.bat_entries * 8
+    # no longer than the table: a small image's BAT is a few KiB, and an
+    # 8 MiB pattern cost more than the rest of its creation
+    pattern = period * max(1, -(-min(step * 8, total) // len(period)))
     for pos in range(0, total, len(pattern)):
         n = min(len(pattern), total - pos)
         yield layout.bat_offset + pos, pattern if n == len(pattern) else pattern[:n]

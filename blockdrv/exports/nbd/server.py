@@ -30,6 +30,10 @@ from . import protocol as P
 HANDSHAKE_TIMEOUT = 10.0        # seconds for a client to reach transmission
 DRAIN_TIMEOUT = 30.0            # seconds in-flight requests get at close
 _DISCARD_CHUNK = 1 << 20
+# Read replies at least this long are sent from the host file when the
+# export allows it (sendfile(2)); shorter ones cost less as one preadv.
+SENDFILE_MIN = 64 << 10
+_ZEROS = memoryview(bytes(1 << 20))
 
 
 class ProtocolViolation(Exception):
@@ -64,6 +68,45 @@ class _Budget:
         self.requests += 1
         self.nbytes += nbytes
         self._changed.set()
+
+
+class _ReplyBuffers:
+    """Read replies' buffers, kept for the next request of the same size.
+
+    A fresh 2 MiB bytearray is zero-filled page by page on every request
+    (page faults cost as much as the read itself), and a bytearray handed
+    to the transport is copied once more by its slicing: replies go out as
+    memoryviews over reused buffers instead.  A buffer is taken back only
+    when the transport holds none of it: Python 3.11's socket transport
+    copies what it cannot send at once; later versions and the TLS layer
+    may keep a view of it, so there it must have gone out entirely.
+    """
+
+    KEEP = 8                     # per client: the in-flight reads of qemu's -m 8
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._count = 0
+
+    def take(self, size: int) -> memoryview:
+        free = self._free.get(size)
+        if free:
+            self._count -= 1
+            return memoryview(free.pop())
+        return memoryview(bytearray(size))
+
+    def give(self, view: memoryview, transport, tls: bool) -> None:
+        buf = view.obj
+        try:
+            view.release()
+        except BufferError:          # still exported: not ours to reuse
+            return
+        if self._count >= self.KEEP or len(buf) > P.MAX_PAYLOAD:
+            return
+        if (tls or sys.version_info >= (3, 12)) and transport.get_write_buffer_size():
+            return
+        self._free.setdefault(len(buf), []).append(buf)
+        self._count += 1
 
 
 class NBDServer:
@@ -218,6 +261,8 @@ class _Client:
         self.inflight = 0
         self.wlock = asyncio.Lock()
         self.flags = 0
+        self.buffers = _ReplyBuffers()
+        self.host_files: dict[int, object] = {}
 
     def log(self, msg: str) -> None:
         self.server.log(f"client {self.stats.number}: {msg}")
@@ -286,6 +331,9 @@ class _Client:
                 pass
         else:
             self.conn.close()
+        for f in self.host_files.values():
+            f.close()                   # the objects only: the fds are the nodes'
+        self.host_files.clear()
 
     async def _read(self, n: int) -> bytes:
         return await self.reader.readexactly(n)
@@ -295,6 +343,38 @@ class _Client:
             for part in parts:
                 self.writer.write(part)
             await self.writer.drain()
+
+    async def _send_from_host(self, header: bytes, pieces) -> None:
+        """A read reply whose payload goes from the host files to the socket
+        with sendfile(2): no copy into this process, none into the
+        transport's buffer.  The header is out before the payload, so a
+        failure part-way can only end the connection."""
+        loop = asyncio.get_running_loop()
+        transport = self.writer.transport
+        async with self.wlock:
+            self.writer.write(header)
+            try:
+                for fd, at, n in pieces:
+                    sent = 0
+                    if fd >= 0:
+                        sent = await loop.sendfile(transport, self._host_file(fd), at, n)
+                    while sent < n:         # zeros, or a host file shorter than its map
+                        k = min(n - sent, len(_ZEROS))
+                        self.writer.write(_ZEROS[:k])
+                        sent += k
+                await self.writer.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                raise
+            except (OSError, RuntimeError) as exc:
+                transport.abort()
+                raise ConnectionError(f"read reply cut short: {exc}") from None
+
+    def _host_file(self, fd: int):
+        """A file object over ``fd`` (loop.sendfile takes one), not owning it."""
+        f = self.host_files.get(fd)
+        if f is None:
+            f = self.host_files[fd] = open(fd, "rb", buffering=0, closefd=False)
+        return f
 
     # -- handshake -----------------------------------------------------------------------
 
@@ -583,12 +663,15 @@ class _Client:
             pos, end = offset, offset + length
             while pos < end:
                 n = min(end - pos, P.MAX_PAYLOAD)
-                buf = bytearray(P.CHUNK.size + 8 + n)
-                await exp.read(pos, memoryview(buf)[P.CHUNK.size + 8:])
-                P.CHUNK.pack_into(buf, 0, P.STRUCTURED_REPLY_MAGIC, 0,
-                                  P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n)
-                P.U64.pack_into(buf, P.CHUNK.size, pos)
-                await self._send(buf)
+                buf = self.buffers.take(P.CHUNK.size + 8 + n)
+                try:
+                    await exp.read(pos, buf[P.CHUNK.size + 8:])
+                    P.CHUNK.pack_into(buf, 0, P.STRUCTURED_REPLY_MAGIC, 0,
+                                      P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + n)
+                    P.U64.pack_into(buf, P.CHUNK.size, pos)
+                    await self._send(buf)
+                finally:
+                    self.buffers.give(buf, self.writer.transport, self.tls)
                 pos += n
             await self._send(P.chunk_header(cookie, P.REPLY_TYPE_NONE, 0))
             return
@@ -598,17 +681,31 @@ class _Client:
                 await self._send(P.chunk_header(cookie, P.REPLY_TYPE_NONE, 0))
                 return
             head = P.CHUNK.size + 8
-            buf = bytearray(head + length)
-            await exp.read(offset, memoryview(buf)[head:])
-            P.CHUNK.pack_into(buf, 0, P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                              P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length)
-            P.U64.pack_into(buf, P.CHUNK.size, offset)
         else:
             head = P.SIMPLE_REPLY.size
-            buf = bytearray(head + length)
-            await exp.read(offset, memoryview(buf)[head:])
-            P.SIMPLE_REPLY.pack_into(buf, 0, P.SIMPLE_REPLY_MAGIC, 0, cookie)
-        await self._send(buf)
+        if length >= SENDFILE_MIN and not self.tls:
+            pieces = await exp.host_extents(offset, length)
+            if pieces is not None:
+                if self.structured:
+                    header = P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                          P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length) \
+                        + P.U64.pack(offset)
+                else:
+                    header = P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie)
+                await self._send_from_host(header, pieces)
+                return
+        buf = self.buffers.take(head + length)
+        try:
+            await exp.read(offset, buf[head:])
+            if self.structured:
+                P.CHUNK.pack_into(buf, 0, P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                  P.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length)
+                P.U64.pack_into(buf, P.CHUNK.size, offset)
+            else:
+                P.SIMPLE_REPLY.pack_into(buf, 0, P.SIMPLE_REPLY_MAGIC, 0, cookie)
+            await self._send(buf)
+        finally:
+            self.buffers.give(buf, self.writer.transport, self.tls)
 
     async def _do_block_status(self, flags: int, cookie: int, offset: int,
                                length: int) -> None:
