@@ -11,7 +11,8 @@ refused with one line.
 
 from __future__ import annotations
 
-from blockdrv.driver import (O_RDWR, BlockStatus, DriverInfo, UnsupportedError, hookimpl)
+from blockdrv.driver import (O_RDWR, BlockStatus, DriverInfo, SnapshotInfo, UnsupportedError,
+                             hookimpl)
 
 from .constants import MAGIC
 from .create import CREATE_OPTS
@@ -74,6 +75,10 @@ class Qcow2Format:
         img = bs.opaque
         return DriverInfo(cluster_size=img.cs, is_dirty=img.dirty,
                           format_specific=img.format_specific())
+
+    @hookimpl
+    def bdrv_snapshot_list(self, bs) -> list[SnapshotInfo]:
+        return [snap.info() for snap in bs.opaque.snapshots]
 
     @hookimpl
     def bdrv_create(self, filename, options) -> None:
