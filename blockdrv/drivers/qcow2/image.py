@@ -259,16 +259,28 @@ class Qcow2Image:
 
 
 def _zstd(raw: bytes, cluster_size: int) -> bytes:
-    # qemu stores one zstd frame per cluster, padded to whole sectors.
+    # qemu stores one zstd frame per cluster.  The library is imported here,
+    # on the first zstd cluster, not at open.
     try:
         import zstandard
     except ImportError:
         raise UnsupportedError("This image has zstd-compressed clusters; reading them "
                                "needs the 'zstandard' package") from None
+    # Fed in small pieces, so that a hostile frame expanding to gigabytes is
+    # caught after a few MiB; the frame must end exactly at the cluster's end
+    # (qemu fails a frame that is not finished once the cluster is full).
+    # What follows the frame is padding or the next cluster's data.
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out = bytearray()
     try:
-        out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+        for pos in range(0, len(raw), 128):
+            out += d.decompress(raw[pos:pos + 128])
+            if d.eof or len(out) > cluster_size:
+                break
     except zstandard.ZstdError:
-        out = b""
+        out = bytearray()
+    if not d.eof:
+        out = bytearray()
     if len(out) != cluster_size:
         raise CorruptImageError("Could not decompress a compressed cluster")
-    return out
+    return bytes(out)
