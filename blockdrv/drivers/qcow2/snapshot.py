@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from blockdrv.common import SnapshotInfo
 from blockdrv.errors import InvalidArgumentError
 
-from .constants import MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS
+from .constants import MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE
 
 # l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
 # vm_clock_nsec, vm_state_size, extra_data_size
@@ -93,5 +93,7 @@ def parse_table(buf: bytes, count: int) -> tuple[list[Snapshot], int]:
                         vm_state_size=vals[0] if vals[0] is not None else vmsize,
                         disk_size=vals[1], icount=vals[2], extra=extra)
         pos = end + (-end % 8)
+        if pos > MAX_SNAPSHOTS_SIZE:
+            raise InvalidArgumentError("Snapshot table is too big")
         out.append(snap)
     return out, pos
