@@ -81,6 +81,32 @@ class DriverInfo:
 
 
 @dataclass
+class SnapshotInfo:
+    """One internal snapshot, as ``bdrv_snapshot_list`` reports it (QEMU's
+    QEMUSnapshotInfo).  ``icount`` is ``None`` when the image does not
+    record it (qemu prints nothing for it then)."""
+
+    id: str
+    name: str
+    vm_state_size: int = 0
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    icount: int | None = None
+
+    def to_qapi(self) -> dict[str, Any]:
+        """qemu's SnapshotInfo, in QAPI field order (``snapshots`` of info)."""
+        out: dict[str, Any] = {
+            "id": self.id, "name": self.name, "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec, "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 10**9,
+            "vm-clock-nsec": self.vm_clock_nsec % 10**9}
+        if self.icount is not None:
+            out["icount"] = self.icount
+        return out
+
+
+@dataclass
 class CheckResult:
     """qemu-img check's counters; JSON keys are the dashed field names.
     ``messages`` are printed one per line before the summary."""

@@ -72,7 +72,8 @@ from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID,
                      BLOCK_RECURSE, BLOCK_ZERO, FIX_ERRORS, FIX_LEAKS, O_CHECK, O_FORCE_SHARE,
                      O_NO_BACKING, O_NO_FLUSH, O_NO_IO, O_NOCACHE, O_PROTOCOL, O_RDWR, O_RESIZE,
                      O_UNMAP, WRITE_FUA, WRITE_NO_FALLBACK, WRITE_UNMAP, BlockStatus,
-                     CheckResult, DriverInfo, is_aligned, round_down, round_up)
+                     CheckResult, DriverInfo, SnapshotInfo, is_aligned, round_down,
+                     round_up)
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError, InvalidArgumentError,
                      NoSpaceError, PermissionConflictError, ReadOnlyError, UnsupportedError)
 from .hookspecs import hookimpl
@@ -109,7 +110,7 @@ __all__ = [
     # hooks and nodes
     "hookimpl", "BlockDriverState", "FileChild", "IOVector", "buffer_is_zero",
     # records hooks return
-    "BlockStatus", "DriverInfo", "CheckResult", "CreateOption",
+    "BlockStatus", "DriverInfo", "CheckResult", "SnapshotInfo", "CreateOption",
     # open flags
     "O_RDWR", "O_RESIZE", "O_NOCACHE", "O_NO_BACKING", "O_NO_FLUSH", "O_CHECK", "O_UNMAP",
     "O_PROTOCOL", "O_NO_IO", "O_FORCE_SHARE",

@@ -37,7 +37,7 @@ from ._startup import PROJECT, hookimpl, hookspec
 
 if TYPE_CHECKING:  # pragma: no cover
     from .iov import IOVector
-    from .common import BlockStatus, CheckResult, DriverInfo
+    from .common import BlockStatus, CheckResult, DriverInfo, SnapshotInfo
     from .node import BlockDriverState
     from .options import CreateOption
 
@@ -207,6 +207,16 @@ def bdrv_create_opts() -> list["CreateOption"]:
 def bdrv_get_info(bs: "BlockDriverState") -> "DriverInfo":
     """Bound.  Cluster size, dirty flag and the format-specific section of
     ``info``."""
+
+
+@hookspec(firstresult=True)
+def bdrv_snapshot_list(bs: "BlockDriverState") -> "list[SnapshotInfo]":
+    """Bound (QEMU's ``bdrv_snapshot_list``).  The image's internal
+    snapshots in the order the image stores them; an empty list when it has
+    none.  Reads metadata only (``info`` opens with ``O_NO_IO``) and must
+    not write.  Absent: the format has no internal snapshots -- ``info``
+    shows no snapshot list and ``snapshot -l`` fails as qemu-img does for
+    such a format ("snapshots not supported")."""
 
 
 @hookspec(firstresult=True)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 from .common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_EOF, BLOCK_OFFSET_VALID, BLOCK_RAW,
                      BLOCK_RECURSE, BLOCK_ZERO, O_FORCE_SHARE, O_NO_FLUSH, O_PROTOCOL, O_RDWR, O_UNMAP, WRITE_FUA,
-                     WRITE_NO_FALLBACK, BlockStatus, CheckResult, DriverInfo)
+                     WRITE_NO_FALLBACK, BlockStatus, CheckResult, DriverInfo, SnapshotInfo)
 from .coroutine import CoLock, run_sync
 from .errors import (BlockDriverError, BlockIOError, InvalidArgumentError,
                      ReadOnlyError, UnsupportedError)
@@ -339,6 +339,12 @@ class BlockDriverState:
     def get_info(self) -> DriverInfo:
         fn = self.drv.bdrv_get_info
         return fn(self) if fn is not None else DriverInfo()
+
+    def snapshot_list(self) -> list[SnapshotInfo] | None:
+        """The internal snapshots, or ``None`` when the format has none
+        (no ``bdrv_snapshot_list``)."""
+        fn = self.drv.bdrv_snapshot_list
+        return list(fn(self)) if fn is not None else None
 
     def check(self, fix: int = 0) -> CheckResult:
         fn = self.drv.bdrv_check

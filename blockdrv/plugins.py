@@ -48,6 +48,7 @@ _BOUND_HOOKS = (
     "bdrv_check", "bdrv_has_zero_init", "bdrv_get_allocated_file_size",
     "bdrv_probe", "bdrv_check_backing", "bdrv_child_perm", "bdrv_check_perm", "bdrv_set_perm",
     "bdrv_abort_perm_update", "bdrv_make_empty", "bdrv_change_backing_file", "bdrv_measure",
+    "bdrv_snapshot_list",
 )
 
 

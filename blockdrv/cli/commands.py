@@ -59,6 +59,10 @@ COMMANDS: dict[str, Command] = {
         "resize", "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename "
         "[+ | -]size",
         "change an image's virtual size"),
+    "snapshot": Command(
+        "snapshot", "snapshot [-U] [-q] [-l] [-a snapshot] [-c snapshot] [-d snapshot] "
+        "filename",
+        "list an image's internal snapshots (-l; -a, -c and -d are not supported yet)"),
     "bench": Command(
         "bench", "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] "
         "[-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] "

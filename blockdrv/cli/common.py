@@ -181,7 +181,12 @@ def qdict_order(obj: Any) -> Any:
 def qjson(obj: Any) -> str:
     """qobject_to_json_pretty: 4-space indentation, QDict key order."""
     import json     # only for --output=json
-    return json.dumps(qdict_order(obj), indent=4)
+    text = json.dumps(qdict_order(obj), indent=4)
+    # qemu writes \uXXXX escapes with upper-case hex digits; an escape is one
+    # whose backslash is not itself escaped (an odd run of backslashes)
+    return re.sub(r"(\\+)u([0-9a-f]{4})",
+                  lambda m: m.group(0) if len(m.group(1)) % 2 == 0
+                  else m.group(1) + "u" + m.group(2).upper(), text)
 
 
 def dump_human(obj: dict, indent: int = 1) -> list[str]:

@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from ..errors import BlockDriverError
-from ..common import O_NO_BACKING, O_NO_IO
+from ..common import O_NO_BACKING, O_NO_IO, SnapshotInfo
 from ..node import BlockDriverState
 from .common import (ArgParser, add_output_option, dump_human, open_image, output_format,
                      qjson, size_to_str, usage_error)
@@ -35,6 +35,10 @@ def image_info(bs: BlockDriverState, filename: str) -> dict[str, Any]:
             info["full-backing-filename"] = bs.full_backing_file
         if bs.backing_format:
             info["backing-filename-format"] = bs.backing_format
+    # qemu lists snapshots only when there are some (none, or no support: no key)
+    snapshots = bs.snapshot_list()
+    if snapshots:
+        info["snapshots"] = [sn.to_qapi() for sn in snapshots]
     if drv_info is not None and drv_info.format_specific:
         spec = drv_info.format_specific
         if set(spec) != {"type", "data"}:
@@ -65,6 +69,13 @@ def human_info(info: dict[str, Any]) -> str:
         lines.append(line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        from .snapshot import table
+        lines.extend(table([SnapshotInfo(
+            id=s["id"], name=s["name"], vm_state_size=s["vm-state-size"],
+            date_sec=s["date-sec"], date_nsec=s["date-nsec"],
+            vm_clock_nsec=s["vm-clock-sec"] * 10**9 + s["vm-clock-nsec"],
+            icount=s.get("icount")) for s in info["snapshots"]]))
     spec = info.get("format-specific")
     if spec is not None:
         lines.append("Format specific information:")

@@ -83,16 +83,28 @@ def test_subclusters(qemu_img, qemu_io, tmp_path, capsys):
     same_as_qemu(tmp_path, capsys, path)
 
 
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 @pytest.mark.parametrize("cluster", ["512", "4k", "64k", "2M"])
-def test_compressed(qemu_img, qemu_io, tmp_path, capsys, cluster):
-    src = make(tmp_path, "src.qcow2", ["-o", f"cluster_size={cluster}"], size="8M",
-               script=["write -P 0x5a 0 1M", "write -P 0x17 2097252 300k",
-                       "write -z 4M 64k"])
+def test_compressed(qemu_img, qemu_io, tmp_path, capsys, cluster, ctype):
+    src = str(tmp_path / "src.raw")
+    assert run_qemu_img("create", "-q", "-f", "raw", src, "8M")[0] == 0
+    assert run_qemu_io(src, ["write -P 0x5a 0 1M", "write -P 0x17 2097252 300k"],
+                       fmt="raw")[0] == 0
+    # incompressible clusters, which qemu stores uncompressed beside the others
+    with open(src, "r+b") as f:
+        f.seek(6 << 20)
+        f.write(os.urandom(200_000))
     dst = str(tmp_path / "c.qcow2")
     rc, _, err = run_qemu_img("convert", "-c", "-O", "qcow2", "-o",
-                              f"cluster_size={cluster}", src, dst)
+                              f"cluster_size={cluster},compression_type={ctype}", "-f", "raw",
+                              src, dst)
     assert rc == 0, err
+    assert qemu_img_info(dst)["format-specific"]["data"]["compression-type"] == ctype
     same_as_qemu(tmp_path, capsys, dst)
+    out = tmp_path / "out.raw"
+    assert main(["convert", "-O", "raw", dst, str(out)]) == 0
+    rc, text, err = run_qemu_img("compare", "-f", "qcow2", "-F", "raw", dst, str(out))
+    assert rc == 0, (text, err)
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2", "vhdx"])
@@ -150,3 +162,70 @@ def test_encryption_and_data_file_refused(qemu_img, tmp_path, capsys):
     assert main(["info", enc]) == 1
     assert capsys.readouterr().err.endswith("Encrypted qcow2 images are not supported by "
                                             "blockdrv (encryption method 1)\n")
+
+
+def _zstd_image(tmp_path):
+    src = str(tmp_path / "z.raw")
+    assert run_qemu_img("create", "-q", "-f", "raw", src, "1M")[0] == 0
+    assert run_qemu_io(src, ["write -P 0x42 0 128k"], fmt="raw")[0] == 0
+    dst = str(tmp_path / "z.qcow2")
+    assert run_qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                        "compression_type=zstd", src, dst)[0] == 0
+    return dst
+
+
+def test_zstd_imported_only_for_a_zstd_cluster(qemu_img, tmp_path):
+    import subprocess
+    import sys
+    path = _zstd_image(tmp_path)
+    code = ("import sys, blockdrv\n"
+            "with blockdrv.open_image(sys.argv[1]) as img:\n"
+            "    img.read(512 << 10, 4096)\n"           # unallocated: no zstd
+            "    assert 'zstandard' not in sys.modules\n"
+            "    assert img.read(0, 4096) == b'\\x42' * 4096\n"
+            "    assert 'zstandard' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_zstd_without_the_library(qemu_img, tmp_path, capsys, monkeypatch):
+    path = _zstd_image(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "zstandard", None)
+    assert main(["convert", "-O", "raw", path, str(tmp_path / "out.raw")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "zstandard" in err
+    assert main(["info", path]) == 0        # metadata needs no library
+
+
+@pytest.mark.parametrize("expands_to", [64 << 20, 65536 + 512, 65536 - 512])
+def test_zstd_frame_of_the_wrong_size(qemu_img, qemu_io, tmp_path, capsys, expands_to):
+    """A cluster whose frame expands past (even to 64 MiB) or short of the
+    cluster: a read error as qemu's, with about a cluster of memory."""
+    import tracemalloc
+
+    import zstandard
+
+    from blockdrv.drivers.qcow2 import l2 as L
+    from blockdrv.drivers.qcow2.header import Header
+    path = _zstd_image(tmp_path)
+    frame = zstandard.ZstdCompressor().compress(bytes(expands_to))
+    with open(path, "r+b") as f:
+        h = Header.parse(f.read(65536))
+        f.seek(h.l1_table_offset)
+        l2 = int.from_bytes(f.read(8), "big") & L.L1E_OFFSET_MASK
+        end = f.seek(0, 2)
+        f.write(frame + bytes(-len(frame) % 512))
+        f.seek(l2)
+        f.write(L.pack_compressed(end, len(frame), h.cluster_bits).to_bytes(8, "big"))
+    rc, out, _ = run_qemu_io(path, ["read 0 64k"], fmt="qcow2", readonly=True)
+    assert "read failed" in out
+    tracemalloc.start()
+    try:
+        assert main(["convert", "-O", "raw", path, str(tmp_path / "o.raw")]) == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "decompress" in err
+    assert peak < 16 << 20

@@ -12,7 +12,7 @@ writes them as qemu 7.2 does, extended L2 entries (subclusters) included.
 from __future__ import annotations
 
 from blockdrv.driver import (O_RDWR, O_UNMAP, WRITE_NO_FALLBACK, WRITE_UNMAP, BlockStatus,
-                             DriverInfo, hookimpl)
+                             DriverInfo, SnapshotInfo, hookimpl)
 
 from .constants import MAGIC
 from .create import CREATE_OPTS
@@ -109,6 +109,10 @@ class Qcow2Format:
         img = bs.opaque
         return DriverInfo(cluster_size=img.cs, is_dirty=img.dirty,
                           format_specific=img.format_specific())
+
+    @hookimpl
+    def bdrv_snapshot_list(self, bs) -> list[SnapshotInfo]:
+        return [snap.info() for snap in bs.opaque.snapshots]
 
     @hookimpl
     def bdrv_create(self, filename, options) -> None:

@@ -17,6 +17,7 @@ V3_HEADER_LENGTH = 112           # qemu 7.2: + compression type byte, padded to 
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS      # bytes of the whole snapshot table
 MAX_SNAPSHOT_EXTRA_DATA = 1024
 MAX_BACKING_FILE_NAME = 1023
 MAX_CLUSTER_OFFSET = (1 << 56) - 1

@@ -83,9 +83,6 @@ def plan_header(options: dict) -> tuple[Header, str]:
     if prealloc not in _PREALLOC:
         raise InvalidArgumentError(
             f"Parameter 'preallocation' does not accept value '{prealloc}'")
-    if prealloc in ("falloc", "full"):
-        raise UnsupportedError(f"preallocation={prealloc} is not supported by blockdrv's "
-                               "qcow2 yet (off and metadata are)")
     ctype = options.get("compression_type", "zlib")
     if ctype not in ("zlib", "zstd"):
         raise InvalidArgumentError(
@@ -195,6 +192,9 @@ class Builder:
             self.l1 = [0] * n
         if prealloc == "metadata" and size:
             self._preallocate(size)
+        elif prealloc in ("falloc", "full"):
+            # even for size 0: qemu's truncate still moves the refcount table
+            self._preallocate_data(size, prealloc)
         self._write(0, h.pack())
 
     # -- preallocation=metadata (qemu's preallocate_co over qcow2_alloc_host_offset) --
@@ -202,15 +202,41 @@ class Builder:
     def _preallocate(self, size: int) -> None:
         cs, cbits = self.h.cluster_size, self.h.cluster_bits
         chunk = (_INT_MAX // cs) * cs
+        unit = cs // _l2.SUBCLUSTERS if self.h.incompatible_features & INCOMPAT_EXTL2 else cs
         offset = 0
         host = end = 0
         while offset < size:
             cur = min(size - offset, chunk)
             done, host = self._alloc_host_range(offset, cur)
-            end = host + done
+            # the file ends with the last whole subcluster (qemu 7.2 rounds
+            # the last run up to its allocation unit)
+            end = host + -(-done // unit) * unit
             offset += done
         if end > self.bs.total_size:
             self.bs.truncate(end)
+
+    # -- preallocation=falloc/full (qemu's qcow2_co_truncate growing a file) --------
+
+    def _preallocate_data(self, size: int, mode: str) -> None:
+        """Refcounts for everything first (a new table after the file's end,
+        the old one freed), then one contiguous data area after them, which
+        the file protocol preallocates, then the L2 tables, allocated as
+        any cluster while their entries are linked."""
+        cs, cbits = self.h.cluster_size, self.h.cluster_bits
+        per_l2 = l2_entries(self.h)
+        end = -(-self.bs.total_size // cs) * cs
+        clusters = -(-size // cs)
+        # +1 L2 table: the range may start and end inside one
+        start = self.alloc.refcount_area(end, clusters + -(-clusters // per_l2) + 1, True)
+        if self.alloc.alloc_at(start, clusters) != clusters:
+            raise InvalidArgumentError("qcow2: the preallocated area is not free")
+        self.bs.truncate(start + clusters * cs, prealloc=mode)
+        index = 0
+        while index < clusters:
+            l1i, l2i = divmod(index, per_l2)
+            n = min(clusters - index, per_l2 - l2i)
+            self._link(self._l2_table(l1i), l2i, start + (index << cbits), n)
+            index += n
 
     def _alloc_host_range(self, offset: int, nbytes: int) -> tuple[int, int]:
         """Allocate from ``offset`` while host clusters stay contiguous (the

@@ -141,7 +141,8 @@ class Header:
                 return
             if elen > end - pos:
                 raise InvalidArgumentError("Header extension too large")
-            data = buf[pos:pos + elen]
+            # the part past the end of a short file reads as zeros, as in qemu
+            data = buf[pos:pos + elen].ljust(elen, b"\0")
             pos += (elen + 7) & ~7
             self.extensions.append(Extension(etype, data))
             if etype == EXT_BACKING_FORMAT:

@@ -20,11 +20,12 @@ from . import refcount as rc
 from .constants import (COMPRESSION_NAMES, COMPRESSION_ZSTD, COMPAT_LAZY_REFCOUNTS,
                         INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
                         INCOMPAT_EXTL2, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
-                        MAX_SNAPSHOTS)
+                        MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE)
 from .header import Header
 from .snapshot import Snapshot, parse_table
 
 L2_CACHE_BYTES = 4 << 20
+_MAX_ENTRY = 40 + 1024 + 2 * 65535 + 7      # a snapshot entry, padded
 _HOSTED = (L.NORMAL, L.ZERO_ALLOC, L.UNALLOCATED_ALLOC)   # kinds with a host offset
 
 
@@ -74,8 +75,18 @@ class Qcow2Image:
         need = -(-h.size // (cs * self.l2_entries))
         if h.l1_size < need:
             raise InvalidArgumentError("L1 table is too small")
+        # qemu would read a table past the end of the file as zeros; a header
+        # naming one is damaged, and refusing it keeps a few bytes of header
+        # from making us allocate up to the caps above
+        for name, offset, nbytes in (
+                ("Reference count table", h.refcount_table_offset,
+                 h.refcount_table_clusters * cs),
+                ("Snapshot table", h.snapshots_offset, h.nb_snapshots * 40),
+                ("Active L1 table", h.l1_table_offset, h.l1_size * 8)):
+            if nbytes and offset + nbytes > f.total_size:
+                raise CorruptImageError(f"{name} extends beyond the end of the file")
         raw = bytes(f.pread(h.l1_table_offset, h.l1_size * 8)) if h.l1_size else b""
-        raw = raw.ljust(h.l1_size * 8, b"\0")       # past the end of the file: zeros
+        raw = raw.ljust(h.l1_size * 8, b"\0")       # a short read from a protocol
         self.l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
         self._read_snapshots()
 
@@ -83,9 +94,10 @@ class Qcow2Image:
         h = self.h
         if not h.nb_snapshots:
             return
-        # Entries are at most 40 + 1024 + 2 * 65535 bytes; read what the file
-        # holds, never more than that bound allows.
-        bound = h.nb_snapshots * (40 + 1024 + 2 * 65535 + 7)
+        # Entries are at most 40 + 1024 + 2 * 65535 bytes and qemu refuses a
+        # table beyond MAX_SNAPSHOTS_SIZE: read what the file holds, never
+        # more than those bounds allow.
+        bound = min(h.nb_snapshots * _MAX_ENTRY, MAX_SNAPSHOTS_SIZE + _MAX_ENTRY)
         n = max(0, min(bound, self.file.total_size - h.snapshots_offset))
         buf = bytes(self.file.pread(h.snapshots_offset, n))
         self.snapshots, _ = parse_table(buf, h.nb_snapshots)
@@ -263,16 +275,28 @@ class Qcow2Image:
 
 
 def _zstd(raw: bytes, cluster_size: int) -> bytes:
-    # qemu stores one zstd frame per cluster, padded to whole sectors.
+    # qemu stores one zstd frame per cluster.  The library is imported here,
+    # on the first zstd cluster, not at open.
     try:
         import zstandard
     except ImportError:
         raise UnsupportedError("This image has zstd-compressed clusters; reading them "
                                "needs the 'zstandard' package") from None
+    # Fed in small pieces, so that a hostile frame expanding to gigabytes is
+    # caught after a few MiB; the frame must end exactly at the cluster's end
+    # (qemu fails a frame that is not finished once the cluster is full).
+    # What follows the frame is padding or the next cluster's data.
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out = bytearray()
     try:
-        out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+        for pos in range(0, len(raw), 128):
+            out += d.decompress(raw[pos:pos + 128])
+            if d.eof or len(out) > cluster_size:
+                break
     except zstandard.ZstdError:
-        out = b""
+        out = bytearray()
+    if not d.eof:
+        out = bytearray()
     if len(out) != cluster_size:
         raise CorruptImageError("Could not decompress a compressed cluster")
-    return out
+    return bytes(out)

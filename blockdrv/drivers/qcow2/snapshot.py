@@ -6,9 +6,10 @@ from __future__ import annotations
 import struct
 from blockdrv._startup import dataclass
 
+from blockdrv.common import SnapshotInfo
 from blockdrv.errors import InvalidArgumentError
 
-from .constants import MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS
+from .constants import MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE
 
 # l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
 # vm_clock_nsec, vm_state_size, extra_data_size
@@ -32,15 +33,18 @@ class Snapshot:
     icount: int | None = None
     extra: bytes = b""
 
-    def info(self) -> dict:
-        """qemu's SnapshotInfo, in its key order."""
-        out = {"id": self.id, "name": self.name, "vm-state-size": self.vm_state_size,
-               "date-sec": self.date_sec, "date-nsec": self.date_nsec,
-               "vm-clock-sec": self.vm_clock_nsec // 10**9,
-               "vm-clock-nsec": self.vm_clock_nsec % 10**9}
-        if self.icount is not None and self.icount != -1:
-            out["icount"] = self.icount
-        return out
+    def info(self) -> SnapshotInfo:
+        """What qemu's qcow2_snapshot_list hands up: C strings (cut at a NUL)
+        in its fixed buffers, 127 bytes of id and 255 of name; an icount of
+        -1 (or none stored) is "not recorded"."""
+        def cstr(text: str, room: int) -> str:
+            raw = text.encode("utf-8", "surrogateescape").split(b"\0", 1)[0][:room]
+            return raw.decode("utf-8", "replace")
+        icount = self.icount if self.icount is not None and self.icount != -1 else None
+        return SnapshotInfo(id=cstr(self.id, 127), name=cstr(self.name, 255),
+                            vm_state_size=self.vm_state_size, date_sec=self.date_sec,
+                            date_nsec=self.date_nsec, vm_clock_nsec=self.vm_clock_nsec,
+                            icount=icount)
 
     def pack(self) -> bytes:
         ident, name = self.id.encode(), self.name.encode()
@@ -89,5 +93,7 @@ def parse_table(buf: bytes, count: int) -> tuple[list[Snapshot], int]:
                         vm_state_size=vals[0] if vals[0] is not None else vmsize,
                         disk_size=vals[1], icount=vals[2], extra=extra)
         pos = end + (-end % 8)
+        if pos > MAX_SNAPSHOTS_SIZE:
+            raise InvalidArgumentError("Snapshot table is too big")
         out.append(snap)
     return out, pos
