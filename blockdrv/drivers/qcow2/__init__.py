@@ -76,6 +76,11 @@ class Qcow2Format:
                           format_specific=img.format_specific())
 
     @hookimpl
+    def bdrv_check(self, bs, fix):
+        from .check import check_image
+        return check_image(bs.opaque, fix)
+
+    @hookimpl
     def bdrv_create(self, filename, options) -> None:
         from .create import create_qcow2
         create_qcow2(filename, options)
