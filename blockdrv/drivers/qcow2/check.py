@@ -64,7 +64,11 @@ class Qcow2Check:
         self.reftable_offset = self.h.refcount_table_offset
         self.reftable = self._read_table(self.reftable_offset,
                                          self.h.refcount_table_clusters * self.cs // 8)
-        self.imrt = array("Q")
+        self.old_reftable = self.reftable        # what qemu's overlap check knows
+        self.corrupted = False                   # marked corrupt: no more writes
+        # entries as wide as the image's refcounts (qemu's table is as compact)
+        self.typecode = next(t for t in "BHIQ" if array(t).itemsize * 8 >= 1 << self.order)
+        self.imrt = array(self.typecode)
         self._blocks: dict[int, bytearray] = {}
 
     # -- I/O ------------------------------------------------------------------------
@@ -91,7 +95,7 @@ class Qcow2Check:
 
     def _grow(self, n: int) -> None:
         if n > len(self.imrt):
-            self.imrt.frombytes(bytes(8 * (n - len(self.imrt))))
+            self.imrt.frombytes(bytes(self.imrt.itemsize * (n - len(self.imrt))))
 
     def inc(self, offset: int, size: int) -> None:
         """qemu's qcow2_inc_refcounts_imrt: count ``[offset, offset+size)``."""
@@ -337,6 +341,14 @@ class Qcow2Check:
         while i < nb:
             n = min(nb - i, self.per_block - i % self.per_block)
             disk = self.disk_refcounts(i, n)
+            if disk is not None and disk == imrt[i:i + n].tolist():
+                # the common case, a whole block right: only the highest used
+                for j in range(n - 1, -1, -1):
+                    if disk[j]:
+                        highest = i + j
+                        break
+                i += n
+                continue
             for j in range(n):
                 k = i + j
                 if disk is None:
@@ -485,6 +497,7 @@ class Qcow2Check:
                 reftable[index] = block_off
             values = [self.imrt[k] if k < len(self.imrt) else 0
                       for k in range(start, start + per)]
+            self._guard(block_off, cs, "ERROR writing refblock")
             self.out.pwrite(block_off, rc.encode(values, self.order, cs))
             cluster = start + per
         return grown
@@ -500,12 +513,57 @@ class Qcow2Check:
             start, _ = self._alloc_imrt(clusters, 0)
             if not self._write_refblocks(start, start + clusters, reftable):
                 break
+        self._guard(start * cs, len(reftable) * 8, "ERROR writing reftable")
         self.out.pwrite(start * cs, rc.pack_table(reftable))
         self.out.pwrite(_HEADER_REFTABLE, struct.pack(">QI", start * cs, clusters))
         self.out.flush()
         self.reftable_offset = start * cs
         self.reftable = reftable
         self._blocks.clear()
+
+    def _overlap(self, offset: int, size: int) -> str | None:
+        """qemu's metadata overlap check (its default, "cached" set): which
+        metadata the clusters of ``[offset, offset+size)`` would overwrite."""
+        cs, h, img = self.cs, self.h, self.img
+        if offset < cs:
+            return "qcow2_header"
+        start = offset - offset % cs
+        end = -(-(offset + size) // cs) * cs
+
+        def hits(off: int, n: int) -> bool:
+            return n > 0 and off < end and start < off + n
+
+        if h.l1_size and hits(h.l1_table_offset, h.l1_size * 8):
+            return "active L1 table"
+        if hits(h.refcount_table_offset, h.refcount_table_clusters * cs):
+            return "refcount table"
+        if hits(h.snapshots_offset, self._snapshots_size()):
+            return "snapshot table"
+        if any(sn.l1_size and hits(sn.l1_table_offset, sn.l1_size * 8)
+               for sn in img.snapshots):
+            return "inactive L1 table"
+        if any(e & L.L1E_OFFSET_MASK and hits(e & L.L1E_OFFSET_MASK, cs) for e in img.l1):
+            return "active L2 table"
+        if any(e & rc.REFT_OFFSET_MASK and hits(e & rc.REFT_OFFSET_MASK, cs)
+               for e in self.old_reftable):
+            return "refcount block"
+        return None
+
+    def _guard(self, offset: int, size: int, what: str) -> None:
+        """Refuse a write over metadata as qemu does: mark the image corrupt
+        and end the check."""
+        name = self._overlap(offset, size)
+        if name is None:
+            return
+        self._say("qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+                  f"(overlaps with {name}); further corruption events will be suppressed")
+        self.corrupted = True
+        if self.h.version >= 3:
+            bits = self.h.incompatible_features | INCOMPAT_CORRUPT
+            self.out.pwrite(72, bits.to_bytes(8, "big"))
+            self.out.flush()
+        self.res.check_errors += 1
+        raise CheckFailed(f"{what}: Input/output error", self.res)
 
     # -- the whole check -----------------------------------------------------------------
 
@@ -516,7 +574,7 @@ class Qcow2Check:
             setattr(res, name, 0)
         self._run()
         if fix and not res.check_errors and not res.corruptions:
-            self._mark_clean()
+            self.mark_clean(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
         return res
 
     def _run(self) -> None:
@@ -530,7 +588,7 @@ class Qcow2Check:
             self.rebuild_structure()
             res.corruptions = res.leaks = 0
             self.rebuild = False
-            self.imrt = array("Q")
+            self.imrt = array(self.typecode)
             self.calc_fix = 0
             self.calculate()
             fresh_leaks = 0
@@ -563,15 +621,16 @@ class Qcow2Check:
         self.check_copied(fix)
         res.image_end_offset = (highest + 1) * self.cs
 
-    def _mark_clean(self) -> None:
-        """qemu's mark_clean and mark_consistent after a successful repair."""
+    def mark_clean(self, bits: int = INCOMPAT_DIRTY) -> None:
+        """qemu's mark_clean (and with INCOMPAT_CORRUPT, mark_consistent):
+        clear the header's feature ``bits``."""
         h = self.h
-        bits = h.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
-        if bits != h.incompatible_features and h.version >= 3:
-            h.incompatible_features = bits
-            self.out.flush()
-            self.out.pwrite(72, bits.to_bytes(8, "big"))
-            self.out.flush()
+        if h.version < 3 or self.corrupted or not h.incompatible_features & bits:
+            return
+        h.incompatible_features &= ~bits
+        self.out.flush()
+        self.out.pwrite(72, h.incompatible_features.to_bytes(8, "big"))
+        self.out.flush()
 
 
 def _hash_x(value: int) -> str:
@@ -607,7 +666,13 @@ def check_file(file, fix: int = 0, out=None) -> tuple[CheckResult, CheckResult |
     def one(fix: int) -> CheckResult:
         img = Qcow2Image(SimpleNamespace(file=file))
         img.open(read_write=False)     # a corrupt image may be checked and repaired
-        return check_image(img, fix, out)
+        chk = Qcow2Check(img, fix, out)
+        try:
+            return chk.run()
+        finally:
+            if fix:
+                # closing a read-write qcow2 image clears its dirty bit
+                chk.mark_clean()
 
     first = one(fix)
     if not (first.corruptions_fixed or first.leaks_fixed):
