@@ -81,6 +81,11 @@ class Qcow2Format:
         return check_image(bs.opaque, fix)
 
     @hookimpl
+    def bdrv_measure(self, options, in_bs, size):
+        from .measure import measure
+        return measure(options, in_bs, size)
+
+    @hookimpl
     def bdrv_create(self, filename, options) -> None:
         from .create import create_qcow2
         create_qcow2(filename, options)
