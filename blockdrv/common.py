@@ -77,6 +77,8 @@ class DriverInfo:
     cluster_size: int = 0
     is_dirty: bool = False
     format_specific: dict[str, Any] | None = None
+    # internal snapshots as qemu's SnapshotInfo dicts (``info``'s "snapshots")
+    snapshots: list[dict[str, Any]] | None = None
 
 
 @dataclass

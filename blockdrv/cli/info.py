@@ -32,6 +32,8 @@ def image_info(bs: BlockDriverState, filename: str) -> dict[str, Any]:
             info["full-backing-filename"] = bs.full_backing_file
         if bs.backing_format:
             info["backing-filename-format"] = bs.backing_format
+    if drv_info is not None and drv_info.snapshots:
+        info["snapshots"] = drv_info.snapshots
     if drv_info is not None and drv_info.format_specific:
         spec = drv_info.format_specific
         if set(spec) != {"type", "data"}:
@@ -62,6 +64,11 @@ def human_info(info: dict[str, Any]) -> str:
         lines.append(line)
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append("%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE",
+                                                   "VM CLOCK", "ICOUNT"))
+        lines.extend(_snapshot_line(sn) for sn in info["snapshots"])
     spec = info.get("format-specific")
     if spec is not None:
         lines.append("Format specific information:")
@@ -69,6 +76,20 @@ def human_info(info: dict[str, Any]) -> str:
         if isinstance(data, dict):
             lines.extend(dump_human(data))
     return "\n".join(lines)
+
+
+def _snapshot_line(sn: dict[str, Any]) -> str:
+    """qemu's bdrv_snapshot_dump: the date in local time, the VM clock as
+    hh:mm:ss.mmm."""
+    import time
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+    secs = sn["vm-clock-sec"]
+    clock = "%02d:%02d:%02d.%03d" % (secs // 3600, secs // 60 % 60, secs % 60,
+                                     sn["vm-clock-nsec"] // 1000000 % 1000)
+    icount = str(sn["icount"]) if "icount" in sn else ""
+    return "%-9s %-16s %8s%20s%13s%11s" % (sn["id"], sn["name"],
+                                          size_to_str(sn["vm-state-size"]), date, clock,
+                                          icount)
 
 
 DESCRIPTION = """\

@@ -73,7 +73,8 @@ class Qcow2Format:
     def bdrv_get_info(self, bs) -> DriverInfo:
         img = bs.opaque
         return DriverInfo(cluster_size=img.cs, is_dirty=img.dirty,
-                          format_specific=img.format_specific())
+                          format_specific=img.format_specific(),
+                          snapshots=[sn.info() for sn in img.snapshots] or None)
 
     @hookimpl
     def bdrv_check(self, bs, fix):
