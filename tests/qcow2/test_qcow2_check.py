@@ -59,7 +59,16 @@ def _backing(tmp_path, name):
                                                       "write -z 3M 64k"])
 
 
+def _bitmaps(tmp_path, name):
+    path = _img(tmp_path, name, script=None, size="64M")
+    for args in (["--add", path, "b0"], ["--add", "-g", "512", path, "b1"]):
+        assert run_qemu_img("bitmap", *args)[0] == 0
+    assert run_qemu_io(path, ["write -P 1 0 4M", "write -P 2 40M 64k"], fmt="qcow2")[0] == 0
+    return path
+
+
 CORPUS = {
+    "bitmaps": lambda t: _bitmaps(t, "bitmaps"),
     "v3": lambda t: _img(t, "v3"),
     "v2": lambda t: _img(t, "v2", ("-o", "compat=0.10")),
     "512": lambda t: _img(t, "c512", ("-o", "cluster_size=512")),

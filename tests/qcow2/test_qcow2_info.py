@@ -1,7 +1,7 @@
 """blockdrv info of qcow2 images equals qemu-img info 7.2, human and json:
 the format-specific keys (compat, compression-type, lazy-refcounts,
-refcount-bits, corrupt, extended-l2), the dirty flag, the backing file and
-the snapshot list."""
+refcount-bits, corrupt, extended-l2), the dirty flag, the backing file, the
+snapshot list and persistent bitmaps (auto, in-use)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def images(tmp_path_factory):
     dirty = _create(str(d / "dirty.qcow2"), "-o", "lazy_refcounts=on")
     assert run_qemu_io(dirty, ["write -P 1 0 64k", "sigraise 9"], fmt="qcow2")[0] != 0
     out.append(dirty)
+    bitmaps = _create(str(d / "bitmaps.qcow2"))
+    for args in (["--add", bitmaps, "b0"], ["--add", "-g", "4k", "--disable", bitmaps, "b1"]):
+        assert run_qemu_img("bitmap", *args)[0] == 0
+    # a writer killed with a bitmap loaded leaves it "in-use"
+    assert run_qemu_io(bitmaps, ["write -P 1 0 64k", "sigraise 9"], fmt="qcow2")[0] != 0
+    out.append(bitmaps)
     corrupt = _create(str(d / "corrupt.qcow2"))
     Damage(corrupt).put64(72, 2)                    # the corrupt bit
     out.append(corrupt)

@@ -71,9 +71,13 @@ class Qcow2Format:
 
     @hookimpl
     def bdrv_get_info(self, bs) -> DriverInfo:
+        from .bitmaps import load
         img = bs.opaque
-        return DriverInfo(cluster_size=img.cs, is_dirty=img.dirty,
-                          format_specific=img.format_specific(),
+        spec = img.format_specific()
+        bitmaps = load(img)[1]
+        if bitmaps:
+            spec["bitmaps"] = [b.info() for b in bitmaps]
+        return DriverInfo(cluster_size=img.cs, is_dirty=img.dirty, format_specific=spec,
                           snapshots=[sn.info() for sn in img.snapshots] or None)
 
     @hookimpl

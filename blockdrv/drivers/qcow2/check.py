@@ -22,6 +22,7 @@ from array import array
 from blockdrv.common import FIX_ERRORS, FIX_LEAKS, CheckResult
 from blockdrv.errors import BlockIOError
 
+from . import bitmaps as bm
 from . import l2 as L
 from . import refcount as rc
 from .constants import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES
@@ -294,7 +295,27 @@ class Qcow2Check:
             self.check_l1(sn.l1_table_offset, sn.l1_size, 0, False)
         self.inc(h.snapshots_offset, self._snapshots_size())
         self.inc(self.reftable_offset, len(self.reftable) * 8)
+        self.check_bitmaps()
         self.check_refblocks()
+
+    def check_bitmaps(self) -> None:
+        """qemu's qcow2_check_bitmaps_refcounts: the directory, each bitmap
+        table and the data clusters it names."""
+        d, bitmaps = bm.load(self.img)
+        if d is None:
+            return
+        self.inc(d.offset, d.size)
+        if bitmaps is None:
+            self.res.corruptions += 1
+            raise CheckFailed("Invalid argument", self.res)
+        for b in bitmaps:
+            self.inc(b.table_offset, b.table_size * 8)
+            for entry in self._read_table(b.table_offset, b.table_size):
+                if not bm.entry_valid(entry, self.cs):
+                    self.res.corruptions += 1
+                    continue
+                if entry & bm.TABLE_OFFSET_MASK:
+                    self.inc(entry & bm.TABLE_OFFSET_MASK, self.cs)
 
     def _snapshots_size(self) -> int:
         h = self.h
@@ -547,6 +568,9 @@ class Qcow2Check:
         if any(e & rc.REFT_OFFSET_MASK and hits(e & rc.REFT_OFFSET_MASK, cs)
                for e in self.old_reftable):
             return "refcount block"
+        d = bm.directory(h)
+        if d is not None and hits(d.offset, d.size):
+            return "bitmap directory"
         return None
 
     def _guard(self, offset: int, size: int, what: str) -> None:
