@@ -540,6 +540,8 @@ class Qcow2Check:
         self.out.flush()
         self.reftable_offset = start * cs
         self.reftable = reftable
+        # the open image's header now names the new table
+        self.h.refcount_table_offset, self.h.refcount_table_clusters = start * cs, clusters
         self._blocks.clear()
 
     def _overlap(self, offset: int, size: int) -> str | None:
@@ -596,10 +598,21 @@ class Qcow2Check:
         res.total_clusters = -(-self.h.size // self.cs)
         for name in ("allocated_clusters", "fragmented_clusters", "compressed_clusters"):
             setattr(res, name, 0)
-        self._run()
+        try:
+            self._run()
+        finally:
+            if fix:
+                self._forget()
         if fix and not res.check_errors and not res.corruptions:
             self.mark_clean(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
         return res
+
+    def _forget(self) -> None:
+        """After repairs, the open image must not serve tables from before."""
+        img = self.img
+        img.l2_cache.clear()
+        img.__dict__.pop("_refblocks", None)
+        img._prealloc = None
 
     def _run(self) -> None:
         res, fix = self.res, self.fix
@@ -687,9 +700,11 @@ def check_file(file, fix: int = 0, out=None) -> tuple[CheckResult, CheckResult |
 
     from .image import Qcow2Image
 
+    img = Qcow2Image(SimpleNamespace(file=file))
+    img.open(read_write=False)     # a corrupt image may be checked and repaired
+
     def one(fix: int) -> CheckResult:
-        img = Qcow2Image(SimpleNamespace(file=file))
-        img.open(read_write=False)     # a corrupt image may be checked and repaired
+        # both passes on the one open image, as qemu-img's double check
         chk = Qcow2Check(img, fix, out)
         try:
             return chk.run()
