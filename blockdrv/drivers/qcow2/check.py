@@ -71,6 +71,7 @@ class Qcow2Check:
         self.typecode = next(t for t in "BHIQ" if array(t).itemsize * 8 >= 1 << self.order)
         self.imrt = array(self.typecode)
         self._blocks: dict[int, bytearray] = {}
+        self._decoded: dict[int, list[int]] = {}
 
     # -- I/O ------------------------------------------------------------------------
 
@@ -345,7 +346,9 @@ class Qcow2Check:
             return [0] * n
         if off % self.cs:
             return None
-        values = rc.decode(self._block(off), self.order)
+        values = self._decoded.get(off)
+        if values is None:
+            values = self._decoded[off] = rc.decode(self._block(off), self.order)
         first = start % self.per_block
         return values[first:first + n]
 
@@ -407,6 +410,7 @@ class Qcow2Check:
             return False
         block = self._block(off)
         rc.put(block, cluster % self.per_block, self.order, value)
+        self._decoded.pop(off, None)
         self.out.pwrite(off, bytes(block))
         if not value:
             # qemu passes the discard of a freed cluster down to the file
@@ -540,6 +544,7 @@ class Qcow2Check:
         self.out.flush()
         self.reftable_offset = start * cs
         self.reftable = reftable
+        self._decoded.clear()
         # the open image's header now names the new table
         self.h.refcount_table_offset, self.h.refcount_table_clusters = start * cs, clusters
         self._blocks.clear()
