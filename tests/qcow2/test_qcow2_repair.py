@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import shutil
 
 import pytest
@@ -19,6 +20,8 @@ from blockdrv.cli.check import check_dict
 from blockdrv.common import O_RDWR, O_UNMAP
 from blockdrv.drivers.qcow2.check import CheckFailed, check_file
 from blockdrv.engines.check import CheckReport, repair_flags
+from blockdrv.errors import BlockDriverError
+from blockdrv.testing.qcow2_damage import Damage
 from blockdrv.testing.qemu import run_qemu_img
 
 from test_qcow2_check import DAMAGE, damaged
@@ -44,6 +47,10 @@ def test_repair_like_qemu(tmp_path, name, mode):
     shutil.copyfile(path, theirs)
     rc, out, err = run_qemu_img("check", "--output=json", "-r", mode, theirs)
     theirs_said = [ln for ln in err.splitlines() if ln and not ln.startswith("qemu-img:")]
+    if "Could not open" in err:
+        with pytest.raises(BlockDriverError):
+            _repair(path, mode)
+        return
     if rc == 1 and not out:
         # qemu gave up ("Check failed: Input/output error"), before any write
         with pytest.raises(CheckFailed) as failed:
@@ -66,3 +73,19 @@ def test_repair_like_qemu(tmp_path, name, mode):
     if after[0] == 0:
         assert run_qemu_img("compare", "-f", "qcow2", "-F", "qcow2", path, theirs)[0] == 0
     assert filecmp.cmp(path, theirs, shallow=False)
+
+
+def test_refblock_far_beyond_the_end_rebuilds(tmp_path):
+    """qemu grows the file up to a refcount block named far past its end (or
+    rebuilds the structure when the file system refuses); blockdrv rebuilds
+    rather than make a file of terabytes.  Both leave a clean image with the
+    same data."""
+    path = damaged(tmp_path, "leak")
+    d = Damage(path)
+    d.put64(d.reftable_entry_pos(3), 1 << 50)
+    before = os.path.getsize(path)
+    report = _repair(path, "all")
+    assert report.result.corruptions == report.result.leaks == 0
+    assert report.first.corruptions_fixed >= 1
+    assert os.path.getsize(path) < before + (1 << 20)
+    assert run_qemu_img("check", path)[0] == 0

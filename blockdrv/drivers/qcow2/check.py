@@ -32,6 +32,10 @@ L2E_STD_RESERVED = 0x3F000000000001FE
 L1E_RESERVED = 0x7F000000000001FF
 BITMAP_ALL_ALLOC = 0xFFFFFFFF
 CHECK_FRAG_INFO = 2
+# Clusters the in-memory table may count (qemu's bound is INT_MAX; this one
+# keeps the table and the per-cluster walk in reasonable memory and time:
+# 4 TiB of 64 KiB clusters, 32 GiB of 512-byte ones).
+MAX_CLUSTERS = 1 << 26
 _HEADER_REFTABLE = 48            # refcount_table_offset, refcount_table_clusters
 
 
@@ -96,6 +100,9 @@ class Qcow2Check:
     # -- the in-memory refcount table ----------------------------------------------
 
     def _grow(self, n: int) -> None:
+        if n > MAX_CLUSTERS:
+            self.res.check_errors += 1
+            raise CheckFailed("File too large", self.res)
         if n > len(self.imrt):
             self.imrt.frombytes(bytes(self.imrt.itemsize * (n - len(self.imrt))))
 
@@ -257,6 +264,11 @@ class Qcow2Check:
                           "outside image")
                 if fixing:
                     try:
+                        if offset // cs >= MAX_CLUSTERS:
+                            # qemu would grow the file to it; blockdrv rebuilds
+                            # the refcount structure instead (as qemu does when
+                            # the file system refuses the size)
+                            raise OSError("File too large")
                         self.out.truncate(offset + cs)
                     except Exception as exc:  # noqa: BLE001
                         self.rebuild = True
