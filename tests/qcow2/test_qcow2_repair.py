@@ -17,7 +17,7 @@ import pytest
 
 from blockdrv.block import open_protocol
 from blockdrv.cli.check import check_dict
-from blockdrv.common import O_RDWR, O_UNMAP
+from blockdrv.common import O_RDWR
 from blockdrv.drivers.qcow2.check import CheckFailed, check_file
 from blockdrv.engines.check import CheckReport, repair_flags
 from blockdrv.errors import BlockDriverError
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.interop
 
 
 def _repair(path: str, mode: str):
-    f = open_protocol(path, O_RDWR | O_UNMAP)
+    f = open_protocol(path, O_RDWR)
     f.growable = True          # as under a format node: metadata may grow the file
     try:
         first, second = check_file(f, repair_flags(mode))

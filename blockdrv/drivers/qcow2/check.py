@@ -6,8 +6,8 @@ table, the refcount table and its blocks) in an in-memory table, then
 compares it with the on-disk refcounts.  The counters, the lines printed and
 their order are qemu-img 7.2's, so scripts reading either tool agree.
 
-Repairs write through ``out`` (an object with ``pwrite``, ``truncate`` and
-``flush``, by default the image's protocol node): fixing counts in place
+Repairs write through ``out`` (an object with ``pwrite``, ``pwrite_zeroes``,
+``truncate`` and ``flush``, by default the image's protocol node): fixing counts in place
 (leaks and refcounts too low), zeroing misaligned preallocated L2 entries,
 extending the file under a refcount block past its end, OFLAG_COPIED, and
 rebuilding the refcount structure from scratch when an on-disk refcount
@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from array import array
 
-from blockdrv.common import FIX_ERRORS, FIX_LEAKS, CheckResult
+from blockdrv.common import FIX_ERRORS, FIX_LEAKS, WRITE_UNMAP, CheckResult
 from blockdrv.errors import BlockIOError
 
 from . import bitmaps as bm
@@ -424,10 +424,12 @@ class Qcow2Check:
         rc.put(block, cluster % self.per_block, self.order, value)
         self._decoded.pop(off, None)
         self.out.pwrite(off, bytes(block))
-        if not value:
-            # qemu passes the discard of a freed cluster down to the file
-            # (a hole where the file system can make one)
-            self.out.pdiscard(cluster * self.cs, self.cs)
+        n = min(self.cs, self._flen() - cluster * self.cs)
+        if not value and n > 0:
+            # qemu discards a freed cluster in the file (a hole, reading as
+            # zeros) whatever the discard option; a zero write that may
+            # unmap does the same here
+            self.out.pwrite_zeroes(cluster * self.cs, n, WRITE_UNMAP)
         return True
 
     # -- OFLAG_COPIED ---------------------------------------------------------------------
