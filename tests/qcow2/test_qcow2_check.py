@@ -206,6 +206,19 @@ def _ext_too_long(d: Damage):
     d.put64(pos, 0x10000)
 
 
+def _snapshot_l1_unaligned(d: Damage):
+    pos = d.h.snapshots_offset
+    d.put64(pos, d.u64(pos) + 512)
+
+
+def _snapshot_l1_huge(d: Damage):
+    d.write(d.h.snapshots_offset + 8, (5 << 22).to_bytes(4, "big"))
+
+
+def _snapshot_l1_beyond_eof(d: Damage):
+    d.put64(d.h.snapshots_offset, 1 << 40)
+
+
 DAMAGE = {
     "leak": ("v3", _leak),
     "leak-refcount1": ("refcount1", _leak),
@@ -226,6 +239,9 @@ DAMAGE = {
     "compressed-copied": ("compressed", _compressed_copied),
     "lazy-crash": ("lazy-crash", lambda d: None),
     "ext-too-long": ("4k", _ext_too_long),
+    "snapshot-l1-unaligned": ("snapshots", _snapshot_l1_unaligned),
+    "snapshot-l1-huge": ("snapshots", _snapshot_l1_huge),
+    "snapshot-l1-beyond-eof": ("snapshots", _snapshot_l1_beyond_eof),
 }
 
 
