@@ -31,6 +31,11 @@ def sources(tmp_path_factory):
         assert run_qemu_img("create", "-q", "-f", fmt, *opts, path, "16M")[0] == 0
         assert run_qemu_io(path, SCRIPT, fmt=fmt)[0] == 0
         out[path] = fmt
+    bitmaps = str(d / "bitmaps.qcow2")
+    assert run_qemu_img("create", "-q", "-f", "qcow2", bitmaps, "64M")[0] == 0
+    for args in (["--add", bitmaps, "b0"], ["--add", "-g", "512", bitmaps, "a longer name"]):
+        assert run_qemu_img("bitmap", *args)[0] == 0
+    out[bitmaps] = "qcow2"
     comp = str(d / "comp.qcow2")
     assert run_qemu_img("convert", "-c", "-O", "qcow2", next(iter(out)), comp)[0] == 0
     out[comp] = "qcow2"

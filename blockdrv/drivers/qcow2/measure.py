@@ -5,7 +5,8 @@ image needs for a copy of an image, or for an empty disk of a given size.
 structure covering all of it + every data cluster (qcow2_calc_prealloc_size);
 ``required`` drops the data clusters the source does not need: those
 holding no data (block status neither DATA nor ALLOCATED, or ZERO).  With
-``backing_file`` qemu assumes every cluster is written.
+``backing_file`` qemu assumes every cluster is written.  ``bitmaps`` (qcow2 v3
+sources) is the room their persistent bitmaps would take.
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ def _data_bytes(bs, cs: int) -> int:
     return total
 
 
+def bitmaps_size(bs, cs: int) -> int:
+    """qemu's qcow2_get_persistent_dirty_bitmap_size: room for the source's
+    persistent bitmaps in an image of ``cs``-byte clusters, each taken as
+    wholly allocated, with their tables and directory entries."""
+    from .bitmaps import load
+    total = directory = 0
+    for b in load(bs.opaque)[1] or []:
+        nbytes = -(-(-(-bs.total_size // (1 << b.granularity_bits))) // 8)
+        clusters = -(-nbytes // cs)
+        total += clusters * cs + -(-clusters * 8 // cs) * cs
+        directory += (24 + len(b.name.encode()) + 7) & ~7
+    return total + -(-directory // cs) * cs
+
+
 def measure(options: dict, in_bs, size: int | None) -> dict[str, int]:
     cs, order, prealloc, extl2, v3 = _options(options)
     virtual = -(-(size or 0) // cs) * cs
@@ -98,7 +113,5 @@ def measure(options: dict, in_bs, size: int | None) -> dict[str, int]:
     out = {"required": full - virtual + required, "fully-allocated": full}
     if v3 and in_bs is not None and in_bs.format_name == "qcow2" \
             and in_bs.opaque.h.version >= 3:
-        # qemu reports the persistent bitmaps a qcow2 v3 source could carry
-        # over (0 without any); blockdrv reads and copies none
-        out["bitmaps"] = 0
+        out["bitmaps"] = bitmaps_size(in_bs, cs)
     return out
