@@ -13,7 +13,7 @@ Prints the host file size a new output_fmt image needs: for a copy of
 filename (its backing chain included, as convert copies it) or for an
 empty disk of --size bytes.  "required size" is at least what convert
 writes; "fully allocated size" what the image takes with every block
-allocated.  Formats with a measure: raw, vhdx."""
+allocated.  Formats with a measure: raw, vhdx, qcow2."""
 
 
 def parser() -> ArgParser:
@@ -52,8 +52,13 @@ def run(argv: list[str]) -> int:
     res = measure(a.out_fmt, filename=a.args[0] if a.args else None, fmt=a.fmt,
                   size=size, options=items, force_share=a.force_share)
     if fmt == "json":
-        print(qjson({"required": res["required"], "fully-allocated": res["fully-allocated"]}))
+        out = {"required": res["required"], "fully-allocated": res["fully-allocated"]}
+        if "bitmaps" in res:
+            out["bitmaps"] = res["bitmaps"]
+        print(qjson(out))
     else:
         print(f"required size: {res['required']}")
         print(f"fully allocated size: {res['fully-allocated']}")
+        if "bitmaps" in res:
+            print(f"bitmaps size: {res['bitmaps']}")
     return 0

@@ -106,9 +106,23 @@ class Qcow2Format:
 
     @hookimpl
     def bdrv_get_info(self, bs) -> DriverInfo:
+        from .bitmaps import load
         img = bs.opaque
-        return DriverInfo(cluster_size=img.cs, is_dirty=img.dirty,
-                          format_specific=img.format_specific())
+        spec = img.format_specific()
+        bitmaps = load(img)[1]
+        if bitmaps:
+            spec["bitmaps"] = [b.info() for b in bitmaps]
+        return DriverInfo(cluster_size=img.cs, is_dirty=img.dirty, format_specific=spec)
+
+    @hookimpl
+    def bdrv_check(self, bs, fix):
+        from .check import check_image
+        return check_image(bs.opaque, fix)
+
+    @hookimpl
+    def bdrv_measure(self, options, in_bs, size):
+        from .measure import measure
+        return measure(options, in_bs, size)
 
     @hookimpl
     def bdrv_snapshot_list(self, bs) -> list[SnapshotInfo]:

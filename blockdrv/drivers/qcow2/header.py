@@ -137,10 +137,11 @@ class Header:
                 return                  # the file ends: zeros, the end marker
             etype, elen = _EXT.unpack_from(buf, pos)
             pos += _EXT.size
-            if etype == EXT_END:
-                return
+            # qemu checks the length first, even the end marker's
             if elen > end - pos:
                 raise InvalidArgumentError("Header extension too large")
+            if etype == EXT_END:
+                return
             # the part past the end of a short file reads as zeros, as in qemu
             data = buf[pos:pos + elen].ljust(elen, b"\0")
             pos += (elen + 7) & ~7

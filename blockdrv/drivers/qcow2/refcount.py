@@ -8,6 +8,8 @@ holds the host offsets of the blocks (its low 9 bits reserved).
 
 from __future__ import annotations
 
+import struct
+
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED = 0x1FF
 
@@ -70,3 +72,29 @@ def metadata_clusters(clusters: int, cluster_size: int, order: int,
             continue
         if n == last:
             return blocks, table
+
+
+def decode(block, order: int) -> list[int]:
+    """Every refcount of one block, in order."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[width]
+        n = len(block) // width
+        return list(struct.unpack(f">{n}{fmt}", bytes(block[:n * width])))
+    bits = 1 << order
+    per_byte = 8 >> order
+    mask = (1 << bits) - 1
+    return [byte >> (k * bits) & mask for byte in bytes(block) for k in range(per_byte)]
+
+
+def encode(values, order: int, cluster_size: int) -> bytes:
+    """A refcount block of ``cluster_size`` bytes holding ``values``."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[width]
+        return struct.pack(f">{len(values)}{fmt}", *values).ljust(cluster_size, b"\0")
+    block = bytearray(cluster_size)
+    for i, v in enumerate(values):
+        if v:
+            put(block, i, order, v)
+    return bytes(block)
