@@ -5,8 +5,9 @@ compares every *parent* commit writes into (dynamic VHDX bases, made by
 qemu-img or by blockdrv); libvhdi (pyvhdi, vhdiinfo) reads every child
 rebase re-parents, with the new parent (``set_parent`` checks the linkage).
 
-No format here can have a raw parent (VHDX children need VHDX parents and
-the qcow2 driver is read-only), so commit into a raw base is not exercised.
+Commit into a raw base is exercised only with qcow2 children (VHDX children
+need VHDX parents); the qcow2 driver cannot empty an image yet (no
+``bdrv_make_empty``), so those commits keep the child (``-d``).
 The images written by libvhdi-compared children always carry a sector
 bitmap block (see test_vhdx_differencing.py for libvhdi's bitmap-less chunk
 bug); emptied children (commit) are read by blockdrv only.
@@ -297,8 +298,8 @@ def test_info_backing_chain(tmp_path, qemu_img):
 
 @pytest.mark.parametrize("base_fmt", ["raw", "vhdx"])
 def test_commit_generic_qcow2_child(tmp_path, qemu_img, qemu_io, base_fmt):
-    """The engine is the core's: a qcow2 child made by qemu-img (read-only
-    here, so -d) commits into a raw or VHDX base; qemu-img then reads the
+    """The engine is the core's: a qcow2 child made by qemu-img (which
+    blockdrv cannot empty yet, so -d) commits into a raw or VHDX base; qemu-img then reads the
     base and the whole chain."""
     base, top, want = tmp_path / f"base.{base_fmt}", tmp_path / "top.qcow2", tmp_path / "w.raw"
     qemu_img_create(base, base_fmt, "16M")
