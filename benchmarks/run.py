@@ -250,6 +250,19 @@ def build(work: str, args) -> list[Workload]:
                                [*BD, "convert", "-f", "qcow2", "-O", "raw", q, o1],
                                [QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", q, o2],
                                1.0, prep=_rm(o1, o2)))
+            # issue 10: the migration itself, VHDX -> qcow2 (4 GiB with --full)
+            for size in [512 * MiB] + ([4 * GiB] if args.full else []):
+                tag = f"{size // MiB}M" if size < GiB else f"{size // GiB}G"
+                raw, vsrc = j(f"dense{tag}.raw"), j(f"dense{tag}.vhdx")
+                if not os.path.exists(raw):
+                    make_dense(raw, size)
+                if not os.path.exists(vsrc):
+                    sh(QEMU_IMG, "convert", "-f", "raw", "-O", "vhdx", raw, vsrc)
+                o1, o2 = j(f"q{tag}_bd.qcow2"), j(f"q{tag}_q.qcow2")
+                wl.append(Workload(f"convert dense vhdx->qcow2 {tag}",
+                                   [*BD, "convert", "-f", "vhdx", "-O", "qcow2", vsrc, o1],
+                                   [QEMU_IMG, "convert", "-f", "vhdx", "-O", "qcow2", vsrc, o2],
+                                   1.0, prep=_rm(o1, o2)))
         else:
             print("  no qcow2 driver in this tree: qcow2 rows skipped", file=sys.stderr)
 
