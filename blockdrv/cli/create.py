@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from .._startup import TYPE_CHECKING
 from .. import block
 from ..errors import BlockDriverError
 from ..options import CreateOption, parse_create_options, split_options
 from ..plugins import get_registry
 from .common import ArgParser, CliError, cvtnum, describe, qprint, usage_error
+
+if TYPE_CHECKING:
+    from typing import Any
 
 _TYPE_NAMES = {"size": "size", "number": "num", "bool": "bool (on/off)", "string": "str"}
 

@@ -61,10 +61,21 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}: {self.stderr()}")
-            if os.path.exists(self.sock):
+            # the socket file appears at bind(), before listen()
+            if os.path.exists(self.sock) and self._accepts():
                 return
             time.sleep(0.02)
         raise AssertionError(f"server not listening after {timeout}s: {self.stderr()}")
+
+    def _accepts(self) -> bool:
+        # listening (__SO_ACCEPTCON in /proc/net/unix's flags), without
+        # connecting: a probe connection would count as a client
+        with open("/proc/net/unix") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == self.sock:
+                    return bool(int(fields[3], 16) & 0x10000)
+        return False
 
     def stderr(self) -> str:
         if not self._logf.closed:

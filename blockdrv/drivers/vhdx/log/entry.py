@@ -9,8 +9,8 @@ inverse, returning only entries valid by 2.3.1 and 2.3.3 step 3.
 from __future__ import annotations
 
 import struct
-from blockdrv._startup import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Iterable, Self
+
+from blockdrv._startup import TYPE_CHECKING, dataclass, field
 
 from blockdrv.errors import InvalidArgumentError
 
@@ -23,6 +23,7 @@ from ..constants import LOG_ZERO_SIGNATURE as SIG_ZERO
 from ..constants import ZERO_GUID
 
 if TYPE_CHECKING:
+    from typing import ClassVar, Iterable, Self
     from .sequence import _Budget, _Ring
 
 # Sanity bound on any file offset a log entry may name (VHDX tops out at 64 TiB

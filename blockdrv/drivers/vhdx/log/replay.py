@@ -8,14 +8,16 @@
 from __future__ import annotations
 
 import bisect
-from blockdrv._startup import dataclass, field
-from typing import Iterable
+from blockdrv._startup import TYPE_CHECKING, dataclass, field
 
 from blockdrv.errors import BlockDriverError, BlockIOError, CorruptImageError, UnsupportedError
 
 from ..constants import ZERO_GUID, MiB, round_up
 from .entry import MAX_FILE_OFFSET, SECTOR, ZeroDescriptor
 from .sequence import LogSequence, find_active_sequence
+
+if TYPE_CHECKING:
+    from typing import Iterable
 
 
 class LogWithoutEntriesError(CorruptImageError):

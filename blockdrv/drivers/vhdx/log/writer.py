@@ -18,7 +18,7 @@ the installed binary, see tests/interop/test_vhdx_log.py):
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Iterable
+from blockdrv._startup import TYPE_CHECKING
 
 from blockdrv.errors import InvalidArgumentError
 
@@ -28,6 +28,9 @@ from .entry import (SECTOR, LogEntry, LogEntryHeader, ZeroDescriptor, build_entr
                     descriptor_sectors, split_sector)
 from ..aio import as_async, as_async_callback, blocking
 from .replay import co_write_zeros
+
+if TYPE_CHECKING:
+    from typing import Awaitable, Callable, Iterable
 
 
 async def co_merge_sectors(file, offset: int, data: bytes) -> list[tuple[int, bytes]]:
