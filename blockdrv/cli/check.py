@@ -15,6 +15,7 @@ from ..engines.check import img_check, repair_flags
 from ..errors import BlockDriverError
 from .common import (ArgParser, CliError, add_output_option, open_image, output_format,
                      qjson, qprint, usage_error)
+from .common import report as report_line
 
 DESCRIPTION = """\
 Checks the image's metadata for consistency and, with -r, repairs it and
@@ -98,7 +99,17 @@ def run(argv: list[str]) -> int:
         try:
             report = img_check(bs, fix)
         except BlockDriverError as exc:
-            raise CliError(exc.message, 63 if exc.errno == errno.ENOTSUP else 1) from None
+            partial = getattr(exc, "result", None)
+            for message in partial.messages if partial is not None else ():
+                print(message, file=sys.stderr)
+            text = exc.message
+            head, _, rest = text.partition(": ")
+            step, _, tail = rest.rpartition(": ")
+            if partial is not None and step:
+                # as qemu-img: the failed step on a line, then the errno only
+                report_line(f"{step}: {tail}")
+                text = f"{head}: {tail}"
+            raise CliError(text, 63 if exc.errno == errno.ENOTSUP else 1) from None
         res = report.first
         for message in res.messages:
             print(message, file=sys.stderr)

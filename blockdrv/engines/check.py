@@ -58,7 +58,9 @@ def _one_pass(bs: BlockDriverState, fix: int) -> CheckResult:
         if exc.errno == _errno.ENOTSUP:
             raise UnsupportedError("This image format does not support checks",
                                    errno=_errno.ENOTSUP) from None
-        raise reword(exc, f"Check failed: {why(exc)}") from None
+        failed = reword(exc, f"Check failed: {why(exc)}")
+        failed.result = getattr(exc, "result", None)     # the lines said so far
+        raise failed from None
 
 
 def img_check(bs: BlockDriverState, fix: int = 0) -> CheckReport:

@@ -45,6 +45,17 @@ def images(tmp_path_factory):
     _create(pre, "-o", "preallocation=metadata")
     assert run_qemu_io(pre, ["write -P 7 1M 64k", "write -z 2M 64k"], fmt="qcow2")[0] == 0
     out.update({comp: comp, pre: pre})
+    # the preallocation test counts clusters in use block by block: refcounts
+    # narrower than a byte, several refcount blocks, and a file whose
+    # clusters are all in use but written (falloc: no metadata preallocation)
+    for name, opts in {"prealloc-r1": "preallocation=metadata,refcount_bits=1",
+                       "prealloc-512": "preallocation=metadata,cluster_size=512",
+                       "falloc-512": "preallocation=falloc,cluster_size=512,"
+                                     "refcount_bits=64"}.items():
+        path = str(d / f"{name}.qcow2")
+        _create(path, "-o", opts)
+        assert run_qemu_io(path, ["write -P 7 1M 64k"], fmt="qcow2")[0] == 0
+        out[path] = path
     return sorted(out.values())
 
 

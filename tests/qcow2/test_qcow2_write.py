@@ -200,22 +200,6 @@ def test_lazy_refcounts_dirty_bit_during_session(tmp_path):
     assert qemu_img_check(path, "qcow2")[0] == 0
 
 
-def test_dirty_image_refused_for_writing(tmp_path, capsys):
-    from blockdrv.cli import main
-    path = str(tmp_path / "dirty.qcow2")
-    assert run_qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path,
-                        "8M")[0] == 0
-    with open(path, "r+b") as f:
-        f.seek(72)
-        f.write((1).to_bytes(8, "big"))
-    before = open(path, "rb").read()
-    assert main(["io", "-c", "write -P 2 0 4k", path]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "dirty" in err
-    assert open(path, "rb").read() == before
-    assert main(["io", "-r", "-c", "read 0 4k", path]) == 0     # reading is fine
-
-
 @pytest.mark.parametrize("bits,word", [(2, "corrupt"), (1 << 9, "Unsupported qcow2 feature")])
 def test_corrupt_or_unknown_feature_refused_for_writing(tmp_path, capsys, bits, word):
     """The corrupt bit refuses a read-write open (as qemu, reads still work);

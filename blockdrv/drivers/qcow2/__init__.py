@@ -6,13 +6,15 @@ One module per on-disk structure: :mod:`.header` (header and extensions),
 snapshot table); :mod:`.alloc` is qemu's cluster allocation policy,
 :mod:`.create` makes images byte for byte as qemu-img 7.2, :mod:`.image`
 opens and reads them, :mod:`.write` (with :mod:`.cluster`, the L2 side)
-writes them as qemu 7.2 does, extended L2 entries (subclusters) included.
+writes them as qemu 7.2 does, extended L2 entries (subclusters) included;
+a read-write open of a dirty image repairs it first (:mod:`.check`), as
+qemu's open does.
 """
 
 from __future__ import annotations
 
-from blockdrv.driver import (O_RDWR, O_UNMAP, WRITE_NO_FALLBACK, WRITE_UNMAP, BlockStatus,
-                             DriverInfo, SnapshotInfo, hookimpl)
+from blockdrv.driver import (O_CHECK, O_RDWR, O_UNMAP, WRITE_NO_FALLBACK, WRITE_UNMAP,
+                             BlockStatus, DriverInfo, SnapshotInfo, hookimpl)
 
 from .constants import MAGIC
 from .create import CREATE_OPTS
@@ -35,16 +37,20 @@ class Qcow2Format:
         img = Qcow2Image(bs)
         img.open(read_write=bool(flags & O_RDWR))
         if flags & O_RDWR:
+            if img.dirty:
+                if flags & O_CHECK:
+                    # `check` reports the damage and repairs only with -r; the
+                    # writer comes once a repair has cleared the dirty bit
+                    bs.opaque = img
+                    _describe(bs, img)
+                    return
+                from .check import repair_dirty
+                repair_dirty(img)
+            # built after any repair: the allocator reads the repaired refcounts
             from .write import Qcow2Writer
             img.writer = Qcow2Writer(img, bs)
         bs.opaque = img
-        bs.total_size = img.h.size
-        bs.request_alignment = 1
-        if img.h.backing_file:
-            bs.backing_file = img.h.backing_file
-            bs.backing_format = img.h.backing_format
-            from blockdrv.block import path_combine
-            bs.full_backing_file = path_combine(bs.filename, img.h.backing_file)
+        _describe(bs, img)
 
     @hookimpl
     def bdrv_close(self, bs) -> None:
@@ -52,6 +58,15 @@ class Qcow2Format:
         bs.opaque = None
         if img is not None and img.writer is not None:
             img.writer.close()              # qemu's qcow2_inactivate: mark clean
+        elif img is not None and bs.open_flags & O_RDWR and img.dirty:
+            # opened for `check -r`, dirty still (a repair that failed or
+            # fixed leaks only): qemu's close clears the bit all the same,
+            # unless the check marked the image corrupt (qemu then drops
+            # the driver, and nothing more is written)
+            from .check import Qcow2Check
+            from .constants import INCOMPAT_CORRUPT
+            if not int.from_bytes(bytes(img.file.pread(72, 8)), "big") & INCOMPAT_CORRUPT:
+                Qcow2Check(img).mark_clean()
 
     @hookimpl
     def bdrv_reopen_prepare(self, bs, flags) -> None:
@@ -93,7 +108,11 @@ class Qcow2Format:
 
     @hookimpl
     async def bdrv_co_flush(self, bs) -> None:
-        bs.opaque.writer.flush()
+        img = bs.opaque
+        if img.writer is not None:
+            img.writer.flush()
+        else:                           # a dirty image opened for `check -r`
+            img.file.flush()
 
     @hookimpl
     def bdrv_has_zero_init(self, bs) -> bool:
@@ -117,7 +136,13 @@ class Qcow2Format:
     @hookimpl
     def bdrv_check(self, bs, fix):
         from .check import check_image
-        return check_image(bs.opaque, fix)
+        img = bs.opaque
+        res = check_image(img, fix)
+        if bs.open_flags & O_RDWR and img.writer is None and not img.dirty:
+            # a dirty image opened for `check -r` is writable once repaired
+            from .write import Qcow2Writer
+            img.writer = Qcow2Writer(img, bs)
+        return res
 
     @hookimpl
     def bdrv_measure(self, options, in_bs, size):
@@ -132,6 +157,17 @@ class Qcow2Format:
     def bdrv_create(self, filename, options) -> None:
         from .create import create_qcow2
         create_qcow2(filename, options)
+
+
+def _describe(bs, img) -> None:
+    """What the node learns from the header: size and backing file."""
+    bs.total_size = img.h.size
+    bs.request_alignment = 1
+    if img.h.backing_file:
+        bs.backing_file = img.h.backing_file
+        bs.backing_format = img.h.backing_format
+        from blockdrv.block import path_combine
+        bs.full_backing_file = path_combine(bs.filename, img.h.backing_file)
 
 
 driver = Qcow2Format()

@@ -44,8 +44,9 @@ class CheckFailed(BlockIOError):
     then prints no report, only "Check failed: <why>").  ``result`` holds
     the lines printed so far."""
 
-    def __init__(self, why: str, result: CheckResult) -> None:
-        super().__init__(why)
+    def __init__(self, why: str, result: CheckResult | None = None, *,
+                 errno: int | None = None) -> None:
+        super().__init__(why, errno=errno)
         self.result = result
 
 
@@ -709,6 +710,38 @@ def _restore(res: CheckResult, saved: CheckResult) -> None:
 def check_image(img, fix: int = 0, out=None) -> CheckResult:
     """Check (and with ``fix``, repair through ``out``) the open image ``img``."""
     return Qcow2Check(img, fix, out).run()
+
+
+def repair_dirty(img) -> CheckResult:
+    """qemu's repair on a read-write open of a dirty image (lazy refcounts
+    not written back): a check fixing errors and leaks, which clears the
+    dirty bit.  The check's lines go to stderr as qemu's do; a repair that
+    cannot finish refuses the open."""
+    try:
+        res = check_image(img, FIX_ERRORS | FIX_LEAKS)
+    except CheckFailed as exc:
+        _tell(exc.result.messages)
+        # the step that failed gets a line of its own, the open's error
+        # names the errno only (qemu's error_report, then its -errno)
+        step, _, why = str(exc).rpartition(": ")
+        if step:
+            _tell([f"blockdrv: {step}: {why}"])
+        raise BlockIOError(f"Could not repair dirty image: {why}") from None
+    _tell(res.messages)
+    if res.check_errors:
+        raise BlockIOError("Could not repair dirty image: Input/output error")
+    if img.dirty:
+        # qemu would write on with the bit set; blockdrv's writer relies on
+        # refcounts it can trust, so the open stops here
+        raise BlockIOError(f"Could not repair dirty image: {res.corruptions} "
+                           "corruptions remain")
+    return res
+
+
+def _tell(lines: list[str]) -> None:
+    import sys
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def check_file(file, fix: int = 0, out=None) -> tuple[CheckResult, CheckResult | None]:

@@ -224,13 +224,37 @@ class Qcow2Image:
                 real = 0
             threshold = max(real * 10 // 9, real + 2)
             end = -(-self.file.total_size // self.cs)
+            self._prealloc = self._in_use(end, threshold) > threshold
+        return self._prealloc
+
+    def _in_use(self, end: int, limit: int) -> int:
+        """Clusters below ``end`` with a refcount, counted until past
+        ``limit``: one read of the refcount table and one per refcount
+        block (``map`` of a large image asks this for every extent)."""
+        writer = getattr(self, "writer", None)
+        if writer is not None:              # the allocator's current view
             count = 0
             for i in range(end):
-                if count > threshold:
+                if count > limit:
                     break
-                count += bool(self.refcount(i))
-            self._prealloc = count > threshold
-        return self._prealloc
+                count += bool(writer.alloc.refcount(i))
+            return count
+        h = self.h
+        per = rc.entries_per_block(self.cs, h.refcount_order)
+        entries = min(-(-end // per), h.refcount_table_clusters * self.cs // 8)
+        inside = max(0, min(entries * 8, self.file.total_size - h.refcount_table_offset))
+        raw = bytes(self.file.pread(h.refcount_table_offset, inside)) if inside else b""
+        table = rc.parse_table(raw.ljust(entries * 8, b"\0"), entries)
+        count = 0
+        for t, entry in enumerate(table):
+            if count > limit:
+                break
+            block_off = entry & rc.REFT_OFFSET_MASK
+            if block_off:
+                values = rc.decode(self._refblock(block_off), h.refcount_order)
+                n = min(per, end - t * per)
+                count += n - values[:n].count(0)
+        return count
 
     def refcount(self, index: int) -> int:
         writer = getattr(self, "writer", None)
