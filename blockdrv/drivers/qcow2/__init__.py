@@ -6,7 +6,8 @@ One module per on-disk structure: :mod:`.header` (header and extensions),
 snapshot table); :mod:`.alloc` is qemu's cluster allocation policy,
 :mod:`.create` makes images byte for byte as qemu-img 7.2, :mod:`.image`
 opens and reads them, :mod:`.write` (with :mod:`.cluster`, the L2 side)
-writes them as qemu 7.2 does, extended L2 entries (subclusters) included.
+writes them as qemu 7.2 does, extended L2 entries (subclusters) included;
+:mod:`.compress` writes compressed clusters.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ class Qcow2Format:
     @hookimpl
     async def bdrv_co_writev(self, bs, offset, nbytes, qiov, flags) -> None:
         await bs.opaque.writer.writev(offset, nbytes, qiov)
+
+    @hookimpl
+    async def bdrv_co_pwritev_compressed(self, bs, offset, nbytes, qiov) -> None:
+        from .compress import write_compressed
+        await write_compressed(bs.opaque.writer, offset, nbytes, qiov)
 
     @hookimpl
     async def bdrv_co_pwrite_zeroes(self, bs, offset, nbytes, flags) -> None:
