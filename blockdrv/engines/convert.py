@@ -171,7 +171,11 @@ class ImgConvertState:
         for s in srcs:
             starts.append(pos)
             pos += s.total_size
-        buf = bytearray(cluster)
+        # several clusters are read at once and their runs of non-zero
+        # clusters written as one request (the driver may compress them in
+        # parallel); each cluster is still judged and stored on its own
+        batch = IO_BUF_SIZE // cluster * cluster
+        buf = bytearray(batch)
         offset, status_end, zero = 0, 0, False
         while offset < total:
             n = total - offset
@@ -190,23 +194,16 @@ class ImgConvertState:
                 status_end = offset + -(-st.pnum // SECTOR) * SECTOR
             n = min(n, status_end - offset)
             if not zero:
-                n = min(n, cluster)
+                n = min(n, batch)
             if n < cluster:
                 n, zero = min(cluster, total - offset), False
             else:
                 n -= n % cluster
-            if not zero:
+            if zero:
+                self.execute(self.plan_zeroes(offset, n))
+            else:
                 self.read_across(srcs, starts, offset, buf, n)
-                view = memoryview(buf)[:n]
-                if not self.min_sparse or view != memoryview(ZEROS)[:n]:
-                    try:
-                        self.target.pwritev_compressed(offset, IOVector.from_buffer(view))
-                    except BlockDriverError as exc:
-                        raise self._write_error(offset, exc) from None
-                    self.advance(n)
-                    offset += n
-                    continue
-            self.execute(self.plan_zeroes(offset, n))
+                self.write_clusters(offset, memoryview(buf)[:n], cluster)
             self.advance(n)
             offset += n
         try:
@@ -214,6 +211,27 @@ class ImgConvertState:
             self.target.pwritev_compressed(0, IOVector())
         except BlockDriverError as exc:
             raise self._write_error(0, exc) from None
+
+    def write_clusters(self, offset: int, view: memoryview, cluster: int) -> None:
+        """Compressed writes of the clusters in ``view``; all-zero clusters
+        as zero ranges (kept data under -S 0)."""
+        zeros = memoryview(ZEROS)
+        run = 0                         # start of the pending run of data clusters
+        n = len(view)
+        for pos in [*range(0, n, cluster), n]:
+            end = min(pos + cluster, n)
+            is_zero = pos < n and self.min_sparse and view[pos:end] == zeros[:end - pos]
+            if pos < n and not is_zero:
+                continue
+            if pos > run:
+                try:
+                    self.target.pwritev_compressed(offset + run,
+                                                   IOVector.from_buffer(view[run:pos]))
+                except BlockDriverError as exc:
+                    raise self._write_error(offset + run, exc) from None
+            if pos < n:
+                self.execute(self.plan_zeroes(offset + pos, end - pos))
+            run = end
 
     def read_across(self, srcs, starts, offset: int, buf: bytearray, n: int) -> None:
         done = 0

@@ -10,6 +10,11 @@ adjacent, else starting a fresh cluster.  Every host cluster a piece touches
 takes one more reference, so a host cluster's refcount is the number of
 compressed clusters stored in it.
 
+The clusters of a longer request are compressed on threads (zlib and
+libzstd release the GIL) and then stored strictly in guest order, so the
+file is the one a request per cluster would make -- unlike qemu, whose
+concurrent tasks may store them in any order.
+
 A compressed write never replaces an allocated cluster (qemu fails it with
 EIO): it is meant for filling new images, as ``convert -c`` does.
 """
@@ -17,6 +22,7 @@ EIO): it is meant for filling new images, as ``convert -c`` does.
 from __future__ import annotations
 
 import ctypes
+import os
 import ctypes.util
 import zlib
 
@@ -121,20 +127,38 @@ async def write_compressed(w, offset: int, nbytes: int, qiov: IOVector) -> None:
         raise InvalidArgumentError("Compressed writes must be cluster aligned")
     if nbytes % cs and offset + nbytes != size:
         raise InvalidArgumentError("Compressed writes must cover whole clusters")
-    done = 0
-    while done < nbytes:
-        n = min(cs, nbytes - done)
-        await _write_cluster(w, offset + done, n, qiov.slice(done, n))
-        done += n
+    zstd = img.h.compression_type == COMPRESSION_ZSTD
+    pieces = [(pos, min(cs, nbytes - pos)) for pos in range(0, nbytes, cs)]
+
+    def squeeze(piece):
+        pos, n = piece
+        data = qiov.slice(pos, n).to_bytes()
+        if n < cs:
+            data += bytes(cs - n)       # the partial last cluster of the image
+        return compress(data, zstd, cs - 1)
+    if len(pieces) > 1:
+        # zlib and libzstd release the GIL: the clusters of one request are
+        # compressed on threads (as qemu's thread pool), then stored in order
+        packed = list(_pool().map(squeeze, pieces))
+    else:
+        packed = [squeeze(pieces[0])]
+    for (pos, n), data in zip(pieces, packed):
+        await _write_cluster(w, offset + pos, n, qiov.slice(pos, n), data)
 
 
-async def _write_cluster(w, offset: int, n: int, qiov: IOVector) -> None:
+_POOL: list = []
+
+
+def _pool():
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL.append(ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                        thread_name_prefix="qcow2-compress"))
+    return _POOL[0]
+
+
+async def _write_cluster(w, offset: int, n: int, qiov: IOVector, packed: bytes | None) -> None:
     img = w.img
-    cs = img.cs
-    data = qiov.to_bytes()
-    if n < cs:
-        data += bytes(cs - n)           # the partial last cluster of the image
-    packed = compress(data, img.h.compression_type == COMPRESSION_ZSTD, cs - 1)
     if packed is None:
         await w.writev(offset, n, qiov)
         return
