@@ -159,7 +159,8 @@ def convert(sources: str | os.PathLike | Sequence[str | os.PathLike],
             coroutines: int = 1, out_of_order: bool = False, cache: str = "unsafe",
             src_cache: str = "writeback", skip_create: bool = False,
             force_share: bool = False,
-            progress: Callable[[float], Any] | None = None) -> None:
+            progress: Callable[[float], Any] | None = None,
+            compressed: bool = False) -> None:
     """Copy ``sources`` into a new image ``target`` (``qemu-img convert``).
 
     ``sources``: one image or a list, concatenated in order (``src_fmt``
@@ -174,7 +175,8 @@ def convert(sources: str | os.PathLike | Sequence[str | os.PathLike],
     flushes until the end; ``"none"`` uses O_DIRECT); ``force_share`` opens
     the sources without locks keeping writers out.  ``progress(fraction)``
     is called as the copy advances, up to 1.0; an exception it raises stops
-    the copy.
+    the copy.  ``compressed`` (``-c``) writes every target cluster
+    compressed, for formats that can (qcow2); others are refused.
 
     A target that is one of the sources (any name, link or backing file) is
     refused before anything is written; on any failure a target this call
@@ -184,7 +186,8 @@ def convert(sources: str | os.PathLike | Sequence[str | os.PathLike],
     engine.convert(sources, target, fmt=fmt, src_fmt=src_fmt, options=options,
                    sparse_size=sparse_size, coroutines=coroutines,
                    out_of_order=out_of_order, cache=cache, src_cache=src_cache,
-                   skip_create=skip_create, force_share=force_share, progress=progress)
+                   skip_create=skip_create, force_share=force_share, progress=progress,
+                   compressed=compressed)
 
 
 def compare(a: str | os.PathLike, b: str | os.PathLike, *, fmt_a: str | None = None,

@@ -153,6 +153,21 @@ async def bdrv_co_writev(bs: "BlockDriverState", offset: int, nbytes: int,
 
 
 @hookspec(firstresult=True)
+async def bdrv_co_pwritev_compressed(bs: "BlockDriverState", offset: int, nbytes: int,
+                                     qiov: "IOVector") -> None:
+    """Bound, coroutine.  Write ``qiov`` at ``offset`` compressed (QEMU's
+    ``bdrv_co_pwritev_compressed_part``, a write with
+    ``BDRV_REQ_WRITE_COMPRESSED``).  ``offset`` is cluster aligned and
+    ``nbytes`` whole clusters, or ends at the end of the image; a driver may
+    store data it cannot compress uncompressed.  ``nbytes == 0`` is the
+    end-of-copy signal (qcow2 rounds its file up to a whole sector).
+
+    Absent: the format cannot store compressed data; ``convert -c`` to it is
+    refused before the target is created ("Compression not supported for
+    this file format") and compressed writes fail with ``UnsupportedError``."""
+
+
+@hookspec(firstresult=True)
 async def bdrv_co_flush(bs: "BlockDriverState") -> None:
     """Bound, coroutine.  Make every completed write of this node durable at
     this level; the generic layer then flushes ``bs.file``."""

@@ -186,6 +186,20 @@ class BlockDriverState:
         vec = IOVector.from_buffer(data)
         await self.co_pwritev(offset, vec.size, vec, flags)
 
+    async def co_pwritev_compressed(self, offset: int, nbytes: int, qiov: IOVector) -> None:
+        """Write ``qiov`` compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED); the
+        driver checks cluster alignment, there is no read-modify-write."""
+        self._check_writable()
+        self._check_request(offset, nbytes)
+        fn = self.drv.bdrv_co_pwritev_compressed
+        if fn is None:
+            raise self._error(UnsupportedError("Compression not supported for this "
+                                               "file format"))
+        try:
+            await fn(self, offset, nbytes, qiov)
+        finally:
+            self.write_gen += 1
+
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int = 0) -> None:
         self._check_writable()
         self._check_request(offset, nbytes)
@@ -441,6 +455,9 @@ class BlockDriverState:
 
     def pwritev(self, offset: int, qiov: IOVector, flags: int = 0) -> None:
         run_sync(self.co_pwritev(offset, qiov.size, qiov, flags))
+
+    def pwritev_compressed(self, offset: int, qiov: IOVector) -> None:
+        run_sync(self.co_pwritev_compressed(offset, qiov.size, qiov))
 
     def pwrite_zeroes(self, offset: int, nbytes: int, flags: int = 0) -> None:
         run_sync(self.co_pwrite_zeroes(offset, nbytes, flags))

@@ -42,7 +42,8 @@ _BUILTIN = {
 
 _BOUND_HOOKS = (
     "bdrv_open", "bdrv_close", "bdrv_reopen_prepare", "bdrv_reopen_commit",
-    "bdrv_reopen_abort", "bdrv_co_readv", "bdrv_co_writev", "bdrv_co_flush",
+    "bdrv_reopen_abort", "bdrv_co_readv", "bdrv_co_writev", "bdrv_co_pwritev_compressed",
+    "bdrv_co_flush",
     "bdrv_co_pwrite_zeroes", "bdrv_co_pdiscard", "bdrv_co_block_status",
     "bdrv_co_truncate", "bdrv_create", "bdrv_create_opts", "bdrv_get_info",
     "bdrv_check", "bdrv_has_zero_init", "bdrv_get_allocated_file_size",

@@ -32,7 +32,7 @@ COMMANDS: dict[str, Command] = {
         "compare", "compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2",
         "tell whether two images read the same, and where they first differ", 2),
     "convert": Command(
-        "convert", "convert [-m num_coroutines] [-W] [-p] [-q] [-n] [-f fmt] [-t cache] "
+        "convert", "convert [-m num_coroutines] [-W] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] "
         "[-T src_cache] [-O output_fmt] [-o options] [-S sparse_size] [-U] "
         "filename [filename2 [...]] output_filename",
         "copy one or more images into a new image, in any format, keeping holes"),

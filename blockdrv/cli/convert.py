@@ -20,7 +20,10 @@ ranges of the sources are not written when the new target reads as zeros
 anyway; within data, runs of zero sectors at least sparse_size long are
 left as holes (-S 0 writes every byte).  A target that is one of the
 sources, under any name, is refused before anything is written; a failed
-convert removes the target it created."""
+convert removes the target it created.  With -c every cluster of the
+target is written compressed (one cluster a request, in order; data that
+does not compress is stored as is, all-zero clusters are left out), for
+formats that support it (qcow2)."""
 
 
 def coroutine_count(text: str | None) -> int | None:
@@ -47,6 +50,8 @@ def parser() -> ArgParser:
     p.add_argument("-o", dest="options", action="append", metavar="options",
                    help="the target's create options, key=value[,...] as for create; "
                         "'-o help' lists them")
+    p.add_argument("-c", dest="compressed", action="store_true",
+                   help="compress the target's clusters (formats that can, as qcow2)")
     p.add_argument("-p", dest="progress", action="store_true",
                    help="show a progress line on stderr")
     p.add_argument("-q", dest="quiet", action="store_true",
@@ -94,7 +99,8 @@ def run(argv: list[str]) -> int:
                        sparse_size=sparse_size, coroutines=coroutines or 1,
                        out_of_order=a.out_of_order, cache=a.cache, src_cache=a.src_cache,
                        skip_create=a.no_create, force_share=a.force_share,
-                       progress=progress.update if progress.enabled else None)
+                       progress=progress.update if progress.enabled else None,
+                       compressed=a.compressed)
     finally:
         progress.close()
     return 0

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 
 from .. import block
 from ..common import BLOCK_ZERO, O_FORCE_SHARE, O_RDWR, WRITE_UNMAP
-from ..errors import BlockDriverError, InvalidArgumentError
+from ..errors import BlockDriverError, BlockIOError, InvalidArgumentError, UnsupportedError
 from ..iov import IOVector
 from ..mapping import block_status
 from ..node import BlockDriverState
@@ -158,6 +158,92 @@ class ImgConvertState:
                 self.execute(self.plan_data(dst, self.buf, n))
             self.advance(n)
 
+    # -- -c: compressed, one target cluster per request ------------------------------
+
+    def copy_compressed(self, srcs: list[BlockDriverState], cluster: int) -> None:
+        """qemu-img's convert with compression: the sources are walked by
+        block status (concatenated), but every write is one whole target
+        cluster (the image's last may be partial); a zero range shorter than
+        a cluster is read as data, and a cluster whose data is all zeros is
+        treated as a zero range (left out on a zero-initialised target)."""
+        total = sum(s.total_size for s in srcs)
+        starts, pos = [], 0
+        for s in srcs:
+            starts.append(pos)
+            pos += s.total_size
+        # several clusters are read at once and their runs of non-zero
+        # clusters written as one request (the driver may compress them in
+        # parallel); each cluster is still judged and stored on its own
+        batch = IO_BUF_SIZE // cluster * cluster
+        buf = bytearray(batch)
+        offset, status_end, zero = 0, 0, False
+        while offset < total:
+            n = total - offset
+            if status_end <= offset:
+                i = next(k for k, s in enumerate(srcs)
+                         if starts[k] <= offset < starts[k] + s.total_size)
+                src, local = srcs[i], offset - starts[i]
+                try:
+                    st = block_status(src, local, src.total_size - local)
+                except BlockDriverError as exc:
+                    raise reword(exc, "error while reading block status at offset "
+                                 f"{local}: {why(exc)}") from None
+                if st.pnum <= 0:
+                    raise BlockIOError(f"block status of {src.filename} made no progress")
+                zero = bool(st.flags & BLOCK_ZERO)
+                status_end = offset + -(-st.pnum // SECTOR) * SECTOR
+            n = min(n, status_end - offset)
+            if not zero:
+                n = min(n, batch)
+            if n < cluster:
+                n, zero = min(cluster, total - offset), False
+            else:
+                n -= n % cluster
+            if zero:
+                self.execute(self.plan_zeroes(offset, n))
+            else:
+                self.read_across(srcs, starts, offset, buf, n)
+                self.write_clusters(offset, memoryview(buf)[:n], cluster)
+            self.advance(n)
+            offset += n
+        try:
+            # the end of the copy: the driver may round its file up
+            self.target.pwritev_compressed(0, IOVector())
+        except BlockDriverError as exc:
+            raise self._write_error(0, exc) from None
+
+    def write_clusters(self, offset: int, view: memoryview, cluster: int) -> None:
+        """Compressed writes of the clusters in ``view``; all-zero clusters
+        as zero ranges (kept data under -S 0)."""
+        zeros = memoryview(ZEROS)
+        run = 0                         # start of the pending run of data clusters
+        n = len(view)
+        for pos in [*range(0, n, cluster), n]:
+            end = min(pos + cluster, n)
+            is_zero = pos < n and self.min_sparse and view[pos:end] == zeros[:end - pos]
+            if pos < n and not is_zero:
+                continue
+            if pos > run:
+                try:
+                    self.target.pwritev_compressed(offset + run,
+                                                   IOVector.from_buffer(view[run:pos]))
+                except BlockDriverError as exc:
+                    raise self._write_error(offset + run, exc) from None
+            if pos < n:
+                self.execute(self.plan_zeroes(offset + pos, end - pos))
+            run = end
+
+    def read_across(self, srcs, starts, offset: int, buf: bytearray, n: int) -> None:
+        done = 0
+        for src, start in zip(srcs, starts):
+            end = start + src.total_size
+            if end <= offset + done or start >= offset + n:
+                continue
+            pos = offset + done - start
+            k = min(n - done, end - (offset + done))
+            self.read(src, pos, offset + done, memoryview(buf)[done:done + k], k)
+            done += k
+
     # -- -m N: concurrent requests ----------------------------------------------------
 
     def copy_parallel(self, srcs: list[BlockDriverState], requests: int,
@@ -276,6 +362,33 @@ def _create_target(target: str, fmt: str, options, size: int) -> None:
         raise reword(exc, f"{target}: error while converting {fmt}: {why(exc)}") from None
 
 
+def _check_compression(fmt: str, options) -> None:
+    """qemu-img's checks before a compressed target is created."""
+    drv = get_registry().formats.get(fmt)
+    if drv is not None and not drv.has("bdrv_co_pwritev_compressed"):
+        raise UnsupportedError("Compression not supported for this file format")
+    items = dict(options.items() if isinstance(options, dict) else options or [])
+    if items.get("encrypt.format") or str(items.get("encryption", "off")) not in (
+            "off", "false", "False"):
+        raise InvalidArgumentError("Compression and encryption not supported at the "
+                                   "same time")
+    if str(items.get("preallocation", "off")) != "off":
+        raise InvalidArgumentError("Compression and preallocation not supported at the "
+                                   "same time")
+
+
+def _cluster_size(out: BlockDriverState) -> int:
+    """The target's cluster: the unit of a compressed write (at most the
+    2 MiB copy buffer, as qemu-img)."""
+    try:
+        cluster = out.get_info().cluster_size
+    except BlockDriverError:
+        raise InvalidArgumentError("could not get block driver info") from None
+    if not cluster or cluster % SECTOR or cluster > IO_BUF_SIZE:
+        raise InvalidArgumentError("invalid cluster size")
+    return cluster
+
+
 def _paths(sources: PathLike | Iterable[PathLike]) -> list[str]:
     if isinstance(sources, (str, os.PathLike)):
         return [os.fspath(sources)]
@@ -288,7 +401,7 @@ def convert(sources: PathLike | Sequence[PathLike], target: PathLike, *,
             sparse_size: int = 4096, coroutines: int = 1, out_of_order: bool = False,
             cache: str | None = "unsafe", src_cache: str | None = "writeback",
             skip_create: bool = False, force_share: bool = False,
-            progress: Progress | None = None) -> None:
+            progress: Progress | None = None, compressed: bool = False) -> None:
     """Copy ``sources`` (one image or several, concatenated) into ``target``.
 
     See :func:`blockdrv.convert` for the arguments.  On failure a target this
@@ -298,6 +411,8 @@ def convert(sources: PathLike | Sequence[PathLike], target: PathLike, *,
     if not names:
         raise InvalidArgumentError("Must specify image file name")
     check_coroutines(coroutines)
+    if compressed and out_of_order:
+        raise InvalidArgumentError("Out of order write and compress are mutually exclusive")
     min_sparse = sparse_sectors(sparse_size)
     src_mode = cache_mode(src_cache, "writeback", "source ")
     dst_mode = cache_mode(cache, "unsafe")
@@ -310,6 +425,8 @@ def convert(sources: PathLike | Sequence[PathLike], target: PathLike, *,
         # before anything is created or truncated
         block.check_target_not_source(target, srcs)
         total = sum(s.total_size for s in srcs)
+        if compressed:
+            _check_compression(fmt, options)
         if not skip_create:
             existed = os.path.lexists(target)
             _create_target(target, fmt, options, total)
@@ -323,7 +440,10 @@ def convert(sources: PathLike | Sequence[PathLike], target: PathLike, *,
                                 progress, total)
             if progress is not None:
                 progress(0.0)
-            if coroutines == 1:
+            if compressed:
+                # in order, one cluster a request, whatever -m says
+                state.copy_compressed(srcs, _cluster_size(out))
+            elif coroutines == 1:
                 # one request at a time (the built-in protocols never
                 # suspend, so coroutines would only add event-loop overhead)
                 base = 0

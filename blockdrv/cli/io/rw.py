@@ -171,10 +171,12 @@ def write_f(qio: QemuIO, cmd: Command, args: list[str]) -> bool:
             vec = _pattern_vector(pattern, count)
 
     def request() -> None:
-        if bflag or cflag:
+        if bflag:
             raise BlockDriverError("not supported", errno=_errno.ENOTSUP)
         if zflag:
             qio.bs.pwrite_zeroes(offset, count, flags)
+        elif cflag:
+            qio.bs.pwritev_compressed(offset, vec)
         else:
             qio.bs.pwritev(offset, vec, flags)
         if qio.writethrough and count:

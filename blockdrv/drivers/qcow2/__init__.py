@@ -7,8 +7,8 @@ snapshot table); :mod:`.alloc` is qemu's cluster allocation policy,
 :mod:`.create` makes images byte for byte as qemu-img 7.2, :mod:`.image`
 opens and reads them, :mod:`.write` (with :mod:`.cluster`, the L2 side)
 writes them as qemu 7.2 does, extended L2 entries (subclusters) included;
-a read-write open of a dirty image repairs it first (:mod:`.check`), as
-qemu's open does.
+:mod:`.compress` writes compressed clusters; a read-write open of a dirty
+image repairs it first (:mod:`.check`), as qemu's open does.
 """
 
 from __future__ import annotations
@@ -94,6 +94,11 @@ class Qcow2Format:
     @hookimpl
     async def bdrv_co_writev(self, bs, offset, nbytes, qiov, flags) -> None:
         await bs.opaque.writer.writev(offset, nbytes, qiov)
+
+    @hookimpl
+    async def bdrv_co_pwritev_compressed(self, bs, offset, nbytes, qiov) -> None:
+        from .compress import write_compressed
+        await write_compressed(bs.opaque.writer, offset, nbytes, qiov)
 
     @hookimpl
     async def bdrv_co_pwrite_zeroes(self, bs, offset, nbytes, flags) -> None:

@@ -70,6 +70,9 @@ class Qcow2Writer:
         self.alloc.on_zero = self._freed
         self.alloc.barrier = self.barrier
         self.map = ClusterMap(img, self)
+        # where the next compressed piece may go (qemu's free_byte_offset):
+        # inside a partly used host cluster, or 0
+        self.free_byte_offset = 0
         self._discard_ok = False
         self._discards: list[list[int]] = []
         # One request changes metadata at a time (qemu's s->lock, held across
