@@ -96,9 +96,7 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import struct
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -110,6 +108,7 @@ from ..common import BLOCK_DATA, BLOCK_ZERO, O_RDWR
 from ..errors import BlockDriverError
 from ..iov import IOVector
 from . import crash
+from .budget import time_budget
 from .compare import file_digest
 from .crash import abandon
 
@@ -586,18 +585,6 @@ class FormatConformance:
             struct.pack_into("<" + fmt, data, at, value)
         return f"{fmt} {value:#x} at {at:#x}"
 
-    @contextmanager
-    def _time_budget(self, seconds):
-        def on_alarm(signum, frame):
-            raise TimeoutError(f"fuzz example exceeded its {seconds} s budget")
-        old = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            yield
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
-
     def _read_sample(self, img) -> None:
         size, cs = img.size, self.cluster_size
         clusters = -(-size // cs)
@@ -664,7 +651,7 @@ class FormatConformance:
             muts = [self._mutate(rng, data, regions) for _ in range(rng.randint(1, 4))]
             label = f"example {i} (seed {seed}): {', '.join(muts)}"
             stats["examples"] += 1
-            with self._time_budget(self.fuzz_time_budget):
+            with time_budget(self.fuzz_time_budget):
                 try:
                     self._fuzz_one(bytes(data), label, str(workdir), stats)
                 except AssertionError:

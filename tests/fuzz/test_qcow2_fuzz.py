@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
 import struct
 import tempfile
 import tracemalloc
@@ -30,6 +29,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blockdrv.testing.budget import time_budget
 from blockdrv.cli import main
 from blockdrv.drivers.qcow2.header import Header
 from blockdrv.testing.compare import file_digest
@@ -40,23 +40,6 @@ pytestmark = pytest.mark.interop
 TIME_BUDGET = 20            # seconds per example (all commands)
 MEMORY_BUDGET = 64 << 20    # Python allocation peak per example
 MiB = 1 << 20
-
-
-class Hang(BaseException):
-    """Not an Exception: the CLI's last line of defence must not swallow it."""
-
-
-@contextlib.contextmanager
-def time_budget(seconds):
-    def on_alarm(signum, frame):
-        raise Hang(f"example exceeded its {seconds} s budget")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # --------------------------------------------------------------------------- bases

@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import struct
 import tempfile
 import tracemalloc
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import blockdrv
+from blockdrv.testing.budget import time_budget
 from blockdrv.block import open_node
 from blockdrv.errors import BlockDriverError
 from blockdrv.common import FIX_ERRORS, FIX_LEAKS, O_CHECK, O_RDWR
@@ -44,23 +43,6 @@ from blockdrv.testing.vhdx.corrupt import (HEADER_OFFSETS, REGION_OFFSETS, KiB, 
 TIME_BUDGET = 20          # seconds per example
 MEMORY_BUDGET = 48 * MiB  # Python allocation peak per example
 MAX_BLOCKS_READ = 256
-
-
-class Hang(Exception):
-    pass
-
-
-@contextmanager
-def time_budget(seconds):
-    def on_alarm(signum, frame):
-        raise Hang(f"example exceeded its {seconds} s budget")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # --------------------------------------------------------------------------- bases
