@@ -44,6 +44,7 @@ class Allocator:
         self.read, self.write, self.set_table = read, write, set_table
         self.blocks: dict[int, bytearray] = {}
         self.free_index = 0
+        self._block_clusters: set[int] | None = None    # see block_clusters()
         # called with each cluster index whose refcount drops to zero (a
         # writer discards freed clusters in the file, as qemu's passthrough)
         self.on_zero: Callable[[int], None] | None = None
@@ -150,6 +151,14 @@ class Allocator:
             if dirty is not None:
                 self.write(dirty, bytes(self.blocks[dirty]))
 
+    def block_clusters(self) -> set[int]:
+        """The cluster indexes of the refcount blocks the table names, kept
+        until the table changes (every guest write's overlap check asks)."""
+        if self._block_clusters is None:
+            self._block_clusters = {(e & rc.REFT_OFFSET_MASK) >> self.cbits
+                                    for e in self.table if e & rc.REFT_OFFSET_MASK}
+        return self._block_clusters
+
     # -- qemu's alloc_refcount_block / qcow2_refcount_area -----------------------------
 
     def _refblock_for(self, ci: int) -> int:
@@ -170,6 +179,7 @@ class Allocator:
         self.barrier()
         if t < len(self.table):
             self.table[t] = new
+            self._block_clusters = None
             self.write(self.table_offset + t * 8, new.to_bytes(8, "big"))
             raise _Again
         used = -(-max(ci + 1, (new >> self.cbits) + 1) // self.per_block)
@@ -212,6 +222,7 @@ class Allocator:
         self.write(table_offset, rc.pack_table(table))
         old_offset, old_size = self.table_offset, len(self.table)
         self.table, self.table_offset = table, table_offset
+        self._block_clusters = None
         self.set_table(table_offset, table_clusters)
         self.free(old_offset, old_size * 8)
         return end

@@ -150,18 +150,15 @@ class Qcow2Writer:
         first, last = offset // cs, (offset + nbytes - 1) // cs
         reft = range(h.refcount_table_offset // cs,
                      h.refcount_table_offset // cs + h.refcount_table_clusters)
-        blocks = None
+        blocks = self.alloc.block_clusters()
         for c in range(first, last + 1):
             what = None
             if c in self._metadata:
                 what = "active L1/L2 table, header or snapshot"
             elif c in reft:
                 what = "refcount table"
-            else:
-                if blocks is None:
-                    blocks = {(e & rc.REFT_OFFSET_MASK) // cs for e in self.alloc.table if e}
-                if c in blocks:
-                    what = "refcount block"
+            elif c in blocks:
+                what = "refcount block"
             if what:
                 raise CorruptImageError(f"Preventing invalid write on metadata (overlaps "
                                         f"with {what}); the image is damaged: run "
