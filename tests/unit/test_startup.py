@@ -203,12 +203,16 @@ def test_pm_follows_later_registrations():
                                  ["info", "{d}/x.raw"], ["check", "-f", "raw", "{d}/x.raw"],
                                  ["map", "{d}/x.raw"], ["io", "-c", "read 0 4k", "{d}/x.raw"],
                                  ["info", "{d}/x.vhdx"], ["check", "{d}/x.vhdx"],
-                                 ["map", "{d}/x.vhdx"], ["io", "-c", "read 0 4k", "{d}/x.vhdx"]])
+                                 ["map", "{d}/x.vhdx"], ["io", "-c", "read 0 4k", "{d}/x.vhdx"],
+                                 ["info", "{d}/x.qcow2"], ["check", "{d}/x.qcow2"],
+                                 ["map", "{d}/x.qcow2"], ["io", "-c", "read 0 4k", "{d}/x.qcow2"],
+                                 ["io", "-c", "write 64k 4k", "{d}/x.qcow2"]])
 def test_short_commands_load_no_heavy_module(tmp_path, cmd):
     from blockdrv import api
     if not (tmp_path / "x.vhdx").exists():
         api.create_image(str(tmp_path / "x.vhdx"), "vhdx", "1G").close()
         api.create_image(str(tmp_path / "x.raw"), "raw", "1M").close()
+        api.create_image(str(tmp_path / "x.qcow2"), "qcow2", "1G").close()
     argv = [a.format(d=tmp_path) for a in cmd]
     # what blockdrv adds to the interpreter's own start-up (site may import
     # typing or inspect itself, as a sandbox's .pth hook does here)

@@ -10,7 +10,6 @@ trusts the extension while the autoclear "bitmaps" bit is set.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from .constants import AUTOCLEAR_BITMAPS, EXT_BITMAPS
 
@@ -23,13 +22,17 @@ _ENTRY = struct.Struct(">QIIBBHI")       # table offset, size, flags, type, gran
 _EXT = struct.Struct(">IIQQ")            # nb_bitmaps, reserved, directory size, offset
 
 
-@dataclass
 class Bitmap:
-    name: str
-    table_offset: int
-    table_size: int
-    flags: int
-    granularity_bits: int
+    """One bitmap directory entry (the fields ``info`` and ``check`` read)."""
+    __slots__ = ("name", "table_offset", "table_size", "flags", "granularity_bits")
+
+    def __init__(self, name: str, table_offset: int, table_size: int, flags: int,
+                 granularity_bits: int) -> None:
+        self.name = name
+        self.table_offset = table_offset
+        self.table_size = table_size
+        self.flags = flags
+        self.granularity_bits = granularity_bits
 
     def info(self) -> dict:
         """qemu's Qcow2BitmapInfo."""
@@ -39,11 +42,14 @@ class Bitmap:
                 "flags": flags}
 
 
-@dataclass
 class Directory:
-    offset: int
-    size: int
-    count: int
+    """Where the bitmap directory lies, and how many entries it holds."""
+    __slots__ = ("offset", "size", "count")
+
+    def __init__(self, offset: int, size: int, count: int) -> None:
+        self.offset = offset
+        self.size = size
+        self.count = count
 
 
 def directory(h) -> Directory | None:

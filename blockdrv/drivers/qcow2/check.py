@@ -696,15 +696,14 @@ def _hash_x(value: int) -> str:
 
 
 def _copy(res: CheckResult) -> CheckResult:
-    import dataclasses
-    return dataclasses.replace(res, messages=res.messages)
+    # a shallow copy (the messages list shared); not dataclasses.replace,
+    # whose import (inspect, ast, dis...) costs every check ~15 ms
+    import copy
+    return copy.copy(res)
 
 
 def _restore(res: CheckResult, saved: CheckResult) -> None:
-    import dataclasses
-    for f in dataclasses.fields(CheckResult):
-        if f.name != "messages":
-            setattr(res, f.name, getattr(saved, f.name))
+    vars(res).update((k, v) for k, v in vars(saved).items() if k != "messages")
 
 
 def check_image(img, fix: int = 0, out=None) -> CheckResult:

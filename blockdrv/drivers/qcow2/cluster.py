@@ -21,8 +21,6 @@ allocated in the bitmap; zero writes and discards set bitmap zero bits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from blockdrv.errors import CorruptImageError
 
 from . import l2 as L
@@ -32,15 +30,21 @@ REQUEST_MAX = INT_MAX & ~511        # qemu's BDRV_REQUEST_MAX_BYTES (rounded)
 _STOP = object()
 
 
-@dataclass
 class L2Meta:
-    """One run of clusters whose L2 entries a write changes (qemu's QCowL2Meta)."""
-    alloc_offset: int           # host offset of the first cluster
-    offset: int                 # guest offset of the first cluster
-    nb_clusters: int
-    keep_old: bool              # overwritten in place (zero or unallocated subclusters)
-    cow_start: tuple[int, int]  # (offset in the run, bytes) copied before the data
-    cow_end: tuple[int, int]    # (offset in the run, bytes) copied after it
+    """One run of clusters whose L2 entries a write changes (qemu's QCowL2Meta).
+
+    A plain class, not a dataclass: this module is on the path of every
+    write, and ``dataclasses`` costs a short command ~15 ms of imports."""
+    __slots__ = ("alloc_offset", "offset", "nb_clusters", "keep_old", "cow_start", "cow_end")
+
+    def __init__(self, alloc_offset: int, offset: int, nb_clusters: int, keep_old: bool,
+                 cow_start: tuple[int, int], cow_end: tuple[int, int]) -> None:
+        self.alloc_offset = alloc_offset    # host offset of the first cluster
+        self.offset = offset                # guest offset of the first cluster
+        self.nb_clusters = nb_clusters
+        self.keep_old = keep_old            # overwritten in place (zero/unallocated subclusters)
+        self.cow_start = cow_start          # (offset in the run, bytes) copied before the data
+        self.cow_end = cow_end              # (offset in the run, bytes) copied after it
 
 
 def _alloc_kind(entry: int, ext: bool) -> bool:
