@@ -16,6 +16,7 @@ block cannot be trusted.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from array import array
 
@@ -158,9 +159,7 @@ class Qcow2Check:
         table = bytearray(self._pread(l2_offset, cs))
         frag = flags & CHECK_FRAG_INFO
         next_contiguous = 0
-        for i in range(cs // esize):
-            entry = int.from_bytes(table[i * esize:i * esize + 8], "big")
-            bitmap = int.from_bytes(table[i * 16 + 8:i * 16 + 16], "big") if ext else 0
+        for i, (entry, bitmap) in enumerate(_entries(table, ext)):
             if not entry and not bitmap:
                 continue
             kind = L.cluster_type(entry, ext)
@@ -464,10 +463,11 @@ class Qcow2Check:
                     res.corruptions_fixed += 1
             table = bytearray(self._pread(l2_offset, cs))
             dirty = 0
-            for j in range(0, cs, img.esize):
-                entry = int.from_bytes(table[j:j + 8], "big")
-                if L.cluster_type(entry, img.extl2) not in (L.NORMAL, L.ZERO_ALLOC):
+            for i, (entry, _) in enumerate(_entries(table, img.extl2)):
+                if not entry or L.cluster_type(entry, img.extl2) not in (L.NORMAL,
+                                                                         L.ZERO_ALLOC):
                     continue
+                j = i * img.esize
                 refcount = self.get_refcount((entry & L.L2E_OFFSET_MASK) // cs)
                 if refcount is None:
                     continue
@@ -688,6 +688,13 @@ class Qcow2Check:
         self.out.flush()
         self.out.pwrite(72, h.incompatible_features.to_bytes(8, "big"))
         self.out.flush()
+
+
+def _entries(table: bytes, ext: bool):
+    """(entry, subcluster bitmap) of every L2 entry of ``table``, decoded in
+    one call: a Python step per entry was most of a short check's time."""
+    words = struct.unpack(f">{len(table) // 8}Q", table)
+    return zip(words[0::2], words[1::2]) if ext else zip(words, itertools.repeat(0))
 
 
 def _hash_x(value: int) -> str:
