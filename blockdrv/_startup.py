@@ -348,11 +348,34 @@ class lazy_module:
         self._alias = alias
 
     def __getattr__(self, attr: str):
-        import importlib
-        module = sys.modules.get(self._name) or importlib.import_module(self._name)
+        module = sys.modules.get(self._name)
+        if module is None:
+            __import__(self._name)
+            module = sys.modules[self._name]
         if self._ns is not None and self._alias:
             self._ns[self._alias] = module
         return getattr(module, attr)
+
+
+def import_machinery():
+    """(machinery, util): objects with the names of :mod:`importlib.machinery`
+    and :mod:`importlib.util` used here (PathFinder, EXTENSION_SUFFIXES,
+    ExtensionFileLoader; spec_from_file_location, module_from_spec).  The
+    interpreter's own import system already holds them, loaded at start-up;
+    the public modules import :mod:`importlib`, :mod:`warnings` and
+    :mod:`contextlib` on top, for a short command a millisecond for nothing."""
+    external = sys.modules.get("_frozen_importlib_external")
+    bootstrap = sys.modules.get("_frozen_importlib")
+    if all(hasattr(external, n) for n in ("PathFinder", "EXTENSION_SUFFIXES",
+                                           "ExtensionFileLoader", "spec_from_file_location")) \
+            and hasattr(bootstrap, "module_from_spec"):
+        class util:                         # noqa: N801 - stands for the module
+            spec_from_file_location = staticmethod(external.spec_from_file_location)
+            module_from_spec = staticmethod(bootstrap.module_from_spec)
+        return external, util
+    import importlib.machinery
+    import importlib.util
+    return importlib.machinery, importlib.util
 
 
 def load_extension(name: str):
@@ -364,17 +387,16 @@ def load_extension(name: str):
         return sys.modules[name]
     package, _, leaf = name.rpartition(".")
     try:
-        import importlib.machinery
-        import importlib.util
         import os
-        spec = importlib.util.find_spec(package)
+        machinery, util = import_machinery()
+        spec = machinery.PathFinder.find_spec(package)
         for folder in (spec.submodule_search_locations or ()) if spec else ():
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            for suffix in machinery.EXTENSION_SUFFIXES:
                 path = os.path.join(folder, leaf + suffix)
                 if os.path.exists(path):
-                    loader = importlib.machinery.ExtensionFileLoader(name, path)
-                    mod = importlib.util.module_from_spec(
-                        importlib.util.spec_from_file_location(name, path, loader=loader))
+                    loader = machinery.ExtensionFileLoader(name, path)
+                    mod = util.module_from_spec(
+                        util.spec_from_file_location(name, path, loader=loader))
                     loader.exec_module(mod)
                     sys.modules[name] = mod
                     return mod

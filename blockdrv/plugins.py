@@ -8,17 +8,16 @@ that carries ``format_name``/``protocol_name`` and hook implementations.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-import threading
+from _thread import allocate_lock
 from blockdrv._startup import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing import Any, Callable
 
 from . import hookspecs
-from ._startup import argnames
+from ._startup import argnames, import_machinery
 from .errors import InvalidArgumentError, UnsupportedError
 
 ENTRY_POINT_GROUP = "blockdrv.drivers"
@@ -339,7 +338,7 @@ def _parse_groups(text: str, into: dict[str, list[tuple[str, str]]]) -> None:
 def _scan() -> dict[str, list[tuple[str, str]]] | None:
     """group -> (name, "module:attr") on sys.path, every group in one pass;
     None: use importlib.metadata."""
-    from importlib.machinery import PathFinder
+    PathFinder = import_machinery()[0].PathFinder      # noqa: N806
     for finder in sys.meta_path:
         if finder is not PathFinder and hasattr(finder, "find_distributions"):
             return None
@@ -392,11 +391,21 @@ def entry_points(group: str) -> list[tuple[str, str]]:
     return list(eps)
 
 
+def import_module(name: str) -> Any:
+    """:func:`importlib.import_module` for absolute names, without importing
+    :mod:`importlib` (and :mod:`warnings`) on every command's path."""
+    module = sys.modules.get(name)
+    if module is None:
+        __import__(name)
+        module = sys.modules[name]
+    return module
+
+
 def load_entry_point(value: str) -> Any:
     """The object an entry point names (``module:attr.attr [extras]``)."""
     target = value.partition("[")[0].strip()
     module, _, attrs = target.partition(":")
-    obj = importlib.import_module(module.strip())
+    obj = import_module(module.strip())
     for attr in filter(None, attrs.strip().split(".")):
         obj = getattr(obj, attr)
     return obj
@@ -455,7 +464,7 @@ class _Table(dict):
 
 
 _registry: DriverRegistry | None = None
-_lock = threading.Lock()
+_lock = allocate_lock()           # threading.Lock, without importing threading
 
 
 def get_registry() -> DriverRegistry:

@@ -11,7 +11,6 @@ is reported as ``blockdrv: internal error: ...`` with status 1.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from blockdrv._startup import TYPE_CHECKING
 
@@ -35,7 +34,9 @@ def _handler(command: str) -> Callable[[list[str]], int]:
         except ImportError as exc:
             raise CliError(f"the io command is not available: {exc}") from None
         return io_cli.main
-    return importlib.import_module(f"{__name__}.{COMMANDS[command].module}").run
+    # __import__ with a fromlist returns the submodule itself (importlib,
+    # with warnings, is not on a short command's path)
+    return __import__(f"{__name__}.{COMMANDS[command].module}", fromlist=["run"]).run
 
 
 def main(argv: list[str] | None = None) -> int:

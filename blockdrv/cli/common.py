@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno as _errno
-import math
 import re
 import sys
 from blockdrv._startup import TYPE_CHECKING
@@ -137,10 +136,23 @@ def cvtnum(name: str, text: str) -> int:
     return value
 
 
+def _frexp_exponent(x: float) -> int:
+    """``math.frexp(x)[1]`` for x >= 0 (math is an extension module to load
+    for a single call): e with x = m * 2**e, 0.5 <= m < 1; 0 for 0."""
+    x = float(x)
+    if x >= 1.0:
+        return int(x).bit_length()
+    e = 0
+    while x and x < 0.5:
+        x *= 2.0
+        e -= 1
+    return e
+
+
 def size_to_str(value: int) -> str:
     """qemu's size_to_str: three significant digits, binary units."""
     suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
-    exp = math.frexp(value / (1000.0 / 1024.0))[1]
+    exp = _frexp_exponent(value / (1000.0 / 1024.0))
     i = max(0, (exp - 1) // 10)
     i = min(i, len(suffixes) - 1)
     return "%0.3g %sB" % (value / float(1 << (i * 10)), suffixes[i])

@@ -7,7 +7,6 @@ SEEK_DATA/SEEK_HOLE and made with ``fallocate``.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 
@@ -62,6 +61,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         err = get_errno()
         raise OSError(err, os.strerror(err))
 
+
+
+def _bounce(nbytes: int):
+    """A page-aligned buffer for O_DIRECT (anonymous memory); mmap is
+    imported here, by the cache=none paths only."""
+    import mmap
+    return mmap.mmap(-1, nbytes)
 
 class _State:
     __slots__ = ("fd", "path", "is_block", "direct", "reopen_fd", "locked", "prev_locked")
@@ -241,7 +247,7 @@ class FileProtocol:
             # O_DIRECT needs aligned memory: read into a page-aligned bounce
             # buffer.  A short read is the end of the file (a read after it
             # would start unaligned): the rest reads as zeros.
-            bounce = mmap.mmap(-1, nbytes)
+            bounce = _bounce(nbytes)
             try:
                 got = os.preadv(bs.opaque.fd, [bounce], offset)
             except OSError as exc:
@@ -276,7 +282,7 @@ class FileProtocol:
     async def bdrv_co_writev(self, bs, offset, nbytes, qiov: IOVector, flags) -> None:
         fd = bs.opaque.fd
         if bs.opaque.direct:
-            bounce = mmap.mmap(-1, nbytes)      # page-aligned, as O_DIRECT needs
+            bounce = _bounce(nbytes)            # page-aligned, as O_DIRECT needs
             bounce[:] = qiov.gather(0, nbytes)
             qiov = IOVector.from_buffer(bounce)
         done = 0

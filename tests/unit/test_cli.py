@@ -361,3 +361,17 @@ def test_io_close_flush_failure_is_reported(monkeypatch, img):
     assert io_run(["-f", "raw", "-c", "length", img], out, err) == 1
     assert err.getvalue() == "blockdrv: Input/output error\n"
     assert closed and all(closed)
+
+
+def test_frexp_exponent_is_maths():
+    """size_to_str's exponent without the math module: math.frexp's, for
+    the values sizes give and the awkward ones."""
+    import math
+    import random
+    from blockdrv.cli.common import _frexp_exponent
+    rnd = random.Random(7)
+    values = [0, 1, 2, 3, 0.5, 0.25, 0.3, 1023, 1024, 1e-300, 2 ** 63, 2 ** 64 - 1]
+    values += [rnd.random() * 10 ** rnd.randint(-6, 20) for _ in range(20000)]
+    values += [v / (1000.0 / 1024.0) for v in (1 << 30, 1000, 999, 10 ** 15)]
+    for v in values:
+        assert _frexp_exponent(v) == math.frexp(v)[1], v
