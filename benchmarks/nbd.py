@@ -25,10 +25,15 @@ import sys
 import tempfile
 import time
 
+from .install import reexec_installed
+
 MiB = 1 << 20
 QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
 QEMU_NBD = shutil.which("qemu-nbd") or "/usr/bin/qemu-nbd"
-BD = [sys.executable, "-m", "blockdrv"]
+# the console script of this interpreter (``-m`` would import a checkout in
+# the current directory before the installed package)
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "blockdrv")
+BD = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [sys.executable, "-m", "blockdrv"]
 
 
 def _wait_socket(path: str, proc: subprocess.Popen) -> None:
@@ -82,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256, help="image size in MiB")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--in-place", action="store_true",
+                    help="time the blockdrv of this interpreter (default: an ordinary, "
+                         "non-editable install of this checkout in a venv of its own)")
     args = ap.parse_args(argv)
+    reexec_installed("benchmarks.nbd", sys.argv[1:] if argv is None else argv)
     size = args.size * MiB
     with tempfile.TemporaryDirectory(prefix="bd-nbd-bench-") as work:
         images = make_images(work, size)

@@ -29,6 +29,7 @@ from typing import Callable
 
 from .dense import (dense_workloads, make_dense, profile_commands, profile_nbd_server,
                     top_frames)
+from .install import reexec_installed
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
@@ -475,6 +476,9 @@ def profile(wl: list[Workload], outdir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--in-place", action="store_true",
+                    help="time the blockdrv of this interpreter (default: an ordinary, "
+                         "non-editable install of this checkout in a venv of its own)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--full", action="store_true", help="add the 4 GiB converts")
     p.add_argument("--only", help="comma list of groups: convert,dense,data,qcow2,nbd,bench,"
@@ -489,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                         "pyinstrument per blockdrv command, py-spy on the nbd server "
                         "(pip install -e '.[bench]')")
     args = p.parse_args(argv)
+    reexec_installed("benchmarks.run", sys.argv[1:] if argv is None else argv)
     work = args.workdir or tempfile.mkdtemp(prefix="blockdrv-bench-", dir="/var/tmp")
     os.makedirs(work, exist_ok=True)
     byte_compile()

@@ -11,7 +11,10 @@ entries, 200 of them allocated), a raw and a qcow2 image with data.  Each
 repetition runs every row once on each tool, the order flipping every
 repetition (ABBA); the table shows medians, the ratio and the target (4x
 qemu's whole command).  ``python -c pass`` is measured the same way: it is
-the floor under every blockdrv figure.  ``--imports`` runs each blockdrv
+the floor under every blockdrv figure; so is the floor of any pip console
+script with an argparse command line (pip's script imports ``re``).  By
+default blockdrv is timed as a user installs it: see :mod:`benchmarks.install`
+(``--in-place`` times this interpreter's).  ``--imports`` runs each blockdrv
 command under ``-X importtime`` and reports the module count, the slowest
 imports and whether numpy was loaded; ``--profile`` needs the ``bench``
 extra (pyinstrument).
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import time
 
+from .install import reexec_installed
 from .run import PY, QEMU_IMG, QEMU_IO, byte_compile, sh
 
 # This interpreter's console script, else ``-m``: never another ``blockdrv``
@@ -37,6 +41,7 @@ BD = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [PY, "-m", "blockdrv"]
 
 MiB = 1 << 20
 TARGET = 4.0
+FLOOR = "import re, argparse; argparse.ArgumentParser().parse_args([])"
 
 
 def make_images(work: str) -> dict[str, tuple[str, str]]:
@@ -98,7 +103,11 @@ def measure(table, reps: int) -> list[tuple]:
     """(label, blockdrv median, qemu median, blockdrv IQR, qemu IQR, blockdrv
     median CPU, qemu median CPU)."""
     base = ("python -c pass", [PY, "-c", "pass"], [PY, "-c", "pass"])
-    table = [base, *table]
+    # what any pip console script with an argparse command line pays before
+    # its first own line: pip's script template imports re (with enum,
+    # functools, collections), argparse adds gettext and locale
+    floor = ("python -c 'import re, argparse'", [PY, "-c", FLOOR], [PY, "-c", FLOOR])
+    table = [base, floor, *table]
     samples = {label: ([], []) for label, _, _ in table}
     for rep in range(reps):
         for label, bd, qemu in table:
@@ -120,20 +129,25 @@ def measure(table, reps: int) -> list[tuple]:
 
 def report(results, reps: int, machine: str) -> str:
     py0, py0_cpu = results[0][1], results[0][5]
+    fl, fl_cpu = results[1][1], results[1][5]
     lines = [f"Machine: {machine}, {time.strftime('%Y-%m-%d')}. {reps} alternated runs "
              f"(ABBA) per row, medians (IQR in the notes); `python -c pass`: "
-             f"{py0 * 1e3:.1f} ms wall, {py0_cpu * 1e3:.1f} ms CPU.  The ratio is of wall "
-             "times; the CPU ratio (user + system of the child) is the steadier one on a "
-             "loaded machine.", "",
+             f"{py0 * 1e3:.1f} ms wall, {py0_cpu * 1e3:.1f} ms CPU; the floor of a pip "
+             f"console script with an argparse command line (`import re, argparse` and an "
+             f"empty parse): {fl * 1e3:.1f} ms wall, {fl_cpu * 1e3:.1f} ms CPU.  The ratio "
+             "is of wall times; the CPU ratio (user + system of the child) is the steadier "
+             "one on a loaded machine.", "",
              "| command | blockdrv | qemu | ratio | CPU ratio | target | met | notes |",
              "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
-    for label, b, q, ib, iq, bc, qc in results[1:]:
+    for label, b, q, ib, iq, bc, qc in results[2:]:
         ratio = b / q
         lines.append(f"| {label} | {b * 1e3:.1f} ms | {q * 1e3:.1f} ms | {ratio:.2f} | "
                      f"{bc / qc if qc else float('inf'):.2f} | <= {TARGET:g}x | "
                      f"{'yes' if ratio <= TARGET else 'no'} | "
                      f"IQR {ib * 1e3:.1f} vs {iq * 1e3:.1f} ms; CPU {bc * 1e3:.1f} vs "
-                     f"{qc * 1e3:.1f} ms; beyond python start-up {(b - py0) * 1e3:.1f} ms |")
+                     f"{qc * 1e3:.1f} ms; beyond python start-up {(b - py0) * 1e3:.1f} ms, "
+                     f"beyond the console-script floor {(b - fl) * 1e3:.1f} ms; the floor "
+                     f"alone is {fl / q:.2f}x qemu's command |")
     return "\n".join(lines)
 
 
@@ -186,6 +200,9 @@ def profile(table, which: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.startup", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--in-place", action="store_true",
+                    help="time the blockdrv of this interpreter (default: an ordinary, "
+                         "non-editable install of this checkout in a venv of its own)")
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--only", help="run only rows whose label contains this text")
     p.add_argument("--imports", action="store_true", help="report imports, time nothing")
@@ -194,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--machine", default=f"{os.cpu_count()} cores, shared/noisy")
     a = p.parse_args(argv)
+    reexec_installed("benchmarks.startup", sys.argv[1:] if argv is None else argv)
     work = a.workdir or tempfile.mkdtemp(prefix="blockdrv-startup-", dir="/var/tmp")
     os.makedirs(work, exist_ok=True)
     byte_compile()
