@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .compact import compact_workloads
 from .dense import (dense_workloads, make_dense, profile_commands, profile_nbd_server,
                     top_frames)
 from .install import reexec_installed
@@ -237,6 +238,9 @@ def build(work: str, args) -> list[Workload]:
 
     if want("dense"):
         wl.extend(dense_workloads(work, args.full, Workload, BD, QEMU_IMG, sh, _rm))
+
+    if want("compact"):
+        wl.extend(compact_workloads(work, args.full, Workload, BD, QEMU_IMG, QEMU_IO))
 
     if want("qcow2"):
         q = j("dense512M.qcow2")
@@ -482,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--full", action="store_true", help="add the 4 GiB converts")
     p.add_argument("--only", help="comma list of groups: convert,dense,data,qcow2,nbd,bench,"
-                                  "alloc,info,create")
+                                  "alloc,info,create,compact")
     p.add_argument("--requests", type=int, default=50000, help="requests per bench row")
     p.add_argument("--allocs", type=int, default=64, help="allocating writes per run")
     p.add_argument("--workdir", help="keep images here (default: a temp dir, removed)")
