@@ -133,3 +133,27 @@ def test_same_run_counts_as_a_loop_would(ratio_sectors):
         for start in starts:
             for end in (blocks, start + 1, start + bat.chunk_ratio + 5, blocks + 10):
                 assert bat.same_run(start, end) == loop(start, end), (start, end)
+
+
+def test_background_scan_is_reused_until_the_table_changes():
+    """An open scans the table once and `info` reuses it; any set() drops
+    the answer, and a smaller limit is answered from a larger one."""
+    from blockdrv.drivers.vhdx.bat import Bat
+    bat = Bat(bytearray((8192 + 2) * 8), 8 << 30, MiB)
+    for i in range(0, 8192, 97):
+        bat.set(i, 6, (16 + i) * MiB)
+    first = bat.background_scan()
+    assert bat.background_scan() is first
+    assert bat.background_scan(limit=10) is None
+    assert bat.background_scan(limit=len(first[1])) is first
+    bat.set(5, 6, 9000 * MiB)
+    again = bat.background_scan()
+    assert again is not first and len(again[1]) == len(first[1]) + 1
+    bat.set_raw_at(bat.chunk_ratio, 6 | (9100 * MiB))     # the first sector bitmap entry
+    assert len(bat.background_scan()[1]) == len(again[1]) + 1
+    few = Bat(bytearray((8192 + 2) * 8), 8 << 30, MiB)
+    for i in range(0, 8192, 2):
+        few.set(i, 6, (16 + i) * MiB)
+    assert few.background_scan(limit=100) is None
+    assert few.background_scan(limit=50) is None
+    assert len(few.background_scan(limit=8192)[1]) == 4096

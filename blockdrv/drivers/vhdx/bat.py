@@ -134,6 +134,10 @@ class Bat:
         self.buf = buf
         self._entries = None
         self._q = None
+        # (limit, result) of the last background_scan: an open validates the
+        # table with one and ``info`` counts states with another; set(),
+        # set_raw_at() and store(), the only writers of the table, drop it
+        self._scanned = None
         if _LITTLE:
             try:
                 self._q = memoryview(buf).cast("B")[:self.total_entries * 8].cast("Q")
@@ -176,6 +180,7 @@ class Bat:
         """Update a payload entry; returns its BAT index (byte offset = 8 * index)."""
         i = self.index(block)
         value = encode_entry(state, file_offset)
+        self._scanned = None
         if self._q is not None:
             self._q[i] = value
         else:
@@ -186,10 +191,22 @@ class Bat:
         """Store a raw entry at BAT index ``index`` (sector bitmap entries)."""
         if not 0 <= index < self.total_entries:
             raise IndexError(f"BAT index {index} out of range")
+        self._scanned = None
         if self._q is not None:
             self._q[index] = value
         else:
             self.entries[index] = value
+
+    def store(self, first: int, chunk) -> None:
+        """Store the native-order ``array('Q')`` ``chunk`` at BAT index
+        ``first`` (a repair's journalled run)."""
+        if not 0 <= first <= first + len(chunk) <= self.total_entries:
+            raise IndexError(f"BAT indexes {first}+{len(chunk)} out of range")
+        self._scanned = None
+        if self._q is not None:
+            self._q[first:first + len(chunk)] = memoryview(chunk)
+        else:
+            self.entries[first:first + len(chunk)] = chunk.tolist()
 
     # --- numpy-free scan ------------------------------------------------
     def background_scan(self, limit: int = _BG_LIMIT):
@@ -197,6 +214,20 @@ class Bat:
         entries of ``[0, payload end)`` that differ from the background (see
         the module docstring), in index order -- or None when the table has
         more than ``limit`` differing entries."""
+        scanned = self._scanned
+        if scanned is not None:
+            # a whole answer serves any limit; "more than L differ" serves
+            # the limits up to L
+            done_limit, result = scanned
+            if result is not None:
+                return result if len(result[1]) <= limit else None
+            if limit <= done_limit:
+                return None
+        result = self._background_scan(limit)
+        self._scanned = (limit, result)
+        return result
+
+    def _background_scan(self, limit: int):
         q = self._q
         starts = self._starts()
         if q is None or starts is None:

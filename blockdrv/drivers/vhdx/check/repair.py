@@ -142,11 +142,7 @@ async def _journal_run(img: VHDXImage, first: int, chunk: array) -> None:
     data = chunk.tobytes() if _LITTLE else _swapped(chunk)
 
     def publish() -> None:                  # the in-memory BAT follows
-        bat = img.bat
-        if bat._q is not None:
-            bat._q[first:first + len(chunk)] = memoryview(chunk)
-        else:
-            bat.entries[first:first + len(chunk)] = chunk.tolist()
+        img.bat.store(first, chunk)
     async with img.lock:
         async with img.transaction() as tx:
             tx.write(img.bat_offset + first * 8, data)
