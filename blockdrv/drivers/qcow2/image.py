@@ -152,18 +152,23 @@ class Qcow2Image:
         count = (end - 1) // cs - offset // cs      # clusters after offset's, before end
         if count <= 0:
             return 0
-        words = struct.unpack_from(f">{count + 1}Q", table, i * 8)
-        first = words[0]
+        first = int.from_bytes(table[i * 8:i * 8 + 8], "big")
         step = cs if hosted else 0
         if hosted:
             # the offset field must not carry into the flag bits
             count = min(count, (L.L2E_OFFSET_MASK - (first & L.L2E_OFFSET_MASK)) // cs)
-        j = 1
-        want = first + step
-        while j <= count and words[j] == want:
-            j += 1
-            want += step
-        return j - 1
+        # unpacked in growing pieces: callers ask up to the table's end,
+        # runs are often short (a convert asks again after every run)
+        done, piece, want = 0, 32, first + step
+        while done < count:
+            n = min(piece, count - done)
+            for word in struct.unpack_from(f">{n}Q", table, (i + 1 + done) * 8):
+                if word != want:
+                    return done
+                done += 1
+                want += step
+            piece *= 4
+        return done
 
     def _entry(self, table: bytes, offset: int) -> tuple[int, int]:
         """Kind and host offset of guest byte ``offset`` (in its table)."""
