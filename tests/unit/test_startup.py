@@ -16,6 +16,15 @@ from blockdrv._startup import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.fixture(autouse=True, params=["bound", "compiled"])
+def init_path(request, monkeypatch):
+    """Every record test twice: instances bound field by field (a record's
+    first few) and through the compiled ``__init__`` (the later ones)."""
+    if request.param == "compiled":
+        monkeypatch.setattr(_startup, "_COMPILE_AFTER", 0)
+    return request.param
+
+
 def _both(decorate_kw=None):
     """The same class body under our record and under dataclasses."""
     kw = decorate_kw or {}
@@ -99,13 +108,28 @@ def test_record_rules():
     assert (c.x, c.y, c.z) == (5, 2, 7) and Child(5) == Child(5, 2)
 
 
-def test_no_compile_before_the_first_instance():
+def test_no_compile_before_the_first_instances(init_path):
     @dataclass
     class Lazy:
         x: int = 0
     stub = Lazy.__init__
+    made = [Lazy(i) for i in range(_startup._COMPILE_AFTER)]
+    assert Lazy.__init__ is stub and [m.x for m in made] == list(range(len(made)))
     Lazy(1)
     assert Lazy.__init__ is not stub and Lazy(2).x == 2
+
+
+@pytest.mark.parametrize("args,kwargs", [((), {}), ((1, 2, 3, 4, 5), {}), ((1,), {"a": 2}),
+                                         ((), {"zz": 1}), ((1,), {"zz": 1}),
+                                         ((), {"b": "x"})])
+def test_init_errors_as_compiled(args, kwargs):
+    """The field-by-field binding refuses what the compiled __init__ refuses."""
+    ours, ref = _both()
+    with pytest.raises(TypeError) as theirs:
+        ref(*args, **kwargs)
+    with pytest.raises(TypeError) as mine:
+        ours(*args, **kwargs)
+    assert str(mine.value).split("()", 1)[1] == str(theirs.value).split("()", 1)[1]
 
 
 def test_markers_are_pluggys():
