@@ -9,7 +9,6 @@ or be a URI whose scheme a protocol claims (``nbd+unix:///?socket=s``,
 from __future__ import annotations
 
 import os
-import re
 from blockdrv._startup import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,7 +23,19 @@ from .backing import open_backing
 from .probe import PROBE_BUF_SIZE, probe, unsupported
 
 
-_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_SCHEME_REST = _SCHEME_FIRST | frozenset("0123456789+.-")
+
+
+def uri_scheme(filename: str) -> str | None:
+    """The scheme of ``scheme://...`` (RFC 3986's ``ALPHA *( ALPHA / DIGIT /
+    "+" / "-" / "." )``), else None.  By hand: ``re`` (with enum) would cost
+    every short command ~7 ms of imports."""
+    end = filename.find("://")
+    if end <= 0 or filename[0] not in _SCHEME_FIRST:
+        return None
+    scheme = filename[:end]
+    return scheme if all(c in _SCHEME_REST for c in scheme) else None
 
 
 def uri_schemes() -> dict[str, str]:
@@ -40,9 +51,9 @@ def uri_schemes() -> dict[str, str]:
 def split_protocol(filename: str) -> tuple[str, str]:
     """``("memory", "x")`` for ``memory:x``; for a URI whose scheme a protocol
     claims, ``(protocol, uri)``; ``("file", path)`` otherwise."""
-    m = _URI_SCHEME.match(filename)
-    if m:
-        proto = uri_schemes().get(m.group(1).lower())
+    scheme = uri_scheme(filename)
+    if scheme:
+        proto = uri_schemes().get(scheme.lower())
         if proto is not None:
             return proto, filename
     reg = get_registry()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import errno as _errno
-import re
 import sys
 from blockdrv._startup import TYPE_CHECKING
 
@@ -19,6 +17,7 @@ from ..node import BlockDriverState
 from ..options import SIZE_LIMIT, SizeError, Warn
 from ..options import strtosz as _strtosz
 
+from .argv import ArgParser
 from .commands import COMMANDS, PROG
 
 MAX_SIZE = (1 << 63) - 1
@@ -56,44 +55,7 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
-class ArgParser(argparse.ArgumentParser):
-    """argparse speaking qemu-img's getopt dialect for its errors.  ``--help``
-    prints the command table's usage line, its summary, ``description`` and
-    every option with its help string."""
-
-    def __init__(self, command: str, description: str = "", **kwargs: Any) -> None:
-        cmd = COMMANDS[command]
-        text = cmd.summary[:1].upper() + cmd.summary[1:] + "."
-        super().__init__(prog=f"{PROG} {command}", usage=f"{PROG} {cmd.usage}",
-                         description=f"{text}\n\n{description}" if description else text,
-                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-
-    # argparse makes a help formatter to check every option added; with no
-    # width given, that asks the terminal through shutil (which imports bz2
-    # and lzma).  The width matters only when help is printed.
-    _width: int | None = 78
-
-    def _get_formatter(self):
-        return self.formatter_class(prog=self.prog, width=self._width)
-
-    def format_help(self) -> str:
-        self._width = None
-        try:
-            return super().format_help()
-        finally:
-            self._width = 78
-
-    def error(self, message: str) -> NoReturn:
-        m = re.match(r"unrecognized arguments: (\S+)", message)
-        if m:
-            usage_error(f"unrecognized option '{m.group(1)}'")
-        m = re.match(r"argument (\S+?)(/\S+)?: expected one argument", message)
-        if m:
-            usage_error(f"missing argument for option '{m.group(1)}'")
-        usage_error(message)
-
-
-def add_output_option(parser: argparse.ArgumentParser) -> None:
+def add_output_option(parser: ArgParser) -> None:
     parser.add_argument("--output", default=None, metavar="ofmt",
                         help="output format: human (default) or json")
 
@@ -192,7 +154,8 @@ def qdict_order(obj: Any) -> Any:
 
 def qjson(obj: Any) -> str:
     """qobject_to_json_pretty: 4-space indentation, QDict key order."""
-    import json     # only for --output=json
+    import json     # only for --output=json (json imports re anyway)
+    import re
     text = json.dumps(qdict_order(obj), indent=4)
     # qemu writes \uXXXX escapes with upper-case hex digits; an escape is one
     # whose backslash is not itself escaped (an odd run of backslashes)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import re
 from blockdrv._startup import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -75,13 +74,6 @@ def report(out: TextIO, op: str, seconds: float, offset: int, count: int,
                   f"{_c_float(_tdiv(cnt, seconds), '.3f')}\n")
 
 
-_TIMING_RE = re.compile(
-    r"^(?P<head>.+?, \d+ ops); (?:\d+:)?(?:\d+:)?\d+\.\d+(?: sec)? \(.*/sec and \S+ ops/sec\)$",
-    re.M)
-_CFLAG_RE = re.compile(r"^(\d+),(\d+),\d+:\d\d:\d\d\.\d\d,[^,\s]+,[^,\s]+$", re.M)
-_PREFIX_RE = re.compile(r"^(?:qemu-io|blockdrv(?: io)?): ", re.M)
-
-
 def normalize_qemu_io_output(text: str) -> str:
     """Mask what differs between two runs of the same script: elapsed times
     and rates of the report lines (also ``-C`` lines) and the program name
@@ -90,9 +82,13 @@ def normalize_qemu_io_output(text: str) -> str:
     ``"64 KiB, 1 ops; 00.00 sec (135.6 MiB/sec and 2169.8 ops/sec)"`` becomes
     ``"64 KiB, 1 ops; TIME (RATE/sec and RATE ops/sec)"``.
     """
-    text = _TIMING_RE.sub(r"\g<head>; TIME (RATE/sec and RATE ops/sec)", text)
-    text = _CFLAG_RE.sub(r"\1,\2,TIME,RATE,RATE", text)
-    return _PREFIX_RE.sub("PROG: ", text)
+    import re               # not at module level: no io command needs it
+    text = re.sub(r"^(?P<head>.+?, \d+ ops); (?:\d+:)?(?:\d+:)?\d+\.\d+(?: sec)? "
+                  r"\(.*/sec and \S+ ops/sec\)$",
+                  r"\g<head>; TIME (RATE/sec and RATE ops/sec)", text, flags=re.M)
+    text = re.sub(r"^(\d+),(\d+),\d+:\d\d:\d\d\.\d\d,[^,\s]+,[^,\s]+$",
+                  r"\1,\2,TIME,RATE,RATE", text, flags=re.M)
+    return re.sub(r"^(?:qemu-io|blockdrv(?: io)?): ", "PROG: ", text, flags=re.M)
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ qemu-io's messages.
 from __future__ import annotations
 
 import errno as _errno
-import re
 
 from ...options import SizeError, Warn, strtosz
 from .command import CommandError, UsageError
@@ -50,6 +49,7 @@ def cvtnum(arg: str, warn: Warn | None = None) -> int:
 def parse_pattern(arg: str) -> int:
     """A ``-P`` pattern byte: C ``strtol(arg, &end, 0)`` accepting 0..255
     and nothing after it."""
+    import re               # -P only
     m = re.fullmatch(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", arg)
     value = -1
     if m:
