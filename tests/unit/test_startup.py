@@ -285,3 +285,30 @@ def test_named_tuples_as_typing_builds_them():
         class Bad(_startup.NamedTuple):
             a: int = 0
             b: int
+
+
+def test_hand_scanners_match_the_expressions_they_replace():
+    """URI schemes, size fractions and -o splitting are scanned by hand on
+    the commands' path (no re); each equals the regular expression it
+    replaced, over random strings of the characters that matter."""
+    import random
+    import re
+
+    from blockdrv.block import uri_scheme
+    from blockdrv.options import _fraction_end, split_options
+    fraction = re.compile(r"\.[0-9]*(?:[eE][+-]?[0-9]+)?")
+    scheme = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+    rnd = random.Random(12)
+    alphabet = ".0123456789eE+-kx:/aZ,= \0\u0663"
+    for _ in range(50000):
+        s = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 10)))
+        assert _fraction_end("." + s, 0) == fraction.match("." + s).end(), s
+        m = scheme.match(s)
+        assert uri_scheme(s) == (m.group(1) if m else None), s
+        old = []
+        for part in re.split(r"(?<!,),(?!,)", s.replace(",,", "\0")):
+            part = part.replace("\0", ",")
+            if part:
+                key, eq, val = part.partition("=")
+                old.append((key, val if eq else None))
+        assert split_options(s) == old, s
