@@ -305,11 +305,68 @@ def replace(obj, /, **changes):
 
 # -- named tuples ------------------------------------------------------------------
 
+def _namedtuple(name: str, fields: tuple, defaults: tuple, module: str | None):
+    """The class :func:`collections.namedtuple` builds, built the same way
+    without importing :mod:`collections` (~2 ms: keyword, operator, reprlib...
+    that no short command needs otherwise)."""
+    try:
+        from _collections import _tuplegetter as getter      # the C accessor namedtuple uses
+    except ImportError:                                      # pragma: no cover - other Pythons
+        from operator import itemgetter
+
+        def getter(i, doc):
+            return property(itemgetter(i), doc=doc)
+    arg_list = ", ".join(fields) + ("," if len(fields) == 1 else "")
+    new = eval(f"lambda _cls, {arg_list}: _tuple_new(_cls, ({arg_list}))",  # noqa: S307
+               {"_tuple_new": tuple.__new__, "__builtins__": {}, "__name__": f"namedtuple_{name}"})
+    new.__name__ = "__new__"
+    new.__doc__ = f"Create new instance of {name}({', '.join(fields)})"
+    if defaults:
+        new.__defaults__ = defaults
+    count = len(fields)
+    repr_fmt = "(" + ", ".join(f"{f}=%r" for f in fields) + ")"
+
+    def _make(cls, iterable):
+        result = tuple.__new__(cls, iterable)
+        if len(result) != count:
+            raise TypeError(f"Expected {count} arguments, got {len(result)}")
+        return result
+
+    def _replace(self, /, **kwds):
+        result = self._make(map(kwds.pop, fields, self))
+        if kwds:
+            raise ValueError(f"Got unexpected field names: {list(kwds)!r}")
+        return result
+
+    def __repr__(self):
+        return self.__class__.__name__ + repr_fmt % self
+
+    def _asdict(self):
+        return dict(zip(self._fields, self))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    namespace = {"__doc__": f"{name}({', '.join(fields)})", "__slots__": (),
+                 "_fields": fields,
+                 "_field_defaults": dict(zip(fields[count - len(defaults):], defaults))
+                 if defaults else {},
+                 "__new__": new, "_make": classmethod(_make), "_replace": _replace,
+                 "__repr__": __repr__, "_asdict": _asdict, "__getnewargs__": __getnewargs__,
+                 "__match_args__": fields}
+    for method in (new, _make, _replace, __repr__, _asdict, __getnewargs__):
+        method.__qualname__ = f"{name}.{method.__name__}"
+    for index, field_name in enumerate(fields):
+        namespace[field_name] = getter(index, f"Alias for field number {index}")
+    cls = type(name, (tuple,), namespace)
+    cls.__module__ = module or cls.__module__
+    return cls
+
+
 class _NamedTupleMeta(type):
     def __new__(mcls, name, bases, ns):
         if ns.get("_root"):
             return super().__new__(mcls, name, bases, ns)
-        import collections
         fields = [f for f, a in ns.get("__annotations__", {}).items() if not _classvar(a)]
         defaults = []
         for f in fields:
@@ -318,8 +375,7 @@ class _NamedTupleMeta(type):
             elif defaults:
                 raise TypeError(f"Non-default namedtuple field {f} cannot follow "
                                 "default field" + ("s" if len(defaults) > 1 else ""))
-        cls = collections.namedtuple(name, fields, defaults=defaults or None,
-                                     module=ns.get("__module__"))
+        cls = _namedtuple(name, tuple(fields), tuple(defaults), ns.get("__module__"))
         for key, value in ns.items():
             if key not in fields and key not in ("__module__", "__qualname__",
                                                   "__annotations__"):
@@ -331,8 +387,8 @@ class _NamedTupleMeta(type):
 
 class NamedTuple(metaclass=_NamedTupleMeta):
     """``typing.NamedTuple``'s class syntax (annotated fields, defaults,
-    methods, a docstring) over :func:`collections.namedtuple`, without
-    typing."""
+    methods, a docstring), the class :func:`collections.namedtuple` makes,
+    without typing or collections."""
 
     _root = True
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Callable
 from blockdrv._startup import TYPE_CHECKING, dataclass
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, Iterable
+
+    Warn = Callable[[str], None]
 
 from .errors import InvalidArgumentError
 
 MAX_SIZE = (1 << 63) - 1
 SIZE_LIMIT = 1 << 64             # qemu_strtosz's ERANGE: sizes are uint64_t
-
-Warn = Callable[[str], None]
 
 
 class SizeError(ValueError):

@@ -9,12 +9,14 @@ from blockdrv._startup import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
+    from ..options import Warn
+
 from ..block import open_node
 from ..common import O_CHECK, O_FORCE_SHARE, O_RDWR, PREALLOC_MODES
 from ..engines.common import open_error
 from ..errors import BlockDriverError
 from ..node import BlockDriverState
-from ..options import SIZE_LIMIT, SizeError, Warn
+from ..options import SIZE_LIMIT, SizeError
 from ..options import strtosz as _strtosz
 
 from .argv import ArgParser

@@ -95,11 +95,20 @@ def test_short_commands_import_no_argparse(tmp_path):
             "loaded = [m for m in ('argparse', 're', 'enum', 'gettext', 'locale') "
             "if m in sys.modules and m not in before]\n"
             "assert not loaded, loaded\nsys.exit(rc)")
-    env = dict(os.environ, PYTHONPATH=ROOT)
     for argv in (["info", str(img)], ["check", "-f", "raw", str(img)],
                  ["map", "--output=json", "-f", "raw", str(img)],
                  ["io", "-f", "raw", "-r", "-c", "read 0 4k", str(img)]):
-        res = subprocess.run([sys.executable, "-c", code, *argv], env=env,
+        res = subprocess.run([sys.executable, "-S", "-c", code, *argv], env=_bare_env(),
                              capture_output=True, text=True)
         # 63: raw has no check, as qemu-img says
         assert res.returncode in (0, 63) and "Traceback" not in res.stderr, (argv, res.stderr)
+
+
+def _bare_env() -> dict:
+    """For ``python -S``: the checkout and the site directories on the path,
+    but no site module and so no ``.pth`` hooks (an editable install's import
+    finder, a sandbox's certificates), which import re, collections... first
+    and would hide what blockdrv itself imports."""
+    import site
+    paths = [ROOT, *site.getsitepackages(), site.getusersitepackages()]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))

@@ -242,12 +242,12 @@ def test_short_commands_load_no_heavy_module(tmp_path, cmd):
     # typing or inspect itself, as a sandbox's .pth hook does here)
     code = ("import sys\nbefore = set(sys.modules)\nimport blockdrv.cli as c\n"
             "rc = c.main(sys.argv[1:])\n"
-            "heavy = [m for m in ('numpy', 'inspect', 'dataclasses', 'pluggy', 'typing') "
+            "heavy = [m for m in ('numpy', 'inspect', 'dataclasses', 'pluggy', 'typing', "
+            "'argparse', 're', 'enum', 'threading', 'importlib') "
             "if m in sys.modules and m not in before]\n"
             "assert not heavy, heavy\n"
             "sys.exit(rc)")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", code, *argv], env=env,
+    res = subprocess.run([sys.executable, "-S", "-c", code, *argv], env=_bare_env(),
                          capture_output=True, text=True)
     assert res.returncode in (0, 63) and "Traceback" not in res.stderr, res.stderr
 
@@ -281,6 +281,20 @@ def test_named_tuples_as_typing_builds_them():
         assert p._replace(y=1) == (3, 1) and cls._fields == ("x", "y")
         assert cls.__qualname__.endswith("P") and cls.__module__ == __name__
     assert repr(ours(1, 2)) == repr(ref(1, 2))
+    for cls in (ours, ref):
+        p = cls(3, -4)
+        assert cls._make([5, 6]) == (5, 6) and p._asdict() == {"x": 3, "y": -4}
+        assert cls.__match_args__ == ("x", "y") and cls._field_defaults == {"y": 0}
+        assert cls.__new__.__defaults__ == (0,) and p.__getnewargs__() == (3, -4)
+        assert isinstance(p, tuple) and not hasattr(p, "__dict__")
+        with pytest.raises(ValueError):
+            p._replace(z=1)
+    for bad in ((1, 2, 3), ()):
+        with pytest.raises(TypeError) as mine:
+            ours(*bad)
+        with pytest.raises(TypeError) as theirs:
+            ref(*bad)
+        assert str(mine.value).split(".", 1)[1] == str(theirs.value).split(".", 1)[1]
     with pytest.raises(TypeError):
         class Bad(_startup.NamedTuple):
             a: int = 0
@@ -312,3 +326,13 @@ def test_hand_scanners_match_the_expressions_they_replace():
                 key, eq, val = part.partition("=")
                 old.append((key, val if eq else None))
         assert split_options(s) == old, s
+
+
+def _bare_env() -> dict:
+    """For ``python -S``: the checkout and the site directories on the path,
+    but no site module and so no ``.pth`` hooks (an editable install's import
+    finder, a sandbox's certificates), which import re, collections... first
+    and would hide what blockdrv itself imports."""
+    import site
+    paths = [ROOT, *site.getsitepackages(), site.getusersitepackages()]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))

@@ -10,9 +10,13 @@ qemu-io's messages.
 from __future__ import annotations
 
 import errno as _errno
+from blockdrv._startup import TYPE_CHECKING
 
-from ...options import SizeError, Warn, strtosz
+from ...options import SizeError, strtosz
 from .command import CommandError, UsageError
+
+if TYPE_CHECKING:
+    from ...options import Warn
 
 BDRV_REQUEST_MAX_BYTES = 2147483136     # QEMU: INT_MAX rounded down to 512 bytes
 INT64_MAX = (1 << 63) - 1

@@ -8,8 +8,6 @@ cache bounded in bytes.
 from __future__ import annotations
 
 import struct
-import zlib
-from collections import OrderedDict
 
 from blockdrv.driver import (BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_RECURSE, BLOCK_ZERO,
                              BlockStatus, CorruptImageError, InvalidArgumentError,
@@ -42,7 +40,9 @@ class Qcow2Image:
     def __init__(self, bs) -> None:
         self.bs = bs
         self.file = bs.file
-        self.l2_cache: OrderedDict[int, bytes] = OrderedDict()
+        # L2 tables by offset, least recently used first (a dict keeps its
+        # insertion order: a hit moves the table to the end)
+        self.l2_cache: dict[int, bytes] = {}
         self.snapshots: list[Snapshot] = []
         self._prealloc: bool | None = None
         self.writer = None          # a .write.Qcow2Writer while open read-write
@@ -112,9 +112,9 @@ class Qcow2Image:
             table = bytes(self.file.pread(l2_offset, self.cs)).ljust(self.cs, b"\0")
             self.l2_cache[l2_offset] = table
             while len(self.l2_cache) * self.cs > max(L2_CACHE_BYTES, 2 * self.cs):
-                self.l2_cache.popitem(last=False)
+                del self.l2_cache[next(iter(self.l2_cache))]
         else:
-            self.l2_cache.move_to_end(l2_offset)
+            self.l2_cache[l2_offset] = self.l2_cache.pop(l2_offset)
         return table
 
     def lookup(self, offset: int, nbytes: int) -> tuple[int, int, int]:
@@ -219,6 +219,7 @@ class Qcow2Image:
         raw = bytes(await self.file.co_pread(desc.offset, desc.size))
         if self.h.compression_type == COMPRESSION_ZSTD:
             return _zstd(raw, self.cs)
+        import zlib                 # compressed clusters only
         try:
             d = zlib.decompressobj(-12)
             out = d.decompress(raw, self.cs)

@@ -19,7 +19,6 @@ from blockdrv.common import (BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BL
                              DriverInfo)
 from blockdrv.options import CreateOption
 
-from collections.abc import Sequence
 from blockdrv._startup import TYPE_CHECKING
 
 from .constants import BAT_STATE_MASK, FILE_SIGNATURE, PAYLOAD_BLOCK_FULLY_PRESENT
@@ -37,11 +36,12 @@ _CREATE_KEYS = ("subformat", "block_size", "log_size", "block_state_zero",
 _DATA_AT = BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID | BLOCK_RECURSE
 
 
-class _CreateOpts(Sequence):
+class _CreateOpts:
     """``create_opts``, read from :mod:`.create` on first use: importing it
     (~7 ms) would cost every command, most of which create nothing -- and
     registering the driver looks at every attribute (pluggy), so a property
-    would not do."""
+    would not do.  A sequence by hand (``collections.abc.Sequence`` would
+    import ``collections`` for every command)."""
 
     _opts = None
 
@@ -56,6 +56,12 @@ class _CreateOpts(Sequence):
 
     def __len__(self) -> int:
         return len(self._load())
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __contains__(self, item) -> bool:
+        return item in self._load()
 
     def __eq__(self, other) -> bool:
         return self._load() == (other._load() if isinstance(other, _CreateOpts) else other)

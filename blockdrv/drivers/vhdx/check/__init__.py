@@ -60,7 +60,6 @@ from ..constants import ZERO_GUID
 from ..image import VHDXImage
 from .analysis import _analyse
 from .leaks import _free_space
-from .repair import _repair
 
 
 def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
@@ -79,6 +78,7 @@ def check_image(bs, img: VHDXImage, fix: int) -> CheckResult:
     try:
         found = _analyse(img)
         if fix & FIX_ERRORS and writable and found.corruptions:
+            from .repair import _repair     # array (collections) for repairs only
             _repair(img, found)
             after = _analyse(img)
             result.corruptions_fixed += max(found.corruptions - after.corruptions, 0)
