@@ -177,11 +177,11 @@ def imports(table) -> str:
             if len(parts) == 3 and parts[1].isdigit():
                 entries.append((int(parts[1]), parts[2]))
         top = ", ".join(f"{n} {us / 1000:.1f}" for us, n in sorted(entries)[-6:][::-1])
-        heavy = [m for m in ("numpy", "inspect", "dataclasses", "pluggy", "argparse", "typing",
-                                 "re", "enum", "collections")
-                 if m in loaded]
-        lines.append(f"{label}: {len(loaded)} modules; of numpy, inspect, dataclasses, "
-                     f"pluggy, argparse, typing: {', '.join(heavy) or 'none'}; "
+        watched = ("numpy", "inspect", "dataclasses", "pluggy", "argparse", "typing", "re",
+                   "enum", "collections")
+        heavy = [m for m in watched if m in loaded]
+        lines.append(f"{label}: {len(loaded)} modules; of {', '.join(watched)}: "
+                     f"{', '.join(heavy) or 'none'}; "
                      f"slowest (ms, cumulative): {top}")
     return "\n".join(lines)
 
