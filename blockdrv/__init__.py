@@ -14,12 +14,11 @@ Public API::
     blockdrv.check("disk.vhdx", repair="leaks").leaks_fixed    # qemu-img check
 """
 
-from .api import (CheckResult, Image, ProbedRawWarning, check, commit, compact, compare,
-                  convert, create_image, measure, open_image, rebase)
+import sys
+
 from .errors import (BlockDriverError, BlockIOError, CorruptImageError,
                      InvalidArgumentError, PermissionConflictError, ReadOnlyError,
                      UnsupportedError)
-from .fileobj import ImageIO, open
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -33,10 +32,26 @@ __all__ = [
 ]
 
 
+# The Python API's names, from their modules on first use: the blockdrv
+# command (which imports this package) needs neither api.py nor fileobj.py,
+# and CompareResult comes with its engine.
+_LAZY = {**dict.fromkeys(("CheckResult", "Image", "ProbedRawWarning", "check", "commit",
+                          "compact", "compare", "convert", "create_image", "measure",
+                          "open_image", "rebase", "api"), "api"),
+         **dict.fromkeys(("ImageIO", "open", "fileobj"), "fileobj"),
+         "CompareResult": "engines.compare"}
+
+
 def __getattr__(name: str):
-    # CompareResult comes with its engine, imported on first use (the
-    # commands that never compare do not pay for it at start-up)
-    if name == "CompareResult":
-        from .engines.compare import CompareResult
-        return CompareResult
-    raise AttributeError(f"module 'blockdrv' has no attribute '{name}'")
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'blockdrv' has no attribute '{name}'")
+    __import__(f"{__name__}.{where}")
+    module = sys.modules[f"{__name__}.{where}"]
+    value = module if name == where else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -13,7 +13,6 @@ if TYPE_CHECKING:
 
 from ..block import open_node
 from ..common import O_CHECK, O_FORCE_SHARE, O_RDWR, PREALLOC_MODES
-from ..engines.common import open_error
 from ..errors import BlockDriverError
 from ..node import BlockDriverState
 from ..options import SIZE_LIMIT, SizeError
@@ -221,6 +220,7 @@ def open_image(filename: str, fmt: str | None, writable: bool = False,
     try:
         bs = open_node(filename, fmt, flags)
     except (BlockDriverError, OSError) as exc:
+        from ..engines.common import open_error     # the error path only
         raise CliError(open_error(filename, exc)) from None
     if bs.probed_raw and writable:
         print(PROBED_RAW_WARNING.format(filename), file=sys.stderr, flush=True)

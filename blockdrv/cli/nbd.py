@@ -23,7 +23,8 @@ from ..block import open_node
 from ..common import O_FORCE_SHARE, O_RDWR
 from ..errors import BlockDriverError
 from ..engines.common import parse_cache_mode
-from .common import PROBED_RAW_WARNING, ArgParser, CliError, open_error, report
+from ..engines.common import open_error
+from .common import PROBED_RAW_WARNING, ArgParser, CliError, report
 
 # qemu-nbd flags blockdrv nbd refuses, and why.
 _REFUSED = {
