@@ -72,3 +72,45 @@ def test_no_host_extents_under_a_filter(tmp_path):
         assert not Export(bs).send_from_host
     finally:
         bs.close()
+
+
+def _wmem_max() -> int:
+    try:
+        with open("/proc/sys/net/core/wmem_max") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
+def test_whole_read_reply_queued_for_a_client_not_reading(tmp_path, nbd_server):
+    """On a unix socket the server's send buffer holds a 2 MiB read reply
+    (as much of it as net.core.wmem_max allows): the server does not stop
+    every 256 KiB until the client has drained its socket."""
+    import fcntl
+    import struct
+    import termios
+    import time
+
+    from blockdrv.exports.nbd import protocol as P
+    from blockdrv.exports.nbd.server import UNIX_SNDBUF
+
+    from .nbdclient import Client
+
+    image, fmt = make_image(tmp_path, "raw")
+    srv = nbd_server(image, "-f", fmt, "-r")
+    n = 2 * MiB
+    want = min(n, UNIX_SNDBUF, _wmem_max())
+    with Client(srv.sock) as c:
+        c.connect()
+        c.request(P.CMD_READ, 0, n)
+        queued, deadline = 0, time.monotonic() + 10
+        while time.monotonic() < deadline:
+            queued = struct.unpack("i", fcntl.ioctl(c.sock.fileno(), termios.FIONREAD,
+                                                    b"\0" * 4))[0]
+            if queued >= want:
+                break
+            time.sleep(0.01)
+        assert queued >= want, (queued, want)
+        assert c.reply(n).data == reference(tmp_path).read_bytes()[:n]
+        c.disconnect()
+    assert srv.proc.wait(20) == 0
