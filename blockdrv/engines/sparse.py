@@ -57,9 +57,12 @@ def sector_runs(buf, nbytes: int) -> tuple[list[int], list[bool]]:
     total = full + (1 if tail else 0)
     zero_runs: list[list[int]] = []
     if full:
-        firsts = bytes(buf[0:full * SECTOR:SECTOR])
+        firsts = buf[0:full * SECTOR:SECTOR]       # bytes or bytearray
         s = firsts.find(0)
         while s >= 0:
+            if not buf.startswith(_ZERO_SECTOR, s * SECTOR):
+                s = firsts.find(0, s + 1)       # data after a zero byte
+                continue
             # sectors up to b start with a zero byte: zero candidates
             b = full - len(firsts[s:].lstrip(b"\0"))
             if buf.startswith(ZEROS[:(b - s) * SECTOR], s * SECTOR):
