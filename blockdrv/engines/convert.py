@@ -8,10 +8,12 @@ qemu-img aligns them, are not written.  ``sparse_size=0`` writes every byte.
 
 ``-m N`` runs N workers on threads (:meth:`ImgConvertState.copy_parallel`):
 os.preadv/pwritev release the GIL, so reads overlap writes as on qemu's
-thread pool.  On a busy 2-core host that is no faster than one request at a
-time (both sides are page-cache copies competing for the same cores and
-memory bandwidth), so the default stays 1; mmap'ing the source instead of
-reading it, and copy_file_range, were slower than read+write there too, and
+thread pool.  On a 2-core host that is no faster than one request at a
+time: the copy is the kernel's memcpy between page cache and buffer, bound
+by memory bandwidth the two cores share, and more buffers in flight only
+evict each other from the CPU caches (qemu-img there is no faster with -m 8
+than with -m 1 either), so the default stays 1.  mmap'ing the source instead
+of reading it, and huge-page buffers, were no faster than read+write there;
 copy_file_range would skip the zero detection that keeps the output as
 sparse as qemu-img's.
 """
@@ -270,7 +272,11 @@ class ImgConvertState:
 
         queue = jobs()
         src_lock, dst_lock = threading.Lock(), threading.Lock()
-        turn = threading.Condition()
+        # In order, the worker holding extent k waits on gates[k], which the
+        # writer of extent k - 1 opens: one wake-up per write, where a shared
+        # condition woke every waiting worker to find it was not its turn.
+        order = threading.Lock()
+        gates: dict[int, threading.Event] = {}
         state = {"next_seq": 0, "written": 0}
         errors: list[BaseException] = []
 
@@ -284,33 +290,41 @@ class ImgConvertState:
                     src, (kind, pos, dst, n) = item
                     seq = state["next_seq"]
                     state["next_seq"] += 1
-                    with turn:
+                    gate = threading.Event()
+                    with order:
                         self.in_flight += 1
                         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                        if state["written"] == seq or errors:
+                            gate.set()
+                        else:
+                            gates[seq] = gate
                     if kind == "data":
                         self.read(src, pos, dst, buf, n)
                 plan = self.plan_data(dst, buf, n) if kind == "data" \
                     else self.plan_zeroes(dst, n)
                 if in_order:
-                    with turn:
-                        turn.wait_for(lambda: state["written"] == seq or bool(errors))
+                    gate.wait()
                     if errors:
                         return
                 with dst_lock:
                     self.execute(plan)
                     self.advance(n)
-                with turn:
+                with order:
                     self.in_flight -= 1
                     state["written"] += 1
-                    turn.notify_all()
+                    nxt = gates.pop(state["written"], None)
+                if nxt is not None:
+                    nxt.set()
 
         def guarded() -> None:
             try:
                 worker()
             except BaseException as exc:      # noqa: BLE001 -- re-raised by the caller
-                with turn:
+                with order:
                     errors.append(exc)
-                    turn.notify_all()
+                    waiting = list(gates.values())
+                for gate in waiting:
+                    gate.set()
 
         threads = [threading.Thread(target=guarded, daemon=True,
                                     name=f"convert-{i}") for i in range(requests)]

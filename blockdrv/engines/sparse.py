@@ -1,9 +1,9 @@
 """qemu-img convert's sparse detection: which 512-byte sectors of a buffer
 are zeros, and qemu-img's is_allocated_sectors{,_min} rules over them.
 
-The scan finds zero sectors with ``bytes.find``/``startswith`` (memchr and
-memcmp speed, no per-sector Python loop and no numpy import) and works on
-runs of sectors.
+The scan looks only at sectors that start with a zero byte and checks them
+with ``startswith`` (memcmp speed, no per-sector Python loop over data and
+no numpy import); the rules work on runs of sectors.
 """
 
 from __future__ import annotations
@@ -46,41 +46,53 @@ def _zero_sectors_from(buf, sector: int, full: int) -> int:
 def sector_runs(buf, nbytes: int) -> tuple[list[int], list[bool]]:
     """``buf[:nbytes]`` as runs of data / zero 512-byte sectors (a partial
     last sector counts as zero-padded): ``(run ends, run is data)``, the
-    ends ascending sector indices, the last one the sector count."""
+    ends ascending sector indices, the last one the sector count.
+
+    Only a sector whose first byte is zero can be a zero sector: a strided
+    copy of the first bytes (1/512 of the buffer) is searched for them, so
+    data is not read end to end; a candidate run is checked with one memcmp
+    (which stops at the first non-zero byte), bisected only when it holds
+    data."""
     full, tail = divmod(nbytes, SECTOR)
     total = full + (1 if tail else 0)
+    zero_runs: list[list[int]] = []
+    if full:
+        firsts = buf[0:full * SECTOR:SECTOR]       # bytes or bytearray
+        s = firsts.find(0)
+        while s >= 0:
+            if not buf.startswith(_ZERO_SECTOR, s * SECTOR):
+                s = firsts.find(0, s + 1)       # data after a zero byte
+                continue
+            # sectors up to b start with a zero byte: zero candidates
+            b = full - len(firsts[s:].lstrip(b"\0"))
+            if buf.startswith(ZEROS[:(b - s) * SECTOR], s * SECTOR):
+                n = b - s
+            else:
+                n = _zero_sectors_from(buf, s, b)
+            if n:
+                if zero_runs and zero_runs[-1][1] == s:
+                    zero_runs[-1][1] = s + n
+                else:
+                    zero_runs.append([s, s + n])
+            s = firsts.find(0, s + n + 1)   # sector s + n holds data
+    if tail and buf.startswith(ZEROS[:tail], full * SECTOR):
+        if zero_runs and zero_runs[-1][1] == full:
+            zero_runs[-1][1] = total
+        else:
+            zero_runs.append([full, total])
     ends: list[int] = []
     data: list[bool] = []
-    s = 0
-    while s < total:
-        # next zero sector at or after s
-        z, pos = total, s * SECTOR
-        while pos < full * SECTOR:
-            hit = buf.find(_ZERO_SECTOR, pos, full * SECTOR)
-            if hit < 0:
-                break
-            a = -(-hit // SECTOR)
-            if a >= full:
-                break
-            if buf.startswith(_ZERO_SECTOR, a * SECTOR):
-                z = a
-                break
-            pos = (a + 1) * SECTOR      # sector a holds a non-zero byte
-        if z == total and tail and s <= full and \
-                buf.startswith(ZEROS[:tail], full * SECTOR):
-            z = full
-        if z > s:
+    pos = 0
+    for z, e in zero_runs:
+        if z > pos:
             ends.append(z)
             data.append(True)
-        if z >= total:
-            break
-        e = z + _zero_sectors_from(buf, z, full)
-        if e == full and tail and buf.startswith(ZEROS[:tail], full * SECTOR):
-            e = total
-        e = max(e, z + 1)
         ends.append(e)
         data.append(False)
-        s = e
+        pos = e
+    if pos < total:
+        ends.append(total)
+        data.append(True)
     return ends, data
 
 

@@ -28,6 +28,10 @@ class HeaderState:
         self.current_index = current
         self.session_guid = new_guid()
         self.first_visible_write = True
+        # Each slot's 4 KiB as last read or written here: only this object
+        # writes the headers of an open image, so a journaled update (four
+        # header rewrites) need not read them back first.
+        self._slots: list[bytes | None] = [None, None]
 
     @classmethod
     def read(cls, file) -> "HeaderState":
@@ -35,7 +39,13 @@ class HeaderState:
         h1 = file.pread(HEADER1_OFFSET, HEADER_SIZE)
         h2 = file.pread(HEADER2_OFFSET, HEADER_SIZE)
         index, current = select_current_header(h1, h2)
-        return cls(file, [_parse_or(h1, current), _parse_or(h2, current)], index)
+        state = cls(file, [_parse_or(h1, current), _parse_or(h2, current)], index)
+        state._slots = [bytes(h1), bytes(h2)]
+        return state
+
+    def forget_slots(self) -> None:
+        """The header slots were written by someone else: read them again."""
+        self._slots = [None, None]
 
     @property
     def current(self) -> Header:
@@ -53,10 +63,16 @@ class HeaderState:
             target.log_guid = log_guid
         offset = HEADER_OFFSETS[idx]
         # Keep whatever the reserved bytes hold: the checksum covers them.
-        buf = bytearray(await self.file.co_pread(offset, HEADER_SIZE))
+        old = self._slots[idx]
+        if old is None:
+            old = await self.file.co_pread(offset, HEADER_SIZE)
+        buf = bytearray(old)
         buf[:80] = target.pack()[:80]
         seal(buf)
-        await self.file.co_pwrite(offset, bytes(buf))
+        new = bytes(buf)
+        self._slots[idx] = None             # unknown until the write is done
+        await self.file.co_pwrite(offset, new)
+        self._slots[idx] = new
         await self.file.co_flush()
         self.current_index = idx
 

@@ -114,6 +114,7 @@ class VHDXImage:
             from .log import co_apply_overlay
             await self.headers.co_mark_data_write()
             await co_apply_overlay(self.file, self.overlay)
+            self.headers.forget_slots()     # a log entry may have written there
             sequence = self.overlay.sequence.sequence_number + 1
             self.overlay = None
             await self.headers.co_update_both(False, ZERO_GUID)

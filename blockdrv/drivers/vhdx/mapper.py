@@ -34,6 +34,7 @@ from .constants import (BAT_OFFSET_MASK, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BL
 
 DATA, PARENT, ZERO, HOLE, BAD = "data", "parent", "zero", "hole", "bad"
 _MIXED = "mixed"                       # PARTIALLY_PRESENT with a parent: ask the bitmap
+_STATUS_BLOCKS = 8                     # payload blocks one block status answer walks at most
 
 
 class Extent(NamedTuple):
@@ -92,9 +93,22 @@ class ExtentMapper:
         bsize = self.block_size
         kinds = self._kinds
         raw_of = self.bat.raw
-        out: list[Extent] = []
+        # the extents so far as columns, made Extents at the end (no
+        # namedtuple rebuilt on every merge)
+        ek: list[str] = []
+        el: list[int] = []
+        eh: list = []
+        eb: list[int] = []
         done = 0
+        # Block status stops merging after a few blocks of data (as qcow2's
+        # stops at an L2 slice): callers ask for everything up to the end of
+        # the image, and the generic layer cuts a data answer at the host
+        # file's next hole anyway, so walking every allocated block to the
+        # end on each call made a walk over a dense image quadratic.
+        status_limit = _STATUS_BLOCKS * bsize if first else nbytes
         while done < nbytes:
+            if done >= status_limit and ek:
+                break
             block, in_block = divmod(offset + done, bsize)
             n = min(bsize - in_block, nbytes - done)
             raw = raw_of(block)
@@ -115,16 +129,18 @@ class ExtentMapper:
                         n = min(n + more * bsize, nbytes - done)
                 pieces = ((kind, n, None),)
             for kind, n_, host in pieces:
-                if out:
-                    last = out[-1]
-                    if last.kind is kind and (host is None or last.host + last.length == host):
-                        out[-1] = last._replace(length=last.length + n_)
+                if ek:
+                    if ek[-1] is kind and (host is None or eh[-1] + el[-1] == host):
+                        el[-1] += n_
                         continue
                     if first:
-                        return out
-                out.append(Extent(kind, n_, host, block))
+                        return [Extent(ek[0], el[0], eh[0], eb[0])]
+                ek.append(kind)
+                el.append(n_)
+                eh.append(host)
+                eb.append(block)
             done += n
-        return out
+        return [Extent(*e) for e in zip(ek, el, eh, eb)]
 
     async def _bitmap_runs(self, block: int, in_block: int, n: int, base: int):
         """A PARTIALLY_PRESENT block's piece ``[in_block, in_block + n)`` as
