@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -169,20 +170,40 @@ class Recorder(convert_engine.ImgConvertState):
     its writes."""
 
     last: "Recorder | None" = None
+    expect = 1                  # requests that must be in flight together
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.writes: list[int] = []
+        # the first requests wait for each other, whatever the host's load:
+        # with -m N, N of them must be between read and write at once
+        self.barrier = threading.Barrier(Recorder.expect)
+        self.arrived = 0
+        self.count_lock = threading.Lock()
         Recorder.last = self
 
     def copy_parallel(self, *a, **k):
         self.parallel = True
         super().copy_parallel(*a, **k)
 
+    def _rendezvous(self) -> None:
+        with self.count_lock:
+            self.arrived += 1
+            first_round = self.arrived <= Recorder.expect
+        if first_round:
+            self.barrier.wait(timeout=60)
+
     def plan_data(self, dst, buf, nbytes):
-        if getattr(self, "parallel", False):     # -m N: let the other workers catch up
+        if getattr(self, "parallel", False):
+            self._rendezvous()
+            # later extents plan faster: with -W they may be written first
             time.sleep(0.005 * (16 - (dst // (2 * MiB)) % 16))
         return super().plan_data(dst, buf, nbytes)
+
+    def plan_zeroes(self, dst, nbytes):
+        if getattr(self, "parallel", False):
+            self._rendezvous()
+        return super().plan_zeroes(dst, nbytes)
 
     def execute(self, plan):
         self.writes.extend(offset for _, offset, _ in plan)
@@ -195,6 +216,7 @@ class Recorder(convert_engine.ImgConvertState):
 def test_convert_m_runs_n_requests_and_w_allows_out_of_order(
         tmp_path, capsys, monkeypatch, src, args, in_flight, ordered):
     monkeypatch.setattr(convert_engine, "ImgConvertState", Recorder)
+    monkeypatch.setattr(Recorder, "expect", in_flight)
     out = tmp_path / "o.vhdx"
     code, _, err = run(capsys, "convert", *args, "-f", "raw", "-O", "vhdx", src, out)
     assert code == 0, err
