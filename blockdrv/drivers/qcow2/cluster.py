@@ -135,10 +135,12 @@ class ClusterMap:
         new = self.w.alloc.alloc(cs)
         self.w.overlap_check(new, cs)
         self.w._metadata.add(new // cs)
-        self.w.barrier()
+        self.w.flush_refcounts()
         table = bytearray(self.img._l2(old_off)) if old_off else bytearray(cs)
-        self.w.write_meta(new, bytes(table))
         img.l2_cache[new] = table
+        # written with every other changed table (qemu flushes its whole L2
+        # cache here), durable before the L1 entry names it
+        self.w.write_l2(new, table, 0, cs)
         self.w.barrier()
         img.l1[l1i] = new | L.OFLAG_COPIED
         self.w.write_l1_entry(l1i)

@@ -142,6 +142,13 @@ class Qcow2Writer:
         if len(self.dirty_l2) + len(self.alloc.dirty) > self.max_dirty:
             self.writeback()
 
+    def flush_refcounts(self) -> None:
+        """Refcount blocks durable, L2 entries left cached (qemu's flush of
+        its refcount cache alone).  Never behind the L2 cache: a refcount
+        drops only after a barrier made the cleared entries durable."""
+        self.alloc.write_blocks()
+        self.file.flush()
+
     def barrier(self) -> None:
         """Order two metadata steps (qemu's cache dependency): what was
         changed so far is durable before the next step's writes."""
