@@ -393,5 +393,6 @@ class ClusterMap:
                 for old in old_entries:
                     self.w.free_entry(old, discard=True)   # a guest request
             self.w.process_discards()
+            self.w.maybe_writeback()       # a zero write over a huge image: bounded
             n -= count
             offset += count * self.cs
