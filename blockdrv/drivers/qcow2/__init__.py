@@ -142,6 +142,8 @@ class Qcow2Format:
     def bdrv_check(self, bs, fix):
         from .check import check_image
         img = bs.opaque
+        if img.writer is not None:
+            img.writer.barrier()        # the check reads the file: no cached changes
         res = check_image(img, fix)
         if bs.open_flags & O_RDWR and img.writer is None and not img.dirty:
             # a dirty image opened for `check -r` is writable once repaired

@@ -2,9 +2,13 @@
 operations leave the same bytes in the file as qemu 7.2.
 
 ``Allocator`` keeps the refcount table in memory and refcount blocks in a
-write-through cache: every change is written where qemu would write it (a
-whole refcount block cluster, an 8-byte table entry, a new table), so stale
-bytes qemu leaves behind (a freed refcount table) stay behind here too.
+cache: every change is written where qemu would write it (a whole refcount
+block cluster, an 8-byte table entry, a new table), so stale bytes qemu
+leaves behind (a freed refcount table) stay behind here too.  Table writes
+go out at once; changed blocks at once too, unless ``writeback`` is set: then
+they wait in ``dirty`` until the owner calls :meth:`write_blocks` (qemu's
+refcount block cache, which a writer writes back before the L2 tables that
+depend on it).
 
 The policy: first fit from ``free_index`` (the lowest cluster known free);
 a refcount block that does not exist yet is allocated at the next free
@@ -51,6 +55,20 @@ class Allocator:
         # a writer orders a new refcount block before the table entry naming
         # it (qemu flushes its refcount cache first); create needs no order
         self.barrier: Callable[[], None] = lambda: None
+        self.writeback = False
+        self.dirty: set[int] = set()     # offsets of blocks changed, not yet written
+
+    def _store(self, offset: int) -> None:
+        if self.writeback:
+            self.dirty.add(offset)
+        else:
+            self.write(offset, bytes(self.blocks[offset]))
+
+    def write_blocks(self) -> None:
+        """Write every changed block (in file order: one pass over the disk)."""
+        for offset in sorted(self.dirty):
+            self.write(offset, bytes(self.blocks[offset]))
+            self.dirty.discard(offset)
 
     # -- lookups -------------------------------------------------------------------
 
@@ -123,7 +141,7 @@ class Allocator:
                 t = ci // self.per_block
                 if t != old_t:
                     if dirty is not None:       # one write per block, as qemu's cache
-                        self.write(dirty, bytes(self.blocks[dirty]))
+                        self._store(dirty)
                         dirty = None
                     try:
                         blk_off = self._refblock_for(ci)
@@ -149,7 +167,7 @@ class Allocator:
             raise
         finally:
             if dirty is not None:
-                self.write(dirty, bytes(self.blocks[dirty]))
+                self._store(dirty)
 
     def block_clusters(self) -> set[int]:
         """The cluster indexes of the refcount blocks the table names, kept
@@ -175,7 +193,7 @@ class Allocator:
         else:
             self.update(new, self.cs, 1)          # described elsewhere
         self.blocks[new] = blk
-        self.write(new, bytes(blk))
+        self._store(new)
         self.barrier()
         if t < len(self.table):
             self.table[t] = new
@@ -217,7 +235,7 @@ class Allocator:
                 j = (start - first) // self.cs if first < start else 0
                 for k in range(j, min((end - first) // self.cs, self.per_block)):
                     rc.put(blk, k, self.order, 1)
-            self.write(off, bytes(blk))
+            self._store(off)
         self.barrier()
         self.write(table_offset, rc.pack_table(table))
         old_offset, old_size = self.table_offset, len(self.table)

@@ -7,11 +7,12 @@ names it), plans where a write goes (``alloc_host_offset``: clusters that
 can be overwritten in place, then new clusters, as one host-contiguous run)
 and changes entries (``link``, ``discard``, ``zeroize``).
 
-Every metadata change is written through at once, in the order that keeps a
-crash harmless: a refcount increase before the L2 entry that uses the
-cluster, an L2 entry cleared before the refcount it held drops; the file is
-flushed between the two steps (qemu's cache dependencies), so a volatile
-disk cache cannot reorder them.  Leaks are possible, corruption is not.
+Changed entries wait in the writer's cache (see :mod:`.write`), which reaches
+the disk in the order that keeps a crash harmless: a refcount increase before
+the L2 entry that uses the cluster (the writeback's order), an L2 entry
+cleared before the refcount it held drops (a barrier: written back and
+flushed before the refcount changes), so a volatile disk cache cannot
+reorder them.  Leaks are possible, corruption is not.
 
 Extended L2 entries (subclusters) as qemu: a new allocation copies only the
 subclusters around the write that were allocated before (plain unallocated
@@ -98,9 +99,8 @@ class ClusterMap:
         return L.cluster_type(entry, False)
 
     def _write_entries(self, l2_off: int, table, first: int, last: int) -> None:
-        """Write entries ``first..last`` (inclusive) of a table in place."""
-        es = self.es
-        self.w.write_meta(l2_off + first * es, bytes(table[first * es:(last + 1) * es]))
+        """Entries ``first..last`` (inclusive) of a table changed."""
+        self.w.write_l2(l2_off, table, first * self.es, (last + 1) * self.es)
 
     def table(self, offset: int) -> tuple[int, bytearray]:
         """qemu's get_cluster_table: (L2 offset, table) for guest ``offset``,
@@ -135,10 +135,12 @@ class ClusterMap:
         new = self.w.alloc.alloc(cs)
         self.w.overlap_check(new, cs)
         self.w._metadata.add(new // cs)
-        self.w.barrier()
+        self.w.flush_refcounts()
         table = bytearray(self.img._l2(old_off)) if old_off else bytearray(cs)
-        self.w.write_meta(new, bytes(table))
         img.l2_cache[new] = table
+        # written with every other changed table (qemu flushes its whole L2
+        # cache here), durable before the L1 entry names it
+        self.w.write_l2(new, table, 0, cs)
         self.w.barrier()
         img.l1[l1i] = new | L.OFLAG_COPIED
         self.w.write_l1_entry(l1i)
@@ -279,6 +281,11 @@ class ClusterMap:
 
     # -- completing a write (qcow2_alloc_cluster_link_l2) ----------------------------
 
+    def _holds_cluster(self, entry: int) -> bool:
+        """Whether freeing the entry drops a refcount (so the cleared entry
+        must reach the disk first); a zero or unallocated one frees nothing."""
+        return L.cluster_type(entry, self.ext) in (L.NORMAL, L.ZERO_ALLOC, L.COMPRESSED)
+
     def link(self, m: L2Meta) -> None:
         l2_off, table = self.table(m.offset)
         l2i = (m.offset >> self.cbits) % self.per_l2
@@ -300,7 +307,7 @@ class ClusterMap:
                 bitmap &= ~L.zero_range_bitmap(first, count)
             self._put(table, l2i + i, (m.alloc_offset + i * cs) | L.OFLAG_COPIED, bitmap)
         self._write_entries(l2_off, table, l2i, l2i + m.nb_clusters - 1)
-        if not m.keep_old and old:
+        if not m.keep_old and any(map(self._holds_cluster, old)):
             self.w.barrier()
             for e in old:
                 self.w.free_entry(e, discard=False)
@@ -381,10 +388,11 @@ class ClusterMap:
                     old_entries.append(old)
             if changed:
                 self._write_entries(l2_off, table, changed[0], changed[-1])
-            if old_entries:
+            if any(map(self._holds_cluster, old_entries)):
                 self.w.barrier()
                 for old in old_entries:
                     self.w.free_entry(old, discard=True)   # a guest request
             self.w.process_discards()
+            self.w.maybe_writeback()       # a zero write over a huge image: bounded
             n -= count
             offset += count * self.cs

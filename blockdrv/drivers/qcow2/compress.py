@@ -170,7 +170,7 @@ async def _write_cluster(w, offset: int, n: int, qiov: IOVector, packed: bytes |
         host = alloc_bytes(w, len(packed))
         w.overlap_check(host, len(packed))
         await w.file.co_pwrite(host, packed)
-        w.barrier()                     # refcounts and data before the L2 entry
+        # refcounts and data reach the disk before the L2 entry (the writeback's order)
         if w.lazy:
             w.mark_dirty()
         entry = L.pack_compressed(host, len(packed), img.cbits)

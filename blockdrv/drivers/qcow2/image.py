@@ -106,6 +106,11 @@ class Qcow2Image:
 
     def _l2(self, l2_offset: int) -> bytes:
         table = self.l2_cache.get(l2_offset)
+        if table is None and self.writer is not None:
+            # a table evicted with changes not yet written back
+            dirty = self.writer.dirty_l2.get(l2_offset)
+            if dirty is not None:
+                table = self.l2_cache[l2_offset] = dirty[0]
         if table is None:
             if l2_offset % self.cs:
                 raise CorruptImageError(f"L2 table offset {l2_offset:#x} unaligned")

@@ -19,6 +19,18 @@ Request level, as qemu's qcow2.c and block/io.c:
   the image); v3 marks them zero, v2 unmaps them, and freed clusters are
   discarded in the image file too (qemu's pass-discard-request default).
 
+Metadata caches, as qemu's qcow2-cache.c in writeback mode: changed L2
+entries and refcount blocks stay in memory (``dirty_l2``, the allocator's
+``dirty``) until the node is flushed or closed, or too many are dirty; then
+:meth:`Qcow2Writer.writeback` writes the refcount blocks, flushes the file
+(guest data and refcounts are stable before any L2 entry names them) and
+writes the L2 entries.  Steps that must reach the disk in order (a new L2
+table before its L1 entry, a new refcount block before its table entry, L2
+entries cleared before the refcounts they held drop) call
+:meth:`~Qcow2Writer.barrier`, which writes back everything first.  Under
+cache=writethrough the generic layer flushes after every request, which
+writes the caches back there and then.
+
 With ``lazy_refcounts`` the dirty bit is set before the first L2 update of
 the session and cleared, with a rewrite of the header, on a clean close.
 """
@@ -33,6 +45,7 @@ from . import l2 as L
 from . import refcount as rc
 from .alloc import Allocator
 from .cluster import INT_MAX, ClusterMap
+from .image import L2_CACHE_BYTES
 from .constants import (AUTOCLEAR_KNOWN, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT,
                         EXT_FEATURE_TABLE, INCOMPAT_DIRTY)
 
@@ -69,6 +82,12 @@ class Qcow2Writer:
                                self._set_table)
         self.alloc.on_zero = self._freed
         self.alloc.barrier = self.barrier
+        self.alloc.writeback = True
+        # L2 offset -> [table, first byte, end byte] changed since the last writeback
+        self.dirty_l2: dict[int, list] = {}
+        # dirty tables (and refcount blocks) before a writeback between requests,
+        # so that the memory held stays near the L2 cache's bound
+        self.max_dirty = max(16, L2_CACHE_BYTES // img.cs)
         self.map = ClusterMap(img, self)
         # where the next compressed piece may go (qemu's free_byte_offset):
         # inside a partly used host cluster, or 0
@@ -98,9 +117,42 @@ class Qcow2Writer:
     def write_meta(self, offset: int, data: bytes) -> None:
         self.file.pwrite(offset, data)
 
+    def write_l2(self, l2_off: int, table: bytearray, start: int, end: int) -> None:
+        """Bytes ``start:end`` of an L2 table changed: written at the next writeback."""
+        d = self.dirty_l2.get(l2_off)
+        if d is None:
+            self.dirty_l2[l2_off] = [table, start, end]
+        else:
+            d[0] = table
+            d[1], d[2] = min(d[1], start), max(d[2], end)
+
+    def writeback(self) -> None:
+        """Write the cached metadata in qemu's dependency order: refcount
+        blocks, a flush, then L2 entries (not flushed: that is the caller's)."""
+        self.alloc.write_blocks()
+        if self.dirty_l2:
+            self.file.flush()
+            for l2_off in sorted(self.dirty_l2):
+                table, start, end = self.dirty_l2[l2_off]
+                self.write_meta(l2_off + start, bytes(table[start:end]))
+                del self.dirty_l2[l2_off]
+
+    def maybe_writeback(self) -> None:
+        """qemu's cache eviction, in bulk: bound what stays dirty."""
+        if len(self.dirty_l2) + len(self.alloc.dirty) > self.max_dirty:
+            self.writeback()
+
+    def flush_refcounts(self) -> None:
+        """Refcount blocks durable, L2 entries left cached (qemu's flush of
+        its refcount cache alone).  Never behind the L2 cache: a refcount
+        drops only after a barrier made the cleared entries durable."""
+        self.alloc.write_blocks()
+        self.file.flush()
+
     def barrier(self) -> None:
         """Order two metadata steps (qemu's cache dependency): what was
-        written so far is durable before the next step's writes."""
+        changed so far is durable before the next step's writes."""
+        self.writeback()
         self.file.flush()
 
     def _set_table(self, offset: int, clusters: int) -> None:
@@ -235,6 +287,7 @@ class Qcow2Writer:
             host, cur, metas = self.map.alloc_host_offset(offset + done, cur)
             await self._write_run(host, offset + done, cur, qiov.slice(done, cur), metas)
             done += cur
+            self.maybe_writeback()
 
     async def _write_run(self, host: int, offset: int, nbytes: int, qiov: IOVector,
                          metas) -> None:
@@ -253,7 +306,8 @@ class Qcow2Writer:
             await self.file.co_pwrite(where, buf)
         if not metas:
             return
-        self.barrier()                    # data and copies before the L2 entries
+        # the data and copies reach the disk before the L2 entries: the
+        # writeback flushes the file before it writes any L2 entry
         if self.lazy:
             self.mark_dirty()
         for m in reversed(metas):         # qemu's list is last-in first
@@ -288,6 +342,7 @@ class Qcow2Writer:
                 await self._writev(offset, num, IOVector.from_buffer(zeros))
             offset += num
             nbytes -= num
+            self.maybe_writeback()
 
     async def _zero_piece(self, offset: int, nbytes: int, unmap: bool) -> None:
         """qemu's qcow2_co_pwrite_zeroes; UnsupportedError = write zeros."""
@@ -366,7 +421,9 @@ class Qcow2Writer:
     # -- flush and close ---------------------------------------------------------------
 
     def flush(self) -> None:
-        """Everything is written through; the generic layer flushes the file."""
+        """Write the caches back; the generic layer then flushes the file."""
+        self.writeback()
 
     def close(self) -> None:
+        self.barrier()
         self.mark_clean()
