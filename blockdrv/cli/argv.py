@@ -121,48 +121,46 @@ def fast_parse(arguments: list[tuple[tuple, dict]], argv: list[str]) -> Namespac
             continue
         if token == "--" or " " in token or (token[1] != "-" and "=" in token):
             return None
-        if token[1] == "-":                         # --name, --name=value
-            name, eq, value = token.partition("=")
-            spec = options.get(name)
-            if spec is None:
-                return None                         # unknown, abbreviated, --help
-            dest, action = spec
+        items = _option_items(token, options)
+        if items is None:
+            return None
+        for (dest, action), value in items:
             if action == "store_true":
-                if eq:
-                    return None
                 values[dest] = True
                 continue
-            if not eq:
+            if value is None:                       # the value is the next argument
                 if i >= n or argv[i][:1] == "-":
                     return None
                 value = argv[i]
                 i += 1
             _store(values, dest, action, value)
-            continue
-        j = 1                                       # -x, -xvalue, -qU, -qfvalue
-        while j < len(token):
-            spec = options.get("-" + token[j])
-            if spec is None:
-                return None
-            dest, action = spec
-            j += 1
-            if action == "store_true":
-                values[dest] = True
-                continue
-            value = token[j:]
-            if not value:
-                if i >= n or argv[i][:1] == "-":
-                    return None
-                value = argv[i]
-                i += 1
-            _store(values, dest, action, value)
-            break
     if operand is None:
         if operands:
             return None
     else:
         values[operand] = operands
     return Namespace(**values)
+
+
+def _option_items(token: str, options: dict) -> list[tuple[tuple[str, str], str | None]] | None:
+    """The options of one ``-...`` token with their attached values (None:
+    none attached), or None when the token is not a plain form."""
+    if token[1] == "-":                             # --name, --name=value
+        name, eq, value = token.partition("=")
+        spec = options.get(name)
+        if spec is None or (eq and spec[1] == "store_true"):
+            return None                             # unknown, abbreviated, --help, flag=x
+        return [(spec, value if eq else None)]
+    items = []                                      # -x, -xvalue, -qU, -qfvalue
+    for j in range(1, len(token)):
+        spec = options.get("-" + token[j])
+        if spec is None:
+            return None
+        if spec[1] != "store_true":
+            items.append((spec, token[j + 1:] or None))
+            break
+        items.append((spec, None))
+    return items
 
 
 def _dest(names: tuple) -> str:

@@ -16,7 +16,7 @@ from blockdrv._startup import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(autouse=True, params=["bound", "compiled"])
+@pytest.fixture(params=["bound", "compiled"])
 def init_path(request, monkeypatch):
     """Every record test twice: instances bound field by field (a record's
     first few) and through the compiled ``__init__`` (the later ones)."""
@@ -41,6 +41,7 @@ def _both(decorate_kw=None):
     return body(dataclass, field), body(dataclasses.dataclass, dataclasses.field)
 
 
+@pytest.mark.usefixtures("init_path")
 def test_records_behave_as_dataclasses():
     ours, ref = _both()
     for cls in (ours, ref):
@@ -58,6 +59,7 @@ def test_records_behave_as_dataclasses():
     assert repr(ours(1, "y", [2])).split(".")[-1] == repr(ref(1, "y", [2])).split(".")[-1]
 
 
+@pytest.mark.usefixtures("init_path")
 def test_frozen_records():
     ours, ref = _both({"frozen": True})
     for cls in (ours, ref):
@@ -70,6 +72,7 @@ def test_frozen_records():
         assert hash(h) == hash(cls(1, c=(), d=5)) and {h: 1}[cls(1, c=())] == 1
 
 
+@pytest.mark.usefixtures("init_path")
 def test_dataclasses_functions_work_on_records():
     ours, _ = _both()
     r = ours(1, "y", [2])
@@ -82,6 +85,7 @@ def test_dataclasses_functions_work_on_records():
     assert _startup.field_names(ours) == ("a", "b", "c", "d")
 
 
+@pytest.mark.usefixtures("init_path")
 def test_record_rules():
     with pytest.raises(ValueError):
         @dataclass
@@ -119,6 +123,7 @@ def test_no_compile_before_the_first_instances(init_path):
     assert Lazy.__init__ is not stub and Lazy(2).x == 2
 
 
+@pytest.mark.usefixtures("init_path")
 @pytest.mark.parametrize("args,kwargs", [((), {}), ((1, 2, 3, 4, 5), {}), ((1,), {"a": 2}),
                                          ((), {"zz": 1}), ((1,), {"zz": 1}),
                                          ((), {"b": "x"})])
@@ -225,7 +230,9 @@ def test_pm_follows_later_registrations():
 
 @pytest.mark.parametrize("cmd", [["--help"], ["create", "-f", "raw", "{d}/x.raw", "1M"],
                                  ["info", "{d}/x.raw"], ["check", "-f", "raw", "{d}/x.raw"],
-                                 ["map", "{d}/x.raw"], ["io", "-c", "read 0 4k", "{d}/x.raw"],
+                                 ["map", "{d}/x.raw"], ["map", "--output=json", "{d}/x.raw"],
+                                 ["io", "-c", "read 0 4k", "{d}/x.raw"],
+                                 ["io", "-r", "-c", "read 0 4k", "{d}/x.raw"],
                                  ["info", "{d}/x.vhdx"], ["check", "{d}/x.vhdx"],
                                  ["map", "{d}/x.vhdx"], ["io", "-c", "read 0 4k", "{d}/x.vhdx"],
                                  ["info", "{d}/x.qcow2"], ["check", "{d}/x.qcow2"],
@@ -243,7 +250,7 @@ def test_short_commands_load_no_heavy_module(tmp_path, cmd):
     code = ("import sys\nbefore = set(sys.modules)\nimport blockdrv.cli as c\n"
             "rc = c.main(sys.argv[1:])\n"
             "heavy = [m for m in ('numpy', 'inspect', 'dataclasses', 'pluggy', 'typing', "
-            "'argparse', 're', 'enum', 'threading', 'importlib') "
+            "'argparse', 're', 'enum', 'gettext', 'locale', 'threading', 'importlib') "
             "if m in sys.modules and m not in before]\n"
             "assert not heavy, heavy\n"
             "sys.exit(rc)")

@@ -57,9 +57,33 @@ CREATE_OPTS = [
     CreateOption("refcount_bits", "number", "Width of a reference count entry in bits", 16),
 ]
 
-_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
-_PREALLOC = ("off", "metadata", "falloc", "full")
+VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}             # compat= -> header version
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 _INT_MAX = (1 << 31) - 1
+
+
+def cluster_size(options: dict) -> int:
+    """``cluster_size=``, checked as qemu's create and measure check it."""
+    cs = options.get("cluster_size", DEFAULT_CLUSTER_SIZE)
+    cbits = cs.bit_length() - 1
+    if cs & (cs - 1) or not MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS:
+        raise InvalidArgumentError("Cluster size must be a power of two between "
+                                   f"{1 << MIN_CLUSTER_BITS} and "
+                                   f"{1 << (MAX_CLUSTER_BITS - 10)}k")
+    return cs
+
+
+def refcount_bits(options: dict, version: int, hint: str = _V3) -> int:
+    """``refcount_bits=``, checked as qemu's create and measure check it
+    (``hint``: how each names the compatibility option)."""
+    bits = options.get("refcount_bits", 16)
+    if bits <= 0 or bits > 64 or bits & (bits - 1):
+        raise InvalidArgumentError("Refcount width must be a power of two and may not "
+                                   "exceed 64 bits")
+    if version < 3 and bits != 16:
+        raise InvalidArgumentError("Different refcount widths than 16 bits require "
+                                   f"compatibility level 1.1 or above ({hint})")
+    return bits
 
 
 def plan_header(options: dict) -> tuple[Header, str]:
@@ -69,18 +93,14 @@ def plan_header(options: dict) -> tuple[Header, str]:
         raise UnsupportedError("Encrypted qcow2 images are not supported by blockdrv")
     if "data_file" in options or options.get("data_file_raw"):
         raise UnsupportedError("External data files are not supported by blockdrv's qcow2")
-    cs = options.get("cluster_size", DEFAULT_CLUSTER_SIZE)
+    cs = cluster_size(options)
     cbits = cs.bit_length() - 1
-    if cs & (cs - 1) or not MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS:
-        raise InvalidArgumentError("Cluster size must be a power of two between "
-                                   f"{1 << MIN_CLUSTER_BITS} and "
-                                   f"{1 << (MAX_CLUSTER_BITS - 10)}k")
     compat = options.get("compat", "v3")
-    if compat not in _VERSIONS:
+    if compat not in VERSIONS:
         raise InvalidArgumentError(f"Parameter 'version' does not accept value '{compat}'")
-    version = _VERSIONS[compat]
+    version = VERSIONS[compat]
     prealloc = options.get("preallocation", "off")
-    if prealloc not in _PREALLOC:
+    if prealloc not in PREALLOC_MODES:
         raise InvalidArgumentError(
             f"Parameter 'preallocation' does not accept value '{prealloc}'")
     ctype = options.get("compression_type", "zlib")
@@ -94,13 +114,7 @@ def plan_header(options: dict) -> tuple[Header, str]:
     if extl2 and cs < 16384:
         raise InvalidArgumentError("Extended L2 entries are only supported with cluster "
                                    "sizes of at least 16384 bytes")
-    bits = options.get("refcount_bits", 16)
-    if bits <= 0 or bits > 64 or bits & (bits - 1):
-        raise InvalidArgumentError("Refcount width must be a power of two and may not "
-                                   "exceed 64 bits")
-    if version < 3 and bits != 16:
-        raise InvalidArgumentError("Different refcount widths than 16 bits require "
-                                   f"compatibility level 1.1 or above ({_V3})")
+    bits = refcount_bits(options, version)
     backing, backing_fmt = options.get("backing_file"), options.get("backing_fmt")
     if backing_fmt and not backing:
         raise InvalidArgumentError("Backing format cannot be used without backing file")
@@ -200,7 +214,7 @@ class Builder:
     # -- preallocation=metadata (qemu's preallocate_co over qcow2_alloc_host_offset) --
 
     def _preallocate(self, size: int) -> None:
-        cs, cbits = self.h.cluster_size, self.h.cluster_bits
+        cs = self.h.cluster_size
         chunk = (_INT_MAX // cs) * cs
         unit = cs // _l2.SUBCLUSTERS if self.h.incompatible_features & INCOMPAT_EXTL2 else cs
         offset = 0

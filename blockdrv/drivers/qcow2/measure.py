@@ -14,10 +14,8 @@ from __future__ import annotations
 from blockdrv.driver import InvalidArgumentError, UnsupportedError
 
 from . import refcount as rc
-from .constants import DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS
-
-_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
-_PREALLOC = ("off", "metadata", "falloc", "full")
+from .constants import MAX_L1_BYTES
+from .create import PREALLOC_MODES, VERSIONS, cluster_size, refcount_bits
 
 
 def prealloc_size(size: int, cs: int, order: int, extl2: bool) -> int:
@@ -35,29 +33,17 @@ def prealloc_size(size: int, cs: int, order: int, extl2: bool) -> int:
 
 def _options(options: dict) -> tuple[int, int, str, bool, bool]:
     extl2 = bool(options.get("extended_l2", False))
-    cs = options.get("cluster_size", DEFAULT_CLUSTER_SIZE)
-    cbits = cs.bit_length() - 1
-    if cs & (cs - 1) or not MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS:
-        raise InvalidArgumentError("Cluster size must be a power of two between "
-                                   f"{1 << MIN_CLUSTER_BITS} and "
-                                   f"{1 << (MAX_CLUSTER_BITS - 10)}k")
+    cs = cluster_size(options)
     if extl2 and cs < 16384:
         raise InvalidArgumentError("Extended L2 entries are only supported with cluster "
                                    "sizes of at least 16384 bytes")
     compat = options.get("compat", "v3")
-    if compat not in _VERSIONS:
+    if compat not in VERSIONS:
         raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
-    version = _VERSIONS[compat]
-    bits = options.get("refcount_bits", 16)
-    if bits <= 0 or bits > 64 or bits & (bits - 1):
-        raise InvalidArgumentError("Refcount width must be a power of two and may not "
-                                   "exceed 64 bits")
-    if version < 3 and bits != 16:
-        raise InvalidArgumentError("Different refcount widths than 16 bits require "
-                                   "compatibility level 1.1 or above (use compat=1.1 or "
-                                   "greater)")
+    version = VERSIONS[compat]
+    bits = refcount_bits(options, version, hint="use compat=1.1 or greater")
     prealloc = options.get("preallocation", "off")
-    if prealloc not in _PREALLOC:
+    if prealloc not in PREALLOC_MODES:
         raise InvalidArgumentError(f"invalid parameter value: {prealloc}")
     if options.get("encrypt.format") or options.get("encryption"):
         raise UnsupportedError("Measuring encrypted qcow2 images is not supported "
