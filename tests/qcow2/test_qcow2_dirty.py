@@ -103,6 +103,18 @@ def _timeless(out: str) -> list[str]:
     return [line for line in out.splitlines() if " ops; " not in line]
 
 
+def _check_beside_qemu(tmp_path, capsys, path: str, repair: str):
+    """``check -r repair`` by blockdrv on ``path`` and by qemu-img on a copy
+    made first: (rc, captured output, qemu's (rc, out, err), the copy)."""
+    from blockdrv.cli import main
+    theirs = str(tmp_path / "theirs.qcow2")
+    shutil.copyfile(path, theirs)
+    capsys.readouterr()
+    rc = main(["check", "-r", repair, path])
+    cap = capsys.readouterr()
+    return rc, cap, run_qemu_img("check", "-r", repair, theirs), theirs
+
+
 def test_dirty_image_repaired_on_write_open(dirty, tmp_path):
     path, writes = dirty
     assert _incompat(path) & 1
@@ -146,26 +158,16 @@ def test_check_reports_dirty_image_like_qemu(dirty, tmp_path, capsys):
         qrc, qout, qerr = run_qemu_img("check", f"--output={output}", path)
         assert (rc, cap.out, cap.err) == (qrc, qout, qerr)
     assert filecmp.cmp(path, before, shallow=False)          # nothing repaired
-    theirs = str(tmp_path / "theirs.qcow2")
-    shutil.copyfile(path, theirs)
-    capsys.readouterr()
-    rc = main(["check", "-r", "all", path])
-    cap = capsys.readouterr()
-    assert (rc, cap.out) == run_qemu_img("check", "-r", "all", theirs)[:2]
+    rc, cap, (qrc, qout, _), theirs = _check_beside_qemu(tmp_path, capsys, path, "all")
+    assert (rc, cap.out) == (qrc, qout)
     assert filecmp.cmp(path, theirs, shallow=False)
 
 
 def test_check_repair_leaks_of_dirty_image_like_qemu(tmp_path, capsys):
     """``-r leaks`` cannot fix the refcounts a crash left too low: the check
     fails, and the close clears the dirty bit all the same (as qemu's)."""
-    from blockdrv.cli import main
     path, _ = _qemu_dirty(tmp_path, "64k")
-    theirs = str(tmp_path / "theirs.qcow2")
-    shutil.copyfile(path, theirs)
-    capsys.readouterr()
-    rc = main(["check", "-r", "leaks", path])
-    cap = capsys.readouterr()
-    qrc, qout, qerr = run_qemu_img("check", "-r", "leaks", theirs)
+    rc, cap, (qrc, qout, qerr), theirs = _check_beside_qemu(tmp_path, capsys, path, "leaks")
     assert (rc, cap.out) == (qrc, qout)
     assert cap.err.replace("blockdrv: ", "PROG: ") == qerr.replace("qemu-img: ", "PROG: ")
     assert filecmp.cmp(path, theirs, shallow=False)
@@ -219,17 +221,11 @@ def test_failed_repair_refuses_the_open(tmp_path):
 def test_check_repair_that_fails_like_qemu(tmp_path, capsys):
     """``check -r all`` on the same image: the check's lines, the failed
     step and "Check failed" as qemu-img prints them, the same bytes left."""
-    from blockdrv.cli import main
     path, _ = _qemu_dirty(tmp_path, "64k")
     d = Damage(path)
     pos = d.reftable_entry_pos(0)
     d.put64(pos, d.u64(pos) | 1)
-    theirs = str(tmp_path / "theirs.qcow2")
-    shutil.copyfile(path, theirs)
-    capsys.readouterr()
-    rc = main(["check", "-r", "all", path])
-    cap = capsys.readouterr()
-    qrc, qout, qerr = run_qemu_img("check", "-r", "all", theirs)
+    rc, cap, (qrc, qout, qerr), theirs = _check_beside_qemu(tmp_path, capsys, path, "all")
     assert (rc, cap.out) == (qrc, qout) and rc == 1
     assert cap.err.replace("blockdrv: ", "PROG: ") == qerr.replace("qemu-img: ", "PROG: ")
     assert filecmp.cmp(path, theirs, shallow=False)
